@@ -1,0 +1,529 @@
+"""Read a llama.cpp GGUF file as an HF-style config, HF-named float32 tensors and tokenizer files.
+
+Supported architectures: ``llama`` (q/k rows un-permuted back to HF's rotate-half layout),
+``qwen2`` (q/k/v biases) and ``qwen3`` (q/k RMS norms). The tokenizer must be GPT-2 style
+byte-level BPE (``tokenizer.ggml.model == "gpt2"``).
+
+CLI::
+
+    python -m convert.from_gguf SRC.gguf DST [--dtype float32|bfloat16] [--block-size N]
+        [--mask-token-id N] [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, TokenType
+from gguf.gguf_reader import ReaderTensor
+from gguf.quants import dequantize
+
+__all__ = ["GGUFModel", "SUPPORTED_ARCHS", "SUPPORTED_PRE_TOKENIZERS", "read_gguf", "main"]
+
+_MISSING = object()
+
+# GGUF architecture -> (HF model_type, HF architectures entry).
+_HF_ARCH = {
+    "llama": ("llama", "LlamaForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+}
+SUPPORTED_ARCHS = tuple(_HF_ARCH)
+
+# `{arch}.*` metadata keys that are read into the config, or are harmless to ignore.
+_HONOURED_ARCH_KEYS = {
+    "context_length", "embedding_length", "block_count", "feed_forward_length",
+    "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
+    "rope.freq_base", "attention.key_length", "attention.value_length", "rope.dimension_count",
+    "vocab_size", "tensor_data_layout", "rope.scaling.original_context_length",
+    "rope.scaling.finetuned",
+}
+# `{arch}.*` keys that are accepted only with a value that changes nothing.
+_NEUTRAL_ARCH_VALUES: dict[str, tuple[Any, ...]] = {
+    "rope.scaling.type": ("none",),
+    "expert_count": (0,),
+    "expert_used_count": (0,),
+    "attention.causal": (True,),
+}
+
+# Per-layer GGUF tensor suffix -> HF suffix under `model.layers.N.`.
+_LAYER_TENSORS = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_REQUIRED_LAYER_TENSORS = (
+    "attn_norm.weight", "ffn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
+    "attn_output.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight",
+)
+_ARCH_LAYER_TENSORS = {
+    "llama": set(_REQUIRED_LAYER_TENSORS) | {
+        "attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias"},
+    "qwen2": set(_REQUIRED_LAYER_TENSORS) | {"attn_q.bias", "attn_k.bias", "attn_v.bias"},
+    "qwen3": set(_REQUIRED_LAYER_TENSORS) | {"attn_q_norm.weight", "attn_k_norm.weight"},
+}
+_ARCH_REQUIRED_LAYER_TENSORS = {
+    "llama": set(_REQUIRED_LAYER_TENSORS),
+    "qwen2": set(_REQUIRED_LAYER_TENSORS) | {"attn_q.bias", "attn_k.bias", "attn_v.bias"},
+    "qwen3": set(_REQUIRED_LAYER_TENSORS) | {"attn_q_norm.weight", "attn_k_norm.weight"},
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
+
+# Pre-tokenizer split regexes (HF tokenizer.json patterns).
+_QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SUPPORTED_PRE_TOKENIZERS = ("default", "gpt2", "smollm", "qwen2", "llama-bpe")
+
+
+@dataclass
+class _TensorPlan:
+    hf_key: str
+    tensor: ReaderTensor
+    shape: tuple[int, ...]  # HF layout ([out, in])
+    permute_heads: int | None  # llama q/k: number of heads to un-permute over
+
+
+@dataclass
+class GGUFModel:
+    """A GGUF file opened for conversion: HF config, lazy HF-named tensors, tokenizer files."""
+
+    path: Path
+    config: dict[str, Any]
+    _reader: GGUFReader = field(repr=False)
+    _plan: list[_TensorPlan] = field(repr=False)
+
+    def metadata(self, key: str, default: Any = _MISSING) -> Any:
+        """Value of one GGUF metadata key (``default`` if absent, else ``KeyError``)."""
+        return _meta(self._reader, key, default)
+
+    def tensor_names(self) -> list[str]:
+        """HF names of the tensors ``tensors()`` yields, in order."""
+        return [p.hf_key for p in self._plan]
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield ``(hf_key, float32 array in HF layout)`` one tensor at a time."""
+        for p in self._plan:
+            yield p.hf_key, _load_tensor(self.path, p)
+
+    def tokenizer_files(self) -> dict[str, str]:
+        """``tokenizer.json`` and ``tokenizer_config.json`` rebuilt from metadata ({} if none)."""
+        if "tokenizer.ggml.tokens" not in self._reader.fields:
+            return {}
+        return _build_tokenizer_files(self.path, self._reader, self.config)
+
+
+def read_gguf(path: str | Path) -> GGUFModel:
+    """Open ``path``, validate its metadata and tensor names, and map them to HF conventions."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    try:
+        reader = GGUFReader(path, "r")
+    except Exception as e:  # noqa: BLE001 - the gguf reader raises assorted types
+        raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
+    config = _build_config(path, reader)
+    plan = _plan_tensors(path, reader, config)
+    if "tokenizer.ggml.tokens" in reader.fields:
+        _check_tokenizer_kind(path, reader)
+    return GGUFModel(path=path, config=config, _reader=reader, _plan=plan)
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def _meta(reader: GGUFReader, key: str, default: Any = _MISSING) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        if default is _MISSING:
+            raise KeyError(key)
+        return default
+    value = f.contents()
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        value = value.item()
+    return value
+
+
+def _clean_float(x: float) -> float:
+    """float32 metadata as the short decimal it was written from (9.99e-06 -> 1e-05)."""
+    return float(str(np.float32(x)))
+
+
+def _build_config(path: Path, reader: GGUFReader) -> dict[str, Any]:
+    arch = _meta(reader, "general.architecture", None)
+    if arch not in _HF_ARCH:
+        raise ValueError(
+            f"{path}: unsupported general.architecture={arch!r} "
+            f"(supported: {', '.join(SUPPORTED_ARCHS)})"
+        )
+    prefix = f"{arch}."
+
+    for key in reader.fields:
+        if not key.startswith(prefix):
+            continue
+        sub = key[len(prefix):]
+        value = _meta(reader, key)
+        if sub in _NEUTRAL_ARCH_VALUES:
+            if value not in _NEUTRAL_ARCH_VALUES[sub]:
+                raise ValueError(f"{path}: unsupported metadata {key}={value!r}")
+        elif sub == "rope.scaling.factor":
+            scaling_type = _meta(reader, prefix + "rope.scaling.type", None)
+            if value not in (0.0, 1.0) and scaling_type != "none":
+                raise ValueError(f"{path}: unsupported metadata {key}={value!r} (RoPE scaling)")
+        elif sub not in _HONOURED_ARCH_KEYS:
+            raise ValueError(f"{path}: unsupported metadata {key}={value!r}")
+
+    def req(sub: str, default: Any = _MISSING) -> Any:
+        key = prefix + sub
+        if key not in reader.fields and default is _MISSING:
+            raise ValueError(f"{path}: required metadata key {key} is missing")
+        value = _meta(reader, key, default)
+        if isinstance(value, list):
+            raise ValueError(f"{path}: per-layer metadata {key}={value!r} is not supported")
+        return value
+
+    hidden = int(req("embedding_length"))
+    n_heads = int(req("attention.head_count"))
+    n_kv = int(req("attention.head_count_kv", n_heads))
+    head_dim = int(req("attention.key_length", hidden // n_heads))
+    value_len = req("attention.value_length", head_dim)
+    if value_len != head_dim:
+        raise ValueError(
+            f"{path}: unsupported metadata {prefix}attention.value_length={value_len!r} "
+            f"(differs from key_length {head_dim})"
+        )
+    rope_dims = req("rope.dimension_count", head_dim)
+    if rope_dims != head_dim:
+        raise ValueError(
+            f"{path}: unsupported metadata {prefix}rope.dimension_count={rope_dims!r} "
+            f"(partial rotary; head_dim is {head_dim})"
+        )
+    tensor_names = {t.name for t in reader.tensors}
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise ValueError(f"{path}: tensor token_embd.weight is missing")
+    vocab_size = int(embd.shape[1]) if len(embd.shape) == 2 else -1
+    meta_vocab = _meta(reader, prefix + "vocab_size", vocab_size)
+    if meta_vocab != vocab_size:
+        raise ValueError(
+            f"{path}: metadata {prefix}vocab_size={meta_vocab!r} does not match "
+            f"token_embd.weight rows {vocab_size}"
+        )
+
+    model_type, hf_arch = _HF_ARCH[arch]
+    config: dict[str, Any] = {
+        "model_type": model_type,
+        "architectures": [hf_arch],
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": int(req("feed_forward_length")),
+        "num_hidden_layers": int(req("block_count")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "rms_norm_eps": _clean_float(req("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _clean_float(req("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(req("context_length")),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "bos_token_id": _meta(reader, "tokenizer.ggml.bos_token_id", None),
+        "eos_token_id": _meta(reader, "tokenizer.ggml.eos_token_id", None),
+        "pad_token_id": _meta(reader, "tokenizer.ggml.padding_token_id", None),
+        "hidden_act": "silu",
+    }
+    if arch == "llama":
+        config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+        config["mlp_bias"] = False
+    elif arch == "qwen2":
+        config["use_sliding_window"] = False
+    else:
+        config["attention_bias"] = False
+    return config
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def _plan_tensors(path: Path, reader: GGUFReader, config: dict[str, Any]) -> list[_TensorPlan]:
+    arch = _meta(reader, "general.architecture")
+    n_layers = config["num_hidden_layers"]
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    hd, nh, nkv = config["head_dim"], config["num_attention_heads"], config["num_key_value_heads"]
+    q_out, kv_out = nh * hd, nkv * hd
+    layer_shapes = {
+        "attn_norm.weight": (hidden,), "ffn_norm.weight": (hidden,),
+        "attn_q.weight": (q_out, hidden), "attn_k.weight": (kv_out, hidden),
+        "attn_v.weight": (kv_out, hidden), "attn_output.weight": (hidden, q_out),
+        "attn_q.bias": (q_out,), "attn_k.bias": (kv_out,), "attn_v.bias": (kv_out,),
+        "attn_output.bias": (hidden,),
+        "attn_q_norm.weight": (hd,), "attn_k_norm.weight": (hd,),
+        "ffn_gate.weight": (inter, hidden), "ffn_up.weight": (inter, hidden),
+        "ffn_down.weight": (hidden, inter),
+    }
+    global_shapes = {
+        "token_embd.weight": (config["vocab_size"], hidden),
+        "output_norm.weight": (hidden,),
+        "output.weight": (config["vocab_size"], hidden),
+    }
+    allowed = _ARCH_LAYER_TENSORS[arch]
+    seen: dict[int, set[str]] = {i: set() for i in range(n_layers)}
+    plan: list[_TensorPlan] = []
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        permute: int | None = None
+        if t.name in _GLOBAL_TENSORS:
+            hf_key, want = _GLOBAL_TENSORS[t.name], global_shapes[t.name]
+        else:
+            m = _LAYER_RE.fullmatch(t.name)
+            if m is None or m.group(2) not in allowed:
+                raise ValueError(f"{path}: unknown tensor {t.name!r} for architecture {arch!r}")
+            layer, suffix = int(m.group(1)), m.group(2)
+            if layer >= n_layers:
+                raise ValueError(
+                    f"{path}: tensor {t.name!r} is beyond {arch}.block_count={n_layers}"
+                )
+            seen[layer].add(suffix)
+            hf_key = f"model.layers.{layer}.{_LAYER_TENSORS[suffix]}"
+            want = layer_shapes[suffix]
+            if arch == "llama" and suffix.startswith(("attn_q.", "attn_k.")):
+                permute = nh if suffix.startswith("attn_q.") else nkv
+        if shape != want:
+            raise ValueError(
+                f"{path}: tensor {t.name!r} has shape {list(shape)} (HF layout), expected "
+                f"{list(want)} from the metadata"
+            )
+        plan.append(_TensorPlan(hf_key, t, shape, permute))
+    names = {t.name for t in reader.tensors}
+    for name in ("token_embd.weight", "output_norm.weight"):
+        if name not in names:
+            raise ValueError(f"{path}: tensor {name!r} is missing")
+    required = _ARCH_REQUIRED_LAYER_TENSORS[arch]
+    for layer, have in seen.items():
+        if missing := sorted(required - have):
+            raise ValueError(f"{path}: tensor blk.{layer}.{missing[0]} is missing")
+    biases = {"attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias"}
+    if arch == "llama" and config["attention_bias"]:
+        for layer, have in seen.items():
+            if missing := sorted(biases - have):
+                raise ValueError(f"{path}: tensor blk.{layer}.{missing[0]} is missing")
+    return plan
+
+
+def _load_tensor(path: Path, p: _TensorPlan) -> np.ndarray:
+    t = p.tensor
+    qtype = GGMLQuantizationType(t.tensor_type)
+    try:
+        w = dequantize(t.data, qtype)
+    except NotImplementedError as e:
+        raise ValueError(
+            f"{path}: tensor {t.name!r} has unsupported type {qtype.name} ({e})"
+        ) from e
+    w = np.array(w, dtype=np.float32, copy=True).reshape(p.shape)
+    if p.permute_heads is not None:
+        w = _unpermute(w, p.permute_heads)
+    return w
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's interleaved-RoPE row permutation of q/k (weights or biases)."""
+    rows = w.shape[0]
+    head_dim = rows // n_heads
+    rest = w.shape[1:]
+    return np.ascontiguousarray(
+        w.reshape(n_heads, head_dim // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+    )
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def _check_tokenizer_kind(path: Path, reader: GGUFReader) -> None:
+    model = _meta(reader, "tokenizer.ggml.model", None)
+    if model != "gpt2":
+        raise ValueError(
+            f"{path}: unsupported tokenizer.ggml.model={model!r} (only 'gpt2' byte-level BPE)"
+        )
+    pre = _meta(reader, "tokenizer.ggml.pre", "default")
+    if pre not in SUPPORTED_PRE_TOKENIZERS:
+        raise ValueError(
+            f"{path}: unsupported tokenizer.ggml.pre={pre!r} "
+            f"(supported: {', '.join(SUPPORTED_PRE_TOKENIZERS)})"
+        )
+
+
+def _build_tokenizer_files(
+    path: Path, reader: GGUFReader, config: dict[str, Any]
+) -> dict[str, str]:
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
+    from tokenizers import pre_tokenizers as pt
+
+    _check_tokenizer_kind(path, reader)
+    pre = _meta(reader, "tokenizer.ggml.pre", "default")
+    tokens: list[str] = _meta(reader, "tokenizer.ggml.tokens")
+    merges_raw: list[str] = _meta(reader, "tokenizer.ggml.merges", [])
+    types: list[int] = _meta(reader, "tokenizer.ggml.token_type", [TokenType.NORMAL] * len(tokens))
+    if len(types) != len(tokens):
+        raise ValueError(
+            f"{path}: tokenizer.ggml.token_type has {len(types)} entries, "
+            f"tokenizer.ggml.tokens has {len(tokens)}"
+        )
+
+    vocab: dict[str, int] = {}
+    for i, tok in enumerate(tokens):
+        vocab.setdefault(tok, i)
+    merges: list[tuple[str, str]] = []
+    for m in merges_raw:
+        pos = m.find(" ", 1)  # as llama.cpp: a token may start with a space
+        if pos < 0:
+            raise ValueError(f"{path}: malformed tokenizer.ggml.merges entry {m!r}")
+        merges.append((m[:pos], m[pos + 1:]))
+
+    bpe = models.BPE(
+        vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False,
+        ignore_merges=(pre == "llama-bpe"),
+    )
+    tok = Tokenizer(bpe)
+    if pre in ("default", "gpt2"):
+        tok.pre_tokenizer = pt.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif pre == "smollm":
+        tok.pre_tokenizer = pt.Sequence([
+            pt.Digits(individual_digits=True),
+            pt.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+    else:  # qwen2, llama-bpe
+        pattern = _QWEN2_PATTERN if pre == "qwen2" else _LLAMA3_PATTERN
+        tok.pre_tokenizer = pt.Sequence([
+            pt.Split(Regex(pattern), behavior="isolated", invert=False),
+            pt.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        if pre == "qwen2":
+            tok.normalizer = normalizers.NFC()
+    tok.decoder = decoders.ByteLevel()
+
+    added = []
+    for i, (text, ttype) in enumerate(zip(tokens, types, strict=True)):
+        if ttype in (TokenType.CONTROL, TokenType.UNKNOWN, TokenType.USER_DEFINED):
+            added.append((i, AddedToken(
+                text, special=ttype != TokenType.USER_DEFINED, normalized=False,
+                lstrip=False, rstrip=False, single_word=False,
+            )))
+    tok.add_special_tokens([a for _, a in added if a.special])
+    tok.add_tokens([a for _, a in added if not a.special])
+    for i, a in added:
+        got = tok.token_to_id(a.content)
+        if got != i:
+            raise ValueError(f"{path}: added token {a.content!r} maps to id {got}, expected {i}")
+
+    def token_str(key: str) -> str | None:
+        idx = _meta(reader, key, None)
+        if idx is None:
+            return None
+        if not 0 <= idx < len(tokens):
+            raise ValueError(f"{path}: metadata {key}={idx} is outside the vocabulary")
+        return tokens[idx]
+
+    bos, eos = token_str("tokenizer.ggml.bos_token_id"), token_str("tokenizer.ggml.eos_token_id")
+    pad = token_str("tokenizer.ggml.padding_token_id")
+    unk = token_str("tokenizer.ggml.unknown_token_id")
+    add_bos = bool(_meta(reader, "tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_eos = bool(_meta(reader, "tokenizer.ggml.add_eos_token", False)) and eos is not None
+    byte_level = processors.ByteLevel(trim_offsets=False)
+    if add_bos or add_eos:
+        def seq(piece: str, type_id: str) -> list[str]:
+            return ([bos + type_id] if add_bos else []) + [piece] + (
+                [eos + type_id] if add_eos else [])
+
+        template = processors.TemplateProcessing(
+            single=seq("$A", ""),
+            pair=seq("$A", "") + seq("$B:1", ":1"),
+            special_tokens=[(s, vocab[s]) for s, on in ((bos, add_bos), (eos, add_eos)) if on],
+        )
+        tok.post_processor = processors.Sequence([byte_level, template])
+    else:
+        tok.post_processor = byte_level
+
+    tok_config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": config["max_position_embeddings"],
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "bos_token": bos,
+        "eos_token": eos,
+        "pad_token": pad,
+        "unk_token": unk,
+    }
+    extra_specials = [a.content for _, a in added if a.special and a.content not in
+                      (bos, eos, pad, unk)]
+    if extra_specials:
+        tok_config["additional_special_tokens"] = extra_specials
+    template_str = _meta(reader, "tokenizer.chat_template", None)
+    if template_str is not None:
+        tok_config["chat_template"] = template_str
+    return {
+        "tokenizer.json": tok.to_str(pretty=True),
+        "tokenizer_config.json": json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n",
+    }
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Convert a GGUF file into an orthrus-jax checkpoint folder."""
+    parser = argparse.ArgumentParser(
+        prog="python -m convert.from_gguf", description="Convert a llama.cpp GGUF file."
+    )
+    parser.add_argument("src", type=Path, help="source .gguf file")
+    parser.add_argument("dst", type=Path, help="destination checkpoint folder")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--block-size", type=int, default=None)
+    parser.add_argument("--mask-token-id", type=int, default=None)
+    parser.add_argument("--force", action="store_true", help="overwrite an existing DST")
+    args = parser.parse_args(argv)
+    if not args.src.is_file():
+        parser.error(f"GGUF file not found: {args.src}")
+
+    from convert.from_hf import write_converted
+
+    start = time.perf_counter()
+    model = read_gguf(args.src)
+    out = write_converted(
+        args.dst, model.config, model.tensors(), model.tokenizer_files(),
+        dtype=args.dtype, block_size=args.block_size, mask_token_id=args.mask_token_id,
+        force=args.force,
+    )
+    print(f"converted {args.src} -> {out} in {time.perf_counter() - start:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Model configuration, read from and written to a Hugging Face ``config.json``.
+
+One dataclass covers the Qwen3 family this project supports:
+
+- ``qwen3`` / ``orthrus``: per-head q/k RMSNorm, no biases (``attention_bias`` adds them);
+- ``llama``: no q/k norm (e.g. SmolLM2);
+- ``qwen2``: no q/k norm, biases on the q/k/v projections.
+
+Fields a config may carry that this implementation does not compute (other RoPE types,
+sliding-window layers, mixture of experts, ...) raise :class:`UnsupportedConfigError`
+naming the field and its value, rather than silently computing something else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "orthrus", "llama", "qwen2")
+ARCHITECTURES = {
+    "qwen3": "Qwen3ForCausalLM",
+    "orthrus": "Qwen3ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DEFAULT_BLOCK_SIZE = 32
+
+
+class UnsupportedConfigError(ValueError):
+    """A ``config.json`` field whose value this implementation does not compute."""
+
+
+def _unsupported(field: str, value: Any, source: str, why: str = "is not supported") -> None:
+    raise UnsupportedConfigError(f"{source}: {field}={value!r} {why}")
+
+
+def _int_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Qwen3-family decoder plus the Orthrus fields.
+
+    ``dtype`` is the compute dtype of matmuls and the KV cache, ``param_dtype`` the storage
+    dtype of the weights; norms, softmax and logits are always computed in float32.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    qk_norm: bool = True
+    qkv_bias: bool = False
+    o_bias: bool = False
+    model_type: str = "qwen3"
+    block_size: int = DEFAULT_BLOCK_SIZE
+    mask_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {list(DTYPES)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.block_size < 2:
+            raise ValueError(f"block_size={self.block_size} must be at least 2")
+        if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(
+                f"mask_token_id={self.mask_token_id} is outside the vocabulary "
+                f"[0, {self.vocab_size})"
+            )
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def jnp_dtype(self) -> jnp.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def jnp_param_dtype(self) -> jnp.dtype:
+        return DTYPES[self.param_dtype]
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ HF I/O
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides: Any):
+        """Build from a parsed HF ``config.json``; ``overrides`` replace fields afterwards."""
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            _unsupported("model_type", model_type, source,
+                         f"is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads")
+        missing = [k for k in required if d.get(k) is None]
+        if missing:
+            raise ValueError(f"{source}: missing required field(s) {missing}")
+        _check_unsupported(d, source)
+
+        n_heads = int(d["num_attention_heads"])
+        head_dim = d.get("head_dim") or d["hidden_size"] // n_heads
+        rope_theta = _rope_theta(d, source)
+        attention_bias = bool(d.get("attention_bias", False))
+        qwen2 = model_type == "qwen2"
+        fields = dict(
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=n_heads,
+            num_key_value_heads=int(d.get("num_key_value_heads") or n_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qk_norm=model_type in ("qwen3", "orthrus"),
+            qkv_bias=qwen2 or attention_bias,
+            o_bias=attention_bias and not qwen2,
+            model_type=model_type,
+            block_size=int(d.get("block_size") or DEFAULT_BLOCK_SIZE),
+            mask_token_id=d.get("mask_token_id"),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=_int_tuple(d.get("eos_token_id")),
+            pad_token_id=d.get("pad_token_id"),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path, **overrides: Any) -> ModelConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json at {path}")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        return cls.from_hf_dict(d, source=str(path), **overrides)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """An HF ``config.json`` dict that transformers and :meth:`from_hf_dict` both read."""
+        model_type = "qwen3" if self.model_type == "orthrus" else self.model_type
+        eos = list(self.eos_token_id)
+        d: dict[str, Any] = {
+            "architectures": [ARCHITECTURES[model_type]],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": self.param_dtype,
+            "block_size": self.block_size,
+            "mask_token_id": self.mask_token_id,
+        }
+        if model_type == "qwen3":
+            d["attention_bias"] = self.qkv_bias
+        elif model_type == "llama":
+            d["attention_bias"] = self.qkv_bias
+            d["mlp_bias"] = False
+        return d
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / "config.json"
+        path.write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+        return path
+
+
+def _rope_theta(d: dict[str, Any], source: str) -> float:
+    """RoPE base from ``rope_parameters`` (transformers 5) or ``rope_theta`` (older)."""
+    params = d.get("rope_parameters")
+    scaling = d.get("rope_scaling")
+    for field, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            _unsupported(field, value, source)
+        rope_type = value.get("rope_type", value.get("type", "default"))
+        if rope_type != "default":
+            _unsupported(f"{field}.rope_type", rope_type, source,
+                         "is not implemented (only 'default' RoPE is)")
+    if params and params.get("rope_theta") is not None:
+        return float(params["rope_theta"])
+    if d.get("rope_theta") is not None:
+        return float(d["rope_theta"])
+    return 10_000.0
+
+
+def _check_unsupported(d: dict[str, Any], source: str) -> None:
+    if d.get("hidden_act", "silu") != "silu":
+        _unsupported("hidden_act", d["hidden_act"], source, "is not supported (only silu)")
+    if d.get("use_sliding_window"):
+        _unsupported("use_sliding_window", d["use_sliding_window"], source,
+                     "is not supported (sliding-window attention)")
+    layer_types = d.get("layer_types")
+    if layer_types:
+        for i, t in enumerate(layer_types):
+            if t != "full_attention":
+                _unsupported(f"layer_types[{i}]", t, source,
+                             "is not supported (only full_attention)")
+    if d.get("mlp_bias"):
+        _unsupported("mlp_bias", d["mlp_bias"], source)
+    for moe in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if d.get(moe):
+            _unsupported(moe, d[moe], source, "is not supported (mixture of experts)")
+    if d.get("pretraining_tp", 1) not in (1, None):
+        _unsupported("pretraining_tp", d["pretraining_tp"], source)

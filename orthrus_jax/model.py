@@ -1,0 +1,185 @@
+"""The Orthrus model in Flax NNX: a frozen Qwen3-family decoder plus the trainable
+diffusion view of every layer's attention.
+
+Both views share one decoder-layer body (:func:`_decoder_layer`); they differ only in the
+attention projections (``layers.attn`` vs ``layers.diff_attn``) and in which keys the
+queries see (causal over the cache vs cached prefix + own block).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from orthrus_jax.attention import block_attention, causal_cache_attention
+from orthrus_jax.cache import KVCache, write_block
+from orthrus_jax.config import ModelConfig
+from orthrus_jax.layers import (
+    MLP,
+    AttentionProjections,
+    DiffusionParam,
+    _init,
+    mlp,
+    project_out,
+    project_qkv,
+    rms_norm,
+)
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers, weights stacked on a leading ``layers`` axis."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        L, D = config.num_hidden_layers, config.hidden_size
+        dt = config.jnp_param_dtype
+        self.input_norm = nnx.Param(jnp.ones((L, D), dt), logical_axes=("layers", "norm"))
+        self.post_attn_norm = nnx.Param(jnp.ones((L, D), dt), logical_axes=("layers", "norm"))
+        self.attn = AttentionProjections(config, nnx.Param, rngs=rngs)
+        self.diff_attn = AttentionProjections(config, DiffusionParam, rngs=rngs)
+        self.mlp = MLP(config, rngs=rngs)
+        # The diffusion view starts as a copy of the AR view (SPEC section 2).
+        for name, var in vars(self.attn).items():
+            if isinstance(var, nnx.Variable):
+                getattr(self.diff_attn, name).value = jnp.array(var.value)
+
+
+class OrthrusLM(nnx.Module):
+    """Embedding, decoder layers, final norm and LM head (tied or not).
+
+    Parameter tree: ``embed_tokens [V, D]``, ``layers.{input_norm, post_attn_norm, attn,
+    diff_attn, mlp}``, ``norm [D]``, ``lm_head [D, V]`` (absent when tied). The tensors of
+    ``layers.diff_attn`` are :class:`DiffusionParam`; all others are frozen ``nnx.Param``.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        V, D = config.vocab_size, config.hidden_size
+        dt = config.jnp_param_dtype
+        self.embed_tokens = nnx.Param(_init(rngs, (V, D), dt, 1), logical_axes=("vocab", "embed"))
+        self.layers = DecoderLayers(config, rngs=rngs)
+        self.norm = nnx.Param(jnp.ones((D,), dt), logical_axes=("norm",))
+        self.lm_head = (None if config.tie_word_embeddings else
+                        nnx.Param(_init(rngs, (D, V), dt, D), logical_axes=("embed", "vocab")))
+
+    # ---------------------------------------------------------------- pieces
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """``tokens [B, T]`` -> ``[B, T, D]`` in the compute dtype."""
+        return jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.config.jnp_dtype)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final-normed ``hidden [..., D]`` -> float32 logits ``[..., V]``."""
+        h = hidden.astype(self.config.jnp_dtype)
+        if self.lm_head is None:
+            w = self.embed_tokens[...].astype(h.dtype)
+            return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
+        w = self.lm_head[...].astype(h.dtype)
+        return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+
+    def _layer_params(self, view: str) -> dict:
+        layers = nnx.state(self.layers).to_pure_dict()
+        return {"input_norm": layers["input_norm"], "post_attn_norm": layers["post_attn_norm"],
+                "attn": layers[view], "mlp": layers["mlp"]}
+
+    # ---------------------------------------------------------------- views
+    def forward(self, tokens: jax.Array, cache: KVCache,
+                num_valid: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """AR view over a chunk ``tokens [B, T]`` placed at each row's ``cache.lengths``.
+
+        Writes the chunk's K/V into the cache, attends causally, and advances each row's
+        length by ``num_valid[b]`` (default ``T``; tokens past it are padding whose K/V
+        land in the stale region). Returns the final-normed hidden ``[B, T, D]``.
+        """
+        c = self.config
+        T = tokens.shape[1]
+        positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+
+        def attention(p, q, k, v, kv):
+            k_all, v_all, layer = kv
+            k_all = write_block(k_all, layer, k, positions)
+            v_all = write_block(v_all, layer, v, positions)
+            return causal_cache_attention(q, k_all[layer], v_all[layer], positions), \
+                (k_all, v_all)
+
+        x, (k, v) = self._run_layers("attn", self.embed(tokens), positions, attention,
+                                     (cache.k, cache.v))
+        step = T if num_valid is None else num_valid.astype(jnp.int32)
+        return rms_norm(x, self.norm[...], c.rms_norm_eps), KVCache(k, v, cache.lengths + step)
+
+    def diffusion_forward(self, block: jax.Array, cache: KVCache) -> jax.Array:
+        """Diffusion view over ``block [B, K]`` (``[anchor, MASK, ...]``) at positions
+        ``cache.lengths[b] + i``: attends to the cached prefix ``[0, lengths[b])`` and to its
+        whole block; writes nothing. Returns the final-normed hidden ``[B, K, D]``."""
+        c = self.config
+        K = block.shape[1]
+        positions = cache.lengths[:, None] + jnp.arange(K, dtype=jnp.int32)[None, :]
+
+        def attention(p, q, k, v, kv):
+            k_all, v_all, layer = kv
+            return block_attention(q, k_all[layer], v_all[layer], k, v, cache.lengths), \
+                (k_all, v_all)
+
+        x, _ = self._run_layers("diff_attn", self.embed(block), positions, attention,
+                                (cache.k, cache.v))
+        return rms_norm(x, self.norm[...], c.rms_norm_eps)
+
+    def __call__(self, tokens: jax.Array, cache: KVCache,
+                 num_valid: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """AR forward returning float32 logits ``[B, T, V]`` and the updated cache."""
+        hidden, cache = self.forward(tokens, cache, num_valid)
+        return self.logits(hidden), cache
+
+    def _run_layers(self, view: str, x: jax.Array, positions: jax.Array,
+                    attention: Callable, kv: tuple[jax.Array, jax.Array]):
+        """Scan the shared decoder-layer body over the stacked layers of one view."""
+        c = self.config
+
+        def body(carry, xs):
+            x, k_all, v_all = carry
+            p, layer = xs
+            h = rms_norm(x, p["input_norm"], c.rms_norm_eps)
+            q, k, v = project_qkv(p["attn"], h, positions, c)
+            o, (k_all, v_all) = attention(p, q, k, v, (k_all, v_all, layer))
+            x = x + project_out(p["attn"], o, c)
+            x = x + mlp(p["mlp"], rms_norm(x, p["post_attn_norm"], c.rms_norm_eps))
+            return (x, k_all, v_all), None
+
+        xs = (self._layer_params(view), jnp.arange(c.num_hidden_layers, dtype=jnp.int32))
+        (x, k_all, v_all), _ = jax.lax.scan(body, (x, *kv), xs)
+        return x, (k_all, v_all)
+
+
+def prefill(model: OrthrusLM, tokens: jax.Array, cache: KVCache, prompt_lengths: jax.Array,
+            chunk_size: int | None = None) -> tuple[jax.Array, KVCache]:
+    """Run the AR view over right-padded prompts ``tokens [B, P]`` in chunks.
+
+    Row ``b`` has ``prompt_lengths[b]`` valid tokens, appended at its current cache length.
+    Chunks of ``chunk_size`` tokens (``P`` must be a multiple; default: one chunk) go
+    through one ``lax.scan``, so the compiled size does not grow with the prompt. Returns
+    the float32 logits ``[B, V]`` of each row's last prompt token and the updated cache.
+    """
+    B, P = tokens.shape
+    C = P if chunk_size is None else chunk_size
+    if P % C:
+        raise ValueError(f"prompt buffer length {P} is not a multiple of chunk_size {C}")
+    n_chunks = P // C
+    prompt_lengths = prompt_lengths.astype(jnp.int32)
+    chunks = tokens.reshape(B, n_chunks, C).swapaxes(0, 1)  # [n, B, C]
+
+    def body(carry, xs):
+        cache, last = carry
+        chunk, i = xs
+        remaining = prompt_lengths - i * C
+        num_valid = jnp.clip(remaining, 0, C)
+        hidden, cache = model.forward(chunk, cache, num_valid)
+        idx = jnp.clip(num_valid - 1, 0, C - 1)
+        here = jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
+        ends_here = (remaining > 0) & (remaining <= C)
+        return (cache, jnp.where(ends_here[:, None], here, last)), None
+
+    last = jnp.zeros((B, model.config.hidden_size), model.config.jnp_dtype)
+    (cache, last), _ = jax.lax.scan(body, (cache, last), (chunks, jnp.arange(n_chunks)))
+    return model.logits(last), cache
+
