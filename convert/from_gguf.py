@@ -13,8 +13,10 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import re
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -103,7 +105,7 @@ _LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-SUPPORTED_PRE_TOKENIZERS = ("default", "gpt2", "smollm", "qwen2", "llama-bpe")
+SUPPORTED_PRE_TOKENIZERS = ("default", "gpt2", "gpt-2", "smollm", "qwen2", "llama-bpe")
 
 
 @dataclass
@@ -412,7 +414,7 @@ def _build_tokenizer_files(
         ignore_merges=(pre == "llama-bpe"),
     )
     tok = Tokenizer(bpe)
-    if pre in ("default", "gpt2"):
+    if pre in ("default", "gpt2", "gpt-2"):
         tok.pre_tokenizer = pt.ByteLevel(add_prefix_space=False, use_regex=True)
     elif pre == "smollm":
         tok.pre_tokenizer = pt.Sequence([
@@ -498,8 +500,11 @@ def _build_tokenizer_files(
 # --------------------------------------------------------------------------- CLI
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Convert a GGUF file into an orthrus-jax checkpoint folder."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Convert a GGUF file into an orthrus-jax checkpoint folder.
+
+    Returns the exit status: 0, or 2 after printing a one-line error (bad input, DST exists).
+    """
     parser = argparse.ArgumentParser(
         prog="python -m convert.from_gguf", description="Convert a llama.cpp GGUF file."
     )
@@ -515,15 +520,24 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from convert.from_hf import write_converted
 
+    kwargs: dict[str, Any] = {
+        "dtype": args.dtype, "block_size": args.block_size,
+        "mask_token_id": args.mask_token_id, "force": args.force,
+    }
+    if "source" in inspect.signature(write_converted).parameters:  # names the input in errors
+        kwargs["source"] = str(args.src)
     start = time.perf_counter()
-    model = read_gguf(args.src)
-    out = write_converted(
-        args.dst, model.config, model.tensors(), model.tokenizer_files(),
-        dtype=args.dtype, block_size=args.block_size, mask_token_id=args.mask_token_id,
-        force=args.force,
-    )
+    try:
+        model = read_gguf(args.src)
+        out = write_converted(
+            args.dst, model.config, model.tensors(), model.tokenizer_files(), **kwargs
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"converted {args.src} -> {out} in {time.perf_counter() - start:.1f}s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

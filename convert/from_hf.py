@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import jax
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from convert.io import add_output_args, run_cli, staging_dir
 from convert.keymap import Entry, ar_twin, entries, get_path, set_path
 from orthrus_jax.checkpoint import save_params
 from orthrus_jax.config import ModelConfig
@@ -161,7 +157,7 @@ def write_converted(
     if dtype not in NP_DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {list(NP_DTYPES)}")
     dst = Path(dst)
-    if dst.exists() and not force:
+    if dst.exists() and not force:  # fail before reading any tensor
         raise FileExistsError(f"{dst} already exists (pass --force to replace it)")
     overrides: dict = {"param_dtype": dtype, "dtype": dtype}
     if block_size is not None:
@@ -177,38 +173,14 @@ def write_converted(
         print(f"warning: {len(unused)} unused tensor(s) in the checkpoint: "
               f"{', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}", file=sys.stderr)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
+    with staging_dir(dst, force) as tmp:
         config.save(tmp)
         for name, content in (extra_files or {}).items():
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / name, mode) as f:
                 f.write(content)
-        params = jax.tree.map(jax.numpy.asarray, params)
         save_params(tmp, params)
-        del params
-        _replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
-
-
-def _replace_dir(new: Path, dst: Path) -> None:
-    """Rename ``new`` to ``dst``; an old ``dst`` is moved aside first, removed after."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.rename(dst, old)
-    try:
-        os.rename(new, dst)
-    except BaseException:
-        if old is not None:
-            os.rename(old, dst)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def convert(src: str | Path, dst: str | Path, **kwargs) -> Path:
@@ -224,37 +196,24 @@ def convert(src: str | Path, dst: str | Path, **kwargs) -> Path:
                            source=str(src / "config.json"), **kwargs)
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dst", help="output model folder (must not exist unless --force)")
-    parser.add_argument("--dtype", default="float32", choices=list(NP_DTYPES),
-                        help="parameter dtype to store (default: float32)")
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """DST, --dtype, --force and the Orthrus fields, shared with ``convert.from_gguf``."""
+    add_output_args(parser, "float32")
     parser.add_argument("--block-size", type=int, default=None,
-                        help="diffusion block size K (default: config's, else 32)")
+                        help="diffusion block size K (default: the config's, else 32)")
     parser.add_argument("--mask-token-id", type=int, default=None,
-                        help="token id of the MASK token (default: config's)")
-    parser.add_argument("--force", action="store_true", help="replace an existing DST")
-
-
-def run_cli(fn, args: argparse.Namespace, src: str) -> int:
-    """Run a conversion; report the time, or the error in one line (exit status 2)."""
-    start = time.perf_counter()
-    try:
-        out = fn(src, args.dst, dtype=args.dtype, block_size=args.block_size,
-                 mask_token_id=args.mask_token_id, force=args.force)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
-    return 0
+                        help="id of the MASK token (default: the config's mask_token_id)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert.from_hf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="HF checkpoint folder (config.json + *.safetensors)")
-    add_common_args(parser)
+    add_model_args(parser)
     args = parser.parse_args(argv)
-    return run_cli(convert, args, args.src)
+    return run_cli(lambda: convert(args.src, args.dst, dtype=args.dtype,
+                                   block_size=args.block_size,
+                                   mask_token_id=args.mask_token_id, force=args.force))
 
 
 if __name__ == "__main__":

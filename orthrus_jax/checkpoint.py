@@ -41,7 +41,7 @@ def param_shardings(model: OrthrusLM, mesh: Mesh, rules: Rules | None = None) ->
 
     def one(path, var):
         spec = logical_to_spec(var.get_metadata()["logical_axes"], mesh, rules,
-                               var.value.shape, _path_name(path))
+                               var.get_value().shape, _path_name(path))
         return NamedSharding(mesh, spec)
 
     return jax.tree.map_with_path(one, state, is_leaf=_is_var)
@@ -69,7 +69,7 @@ def save_model(model: OrthrusLM, directory: str | Path) -> Path:
     """Write ``config.json`` and ``params/`` into an existing folder ``directory``."""
     directory = Path(directory)
     model.config.save(directory)
-    save_params(directory, nnx.state(model).to_pure_dict())
+    save_params(directory, nnx.to_pure_dict(nnx.state(model)))
     return directory
 
 
@@ -101,14 +101,14 @@ def load_model(
         shardings = jax.tree.map(lambda _: device, state, is_leaf=_is_var)
     else:
         shardings = param_shardings(model, mesh, rules)
-    target = jax.tree.map(
-        lambda v, s: jax.ShapeDtypeStruct(v.value.shape, v.value.dtype, sharding=s),
-        state, shardings, is_leaf=_is_var).to_pure_dict()
+    target = nnx.to_pure_dict(jax.tree.map(
+        lambda v, s: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s),
+        state, shardings, is_leaf=_is_var))
     with ocp.StandardCheckpointer() as ckpt:
         stored = ckpt.metadata(params_path).item_metadata.tree
         _check_tree(stored, target, params_path)
         restored = ckpt.restore(params_path, target)
-    state.replace_by_pure_dict(restored)
+    nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)
     return model
 
@@ -141,9 +141,9 @@ def model_from_params(config: ModelConfig, params: dict) -> OrthrusLM:
     ``config.param_dtype``); every parameter of the config must be present."""
     model = abstract_model(config)
     state = nnx.state(model)
-    target = jax.tree.map(lambda v: v.value, state, is_leaf=_is_var).to_pure_dict()
+    target = nnx.to_pure_dict(state)
     _check_tree(params, target, Path("params"))
-    state.replace_by_pure_dict(jax.tree.map(
+    nnx.replace_by_pure_dict(state, jax.tree.map(
         lambda t, a: jax.numpy.asarray(a, dtype=t.dtype), target, params))
     nnx.update(model, state)
     return model

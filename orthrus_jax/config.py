@@ -155,6 +155,9 @@ class ModelConfig:
             eos_token_id=_int_tuple(d.get("eos_token_id")),
             pad_token_id=d.get("pad_token_id"),
         )
+        stored = d.get("dtype") or d.get("torch_dtype")
+        if stored in DTYPES:  # the dtype the weights are stored in; compute in the same
+            fields.update(param_dtype=stored, dtype=stored)
         fields.update(overrides)
         return cls(**fields)
 
@@ -194,7 +197,7 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
             "pad_token_id": self.pad_token_id,
-            "torch_dtype": self.param_dtype,
+            "dtype": self.param_dtype,
             "block_size": self.block_size,
             "mask_token_id": self.mask_token_id,
         }

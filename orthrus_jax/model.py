@@ -43,7 +43,7 @@ class DecoderLayers(nnx.Module):
         # The diffusion view starts as a copy of the AR view (SPEC section 2).
         for name, var in vars(self.attn).items():
             if isinstance(var, nnx.Variable):
-                getattr(self.diff_attn, name).value = jnp.array(var.value)
+                getattr(self.diff_attn, name).set_value(jnp.array(var.get_value()))
 
 
 class OrthrusLM(nnx.Module):
@@ -79,7 +79,7 @@ class OrthrusLM(nnx.Module):
         return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
 
     def _layer_params(self, view: str) -> dict:
-        layers = nnx.state(self.layers).to_pure_dict()
+        layers = nnx.to_pure_dict(nnx.state(self.layers))
         return {"input_norm": layers["input_norm"], "post_attn_norm": layers["post_attn_norm"],
                 "attn": layers[view], "mlp": layers["mlp"]}
 
