@@ -6,18 +6,19 @@ byte-level BPE (``tokenizer.ggml.model == "gpt2"``).
 
 CLI::
 
-    python -m convert.from_gguf SRC.gguf DST [--dtype float32|bfloat16] [--block-size N]
-        [--mask-token-id N] [--force]
+    python -m convert.from_gguf SRC.gguf DST --mask-token-id N [--dtype float32|bfloat16]
+        [--block-size N] [--force]
+
+writes the same model folder as ``convert.from_hf``, with ``tokenizer.json`` and
+``tokenizer_config.json`` (chat template included) rebuilt from the GGUF vocabulary.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import re
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,11 @@ from gguf import GGMLQuantizationType, GGUFReader, TokenType
 from gguf.gguf_reader import ReaderTensor
 from gguf.quants import dequantize
 
-__all__ = ["GGUFModel", "SUPPORTED_ARCHS", "SUPPORTED_PRE_TOKENIZERS", "read_gguf", "main"]
+from convert.from_hf import add_model_args, write_converted
+from convert.io import run_cli
+
+__all__ = ["GGUFModel", "SUPPORTED_ARCHS", "SUPPORTED_PRE_TOKENIZERS", "convert", "main",
+           "read_gguf"]
 
 _MISSING = object()
 
@@ -500,43 +505,23 @@ def _build_tokenizer_files(
 # --------------------------------------------------------------------------- CLI
 
 
+def convert(src: str | Path, dst: str | Path, **kwargs: Any) -> Path:
+    """Convert the GGUF file ``src`` into the model folder ``dst`` (see ``write_converted``)."""
+    model = read_gguf(src)
+    return write_converted(dst, model.config, model.tensors(), model.tokenizer_files(),
+                           source=str(src), **kwargs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Convert a GGUF file into an orthrus-jax checkpoint folder.
-
-    Returns the exit status: 0, or 2 after printing a one-line error (bad input, DST exists).
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m convert.from_gguf", description="Convert a llama.cpp GGUF file."
-    )
-    parser.add_argument("src", type=Path, help="source .gguf file")
-    parser.add_argument("dst", type=Path, help="destination checkpoint folder")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--block-size", type=int, default=None)
-    parser.add_argument("--mask-token-id", type=int, default=None)
-    parser.add_argument("--force", action="store_true", help="overwrite an existing DST")
+    """Returns the exit status: 0, or 2 after a one-line error (bad input, DST exists)."""
+    parser = argparse.ArgumentParser(prog="python -m convert.from_gguf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="source .gguf file")
+    add_model_args(parser)
     args = parser.parse_args(argv)
-    if not args.src.is_file():
-        parser.error(f"GGUF file not found: {args.src}")
-
-    from convert.from_hf import write_converted
-
-    kwargs: dict[str, Any] = {
-        "dtype": args.dtype, "block_size": args.block_size,
-        "mask_token_id": args.mask_token_id, "force": args.force,
-    }
-    if "source" in inspect.signature(write_converted).parameters:  # names the input in errors
-        kwargs["source"] = str(args.src)
-    start = time.perf_counter()
-    try:
-        model = read_gguf(args.src)
-        out = write_converted(
-            args.dst, model.config, model.tensors(), model.tokenizer_files(), **kwargs
-        )
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"converted {args.src} -> {out} in {time.perf_counter() - start:.1f}s")
-    return 0
+    return run_cli(lambda: convert(args.src, args.dst, dtype=args.dtype,
+                                   block_size=args.block_size,
+                                   mask_token_id=args.mask_token_id, force=args.force))
 
 
 if __name__ == "__main__":

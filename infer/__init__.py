@@ -1,0 +1,1 @@
+"""Generation with the Orthrus draft-and-verify decoder (see the decoding issue)."""

@@ -1,0 +1,1 @@
+"""Training of the diffusion view (see the training issue)."""
