@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import jax
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -128,6 +129,15 @@ def build_params(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]],
     return params, unused
 
 
+def _to_device(tree: dict) -> dict:
+    """Move numpy leaves to JAX arrays in place, one at a time, dropping each numpy
+    buffer as it goes, so the model is never held twice (Orbax would copy them all)."""
+    for key, value in tree.items():
+        tree[key] = _to_device(value) if isinstance(value, dict) else jax.numpy.asarray(value)
+        del value
+    return tree
+
+
 def _fill(params: dict, e: Entry, value: np.ndarray) -> None:
     target = get_path(params, e.path)
     if e.layer is None:
@@ -179,7 +189,7 @@ def write_converted(
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / name, mode) as f:
                 f.write(content)
-        save_params(tmp, params)
+        save_params(tmp, _to_device(params))
     return dst
 
 
