@@ -1,0 +1,407 @@
+"""``python -m infer.generate``: generation with the Orthrus decoder (or the AR baseline).
+
+The Python API is :class:`Generator` (a loaded model plus its compiled loops) and
+:func:`generate`; the CLI wraps them. Shapes are bucketed (batch, prompt length, cache
+length, output room), so prompts of different lengths inside one bucket reuse one
+compiled program, and sampling parameters are traced values, never recompiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infer.decode import FINISH_REASONS, DecodeInputs, run, start
+from infer.sampling import SamplingParams
+from orthrus_jax.checkpoint import load_model
+from orthrus_jax.model import OrthrusLM
+
+MODES = ("orthrus", "ar")
+MIN_PROMPT_BUCKET = 16
+NO_LIMIT = np.iinfo(np.int32).max
+
+
+def _bucket(n: int, minimum: int = 1) -> int:
+    """Next power of two >= max(n, minimum)."""
+    return 1 << (max(n, minimum) - 1).bit_length()
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """One prompt's output and statistics."""
+
+    prompt: Any
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated ids only (EOS included when hit)
+    text: str | None
+    finish_reason: str | None  # "eos", "length" or "cache_full"
+    iterations: int  # decode-loop iterations (the first token comes from prefill)
+    tokens_per_iteration: float  # tokens committed per iteration, first token excluded
+    tokens_per_second: float  # generated tokens / wall time of the batch, compile excluded
+    accepted_hist: list[int]  # [K] iterations that committed 1 .. K tokens
+    seconds: float  # wall time of the batch this prompt ran in
+    time_to_first_token: float  # prefill + first token, wall time of the batch
+
+    def to_json(self) -> dict:
+        return {"prompt": self.prompt, "text": self.text, "token_ids": self.token_ids,
+                "iterations": self.iterations,
+                "tokens_per_iteration": round(self.tokens_per_iteration, 4),
+                "tokens_per_second": round(self.tokens_per_second, 3),
+                "finish_reason": self.finish_reason}
+
+
+class Generator:
+    """A model with its compiled decode programs, cached per bucketed shape.
+
+    ``max_len`` caps the KV cache (default: the model's ``max_position_embeddings``);
+    prompts longer than ``chunk_size`` are prefilled in chunks of that size.
+    """
+
+    def __init__(self, model: OrthrusLM, tokenizer: Any = None, *, chunk_size: int = 512,
+                 max_len: int | None = None):
+        self.model = model
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.chunk_size = chunk_size
+        self.max_len = max_len or self.config.max_position_embeddings
+        self._compiled: dict[tuple, tuple[Callable, Callable]] = {}
+        self.compile_seconds: dict[tuple, float] = {}
+
+    # ----------------------------------------------------------------- prompts
+    def encode(self, prompt: str | Sequence[dict], chat: bool = False) -> list[int]:
+        """Token ids of a text prompt (or of chat ``messages``) with the model's tokenizer."""
+        if self.tokenizer is None:
+            raise ValueError("this model folder has no tokenizer: give token ids "
+                             "(--prompt-ids, or prompt_ids in --prompts-file)")
+        if not isinstance(prompt, str) or chat:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
+                list(prompt)
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError("the tokenizer has no chat template (drop --chat, or give "
+                                 "a plain prompt)")
+            return list(self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+
+    def decode_text(self, ids: Sequence[int]) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _check_ids(self, ids: Sequence[int], room: int, max_new: int) -> None:
+        if len(ids) == 0:
+            raise ValueError("empty prompt: give at least one token")
+        bad = [t for t in ids if not 0 <= int(t) < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id(s) {bad[:5]} outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
+        if len(ids) + room > self.max_len:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of "
+                             f"{self.max_len} tokens (with {room} positions of decoding room)")
+        if max_new < 1:
+            raise ValueError(f"max_new_tokens={max_new} must be >= 1")
+
+    # ----------------------------------------------------------------- compile
+    def _programs(self, mode: str, greedy: bool, batch: int, prompt_len: int, out_len: int,
+                  n_eos: int):
+        """Compiled (start, run) for one bucketed shape; compile time is recorded."""
+        c = self.config
+        room = c.block_size if mode == "orthrus" else 1
+        chunk = self.chunk_size if prompt_len > self.chunk_size else None
+        max_len = min(_bucket(prompt_len + out_len + room), self.max_len)
+        key = (mode, greedy, batch, prompt_len, out_len, max_len, n_eos)
+        if key not in self._compiled:
+            t0 = time.perf_counter()
+            inputs = DecodeInputs(jnp.zeros((batch,), jnp.int32), jnp.zeros((n_eos,), jnp.int32),
+                                  SamplingParams.make(1.0))
+            prompts = jnp.zeros((batch, prompt_len), jnp.int32)
+            lengths = jnp.ones((batch,), jnp.int32)
+            start_fn = jax.jit(
+                lambda m, p, n, i, k: start(m, p, n, i, k, max_len=max_len, out_len=out_len,
+                                            greedy=greedy, room=room, chunk_size=chunk))
+            start_c = start_fn.lower(self.model, prompts, lengths, inputs,
+                                     jax.random.key(0)).compile()
+            state = jax.eval_shape(start_fn, self.model, prompts, lengths, inputs,
+                                   jax.random.key(0))
+            run_fn = jax.jit(lambda m, s, i, n: run(m, s, i, n, mode=mode, greedy=greedy),
+                             donate_argnums=1)
+            run_c = run_fn.lower(self.model, state, inputs, jnp.int32(0)).compile()
+            self._compiled[key] = (start_c, run_c)
+            self.compile_seconds[key] = time.perf_counter() - t0
+        return self._compiled[key]
+
+    # ----------------------------------------------------------------- generate
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        mode: str = "orthrus",
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        eos_ids: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        stream: Callable[[int, list[int]], None] | None = None,
+        stream_every: int = 1,
+        labels: Sequence[Any] | None = None,
+    ) -> list[GenerationResult]:
+        """Generate for each prompt (a list of token ids); results in prompt order.
+
+        ``stream(index, new_ids)`` is called with each prompt's newly committed tokens every
+        ``stream_every`` loop iterations; without it the whole loop is one compiled call.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}: choose one of {MODES}")
+        sampling = SamplingParams.make(temperature, top_k, top_p)
+        greedy = temperature == 0.0
+        room = self.config.block_size if mode == "orthrus" else 1
+        for ids in prompts:
+            self._check_ids(ids, room, max_new_tokens)
+        eos = [int(t) for t in (self.config.eos_token_id if eos_ids is None else eos_ids)]
+        eos_arr = jnp.asarray(eos + [-1] * (_bucket(len(eos), 8) - len(eos)), jnp.int32)
+        batch_size = batch_size or _bucket(len(prompts))
+        out_len = _bucket(max_new_tokens + room)
+        key = jax.random.key(seed)
+        results: list[GenerationResult] = []
+        for lo in range(0, len(prompts), batch_size):
+            key, sub = jax.random.split(key)
+            rows = list(prompts[lo:lo + batch_size])
+            results += self._batch(rows, lo, batch_size, out_len, mode, greedy, sampling,
+                                   max_new_tokens, eos_arr, sub, stream, stream_every)
+        for r, label in zip(results, labels or [None] * len(results), strict=True):
+            r.prompt = label if labels is not None else r.prompt_ids
+        return results
+
+    def _batch(self, rows, offset, batch_size, out_len, mode, greedy, sampling, max_new, eos,
+               key, stream, stream_every) -> list[GenerationResult]:
+        n = len(rows)
+        longest = max(len(r) for r in rows)
+        prompt_len = _bucket(longest, MIN_PROMPT_BUCKET)
+        if prompt_len > self.chunk_size:
+            prompt_len = -(-longest // self.chunk_size) * self.chunk_size
+        start_c, run_c = self._programs(mode, greedy, batch_size, prompt_len, out_len,
+                                        eos.shape[0])
+        padded = np.zeros((batch_size, prompt_len), np.int32)
+        lengths = np.ones((batch_size,), np.int32)
+        for i, r in enumerate(rows):
+            padded[i, :len(r)] = r
+            lengths[i] = len(r)
+        budget = np.full((batch_size,), max_new, np.int32)
+        budget[n:] = 1  # padding rows finish with their first token
+        inputs = DecodeInputs(jnp.asarray(budget), eos, sampling)
+
+        t0 = time.perf_counter()
+        state = start_c(self.model, jnp.asarray(padded), jnp.asarray(lengths), inputs, key)
+        first = np.asarray(state.tokens[:, 0])  # waits for prefill + first token
+        ttft = time.perf_counter() - t0
+        shown = [0] * n
+        if stream is None:
+            state = run_c(self.model, state, inputs, jnp.int32(NO_LIMIT))
+        else:
+            self._emit(stream, offset, shown, np.asarray(state.tokens), np.ones(n, int))
+            while True:
+                state = run_c(self.model, state, inputs, jnp.int32(stream_every))
+                done, counts = np.asarray(state.done), np.asarray(state.num_generated)
+                self._emit(stream, offset, shown, np.asarray(state.tokens), counts)
+                if done.all():
+                    break
+        tokens, counts = np.asarray(state.tokens), np.asarray(state.num_generated)
+        seconds = time.perf_counter() - t0
+        del first
+        finish = np.asarray(state.finish)
+        iterations = np.asarray(state.iterations)
+        hist = np.asarray(state.accepted_hist)
+        out = []
+        for i, r in enumerate(rows):
+            ids = tokens[i, :counts[i]].tolist()
+            it = int(iterations[i])
+            out.append(GenerationResult(
+                prompt=None, prompt_ids=list(map(int, r)), token_ids=ids,
+                text=self.decode_text(ids), finish_reason=FINISH_REASONS[int(finish[i])],
+                iterations=it, tokens_per_iteration=(len(ids) - 1) / it if it else 0.0,
+                tokens_per_second=len(ids) / seconds, accepted_hist=hist[i].tolist(),
+                seconds=seconds, time_to_first_token=ttft))
+        return out
+
+    @staticmethod
+    def _emit(stream, offset, shown, tokens, counts) -> None:
+        for i in range(len(shown)):
+            if counts[i] > shown[i]:
+                stream(offset + i, tokens[i, shown[i]:counts[i]].tolist())
+                shown[i] = int(counts[i])
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The HF tokenizer saved beside the model, or None if the folder has none."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "tokenizer.json").is_file() and \
+            not (model_dir / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer  # reads the tokenizer files only
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def generate(model_dir: str | Path, prompts: Sequence[str | Sequence[int]], *,
+             chat: bool = False, dtype: str | None = None, **kwargs) -> list[GenerationResult]:
+    """Load ``model_dir`` and generate for text prompts or token-id lists.
+
+    Keyword arguments are those of :meth:`Generator.generate`.
+    """
+    gen = Generator(load_model(model_dir, param_dtype=dtype), load_tokenizer(model_dir))
+    ids = [gen.encode(p, chat) if isinstance(p, str) else list(p) for p in prompts]
+    return gen.generate(ids, labels=list(prompts), **kwargs)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def read_prompts_file(path: str | Path) -> list[dict]:
+    """JSONL: one ``{"prompt": ...}``, ``{"messages": [...]}`` or ``{"prompt_ids": [...]}``
+    per line; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+        if not isinstance(item, dict) or not ({"prompt", "messages", "prompt_ids"} & set(item)):
+            raise ValueError(f"{path}:{n}: expected an object with 'prompt', 'messages' or "
+                             "'prompt_ids'")
+        out.append(item)
+    return out
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as e:
+        raise ValueError(f"--prompt-ids {text!r}: expected comma-separated integers") from e
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder (convert.from_hf / from_gguf)")
+    p.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable)")
+    p.add_argument("--prompt-ids", action="append", default=[],
+                   help="comma-separated token ids (repeatable)")
+    p.add_argument("--prompts-file", help="JSONL of {prompt|messages|prompt_ids}")
+    p.add_argument("--chat", action="store_true", help="wrap text prompts in the chat template")
+    p.add_argument("--mode", choices=MODES, default="orthrus")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eos-id", type=int, action="append", default=None,
+                   help="end-of-sequence id (repeatable; overrides the config's)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="parameter and compute dtype (default: as stored)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per compiled batch (default: all prompts, rounded up to 2^n)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="KV cache capacity (default: the model's max_position_embeddings)")
+    p.add_argument("--stream", action="store_true",
+                   help="print text as it is committed (one prompt at a time)")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    SamplingParams.make(args.temperature, args.top_k, args.top_p)  # fail before loading
+    model = load_model(args.model, param_dtype=args.dtype)
+    gen = Generator(model, load_tokenizer(args.model), max_len=args.max_len)
+    labels: list[Any] = []
+    ids: list[list[int]] = []
+    for text in args.prompt:
+        labels.append(text)
+        ids.append(gen.encode(text, args.chat))
+    for text in args.prompt_ids:
+        labels.append(_parse_ids(text))
+        ids.append(labels[-1])
+    if args.prompts_file:
+        for item in read_prompts_file(args.prompts_file):
+            if "prompt_ids" in item:
+                labels.append(item["prompt_ids"])
+                ids.append([int(t) for t in item["prompt_ids"]])
+            elif "messages" in item:
+                labels.append(item["messages"])
+                ids.append(gen.encode(item["messages"], chat=True))
+            else:
+                labels.append(item["prompt"])
+                ids.append(gen.encode(item["prompt"], args.chat))
+    if not ids:
+        raise ValueError("no prompts: give --prompt, --prompt-ids or --prompts-file")
+
+    stream = None
+    batch_size = args.batch_size
+    if args.stream:
+        batch_size = 1
+        shown: dict[int, list[int]] = {}
+        printed: dict[int, int] = {}
+
+        def stream(i: int, new: list[int]) -> None:
+            shown.setdefault(i, []).extend(new)
+            text = gen.decode_text(shown[i])
+            if text is None:
+                text = " ".join(map(str, shown[i]))
+            sys.stdout.write(text[printed.get(i, 0):])
+            sys.stdout.flush()
+            printed[i] = len(text)
+
+    t0 = time.perf_counter()
+    results = gen.generate(ids, mode=args.mode, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           seed=args.seed, eos_ids=args.eos_id, batch_size=batch_size,
+                           stream=stream, labels=labels)
+    wall = time.perf_counter() - t0
+    for r in results:
+        if args.json:
+            print(json.dumps(r.to_json(), ensure_ascii=False))
+        elif args.stream:
+            print()
+        else:
+            print(r.text if r.text is not None else " ".join(map(str, r.token_ids)))
+            print()
+    if not args.json:
+        tokens = sum(len(r.token_ids) for r in results)
+        iters = sum(r.iterations for r in results)
+        decode_s = sum(s for s in {id(r): r.seconds for r in results}.values())
+        compile_s = sum(gen.compile_seconds.values())
+        tpi = sum(len(r.token_ids) - 1 for r in results) / iters if iters else 0.0
+        print(f"[{args.mode}] {tokens} tokens, {iters} iterations, {tpi:.2f} tokens/iteration, "
+              f"{tokens / max(wall - compile_s, 1e-9):.1f} tokens/s "
+              f"(compile {compile_s:.1f} s, total {wall:.1f} s)", file=sys.stderr)
+        del decode_s
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
