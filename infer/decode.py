@@ -19,6 +19,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from infer.sampling import (
     SamplingParams,
@@ -29,6 +30,7 @@ from infer.sampling import (
 )
 from orthrus_jax.cache import KVCache, init_cache
 from orthrus_jax.model import OrthrusLM, prefill
+from orthrus_jax.sharding import Rules
 
 # finish codes
 RUNNING, FINISH_EOS, FINISH_LENGTH, FINISH_CACHE = 0, 1, 2, 3
@@ -158,11 +160,16 @@ def ar_step(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs,
 
 def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array, inputs: DecodeInputs,
           key: jax.Array, *, max_len: int, out_len: int, greedy: bool, room: int,
-          chunk_size: int | None = None) -> DecodeState:
-    """Prefill right-padded ``prompts [B, P]`` and pick each row's first token."""
+          chunk_size: int | None = None, mesh: Mesh | None = None,
+          rules: Rules | None = None) -> DecodeState:
+    """Prefill right-padded ``prompts [B, P]`` and pick each row's first token.
+
+    With ``mesh``, the cache is laid out by the logical-axis ``rules`` (batch over the
+    data axes, KV heads over ``tensor``), matching a model placed with the same rules.
+    """
     c = model.config
     B = prompts.shape[0]
-    cache = init_cache(c, B, max_len)
+    cache = init_cache(c, B, max_len, mesh=mesh, rules=rules)
     logits, cache = prefill(model, prompts, cache, prompt_lengths, chunk_size)
     key, k_first = jax.random.split(key)
     first = _pick(k_first, logits, inputs.sampling, greedy)

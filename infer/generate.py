@@ -20,11 +20,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from infer.decode import FINISH_REASONS, DecodeInputs, run, start
 from infer.sampling import SamplingParams
 from orthrus_jax.checkpoint import load_model
 from orthrus_jax.model import OrthrusLM
+from orthrus_jax.sharding import Rules, make_mesh
 
 MODES = ("orthrus", "ar")
 MIN_PROMPT_BUCKET = 16
@@ -68,12 +70,14 @@ class Generator:
     """
 
     def __init__(self, model: OrthrusLM, tokenizer: Any = None, *, chunk_size: int = 512,
-                 max_len: int | None = None):
+                 max_len: int | None = None, mesh: Mesh | None = None,
+                 rules: Rules | None = None):
         self.model = model
         self.config = model.config
         self.tokenizer = tokenizer
         self.chunk_size = chunk_size
         self.max_len = max_len or self.config.max_position_embeddings
+        self.mesh, self.rules = mesh, rules
         self._compiled: dict[tuple, tuple[Callable, Callable]] = {}
         self.compile_seconds: dict[tuple, float] = {}
 
@@ -128,7 +132,8 @@ class Generator:
             lengths = jnp.ones((batch,), jnp.int32)
             start_fn = jax.jit(
                 lambda m, p, n, i, k: start(m, p, n, i, k, max_len=max_len, out_len=out_len,
-                                            greedy=greedy, room=room, chunk_size=chunk))
+                                            greedy=greedy, room=room, chunk_size=chunk,
+                                            mesh=self.mesh, rules=self.rules))
             start_c = start_fn.lower(self.model, prompts, lengths, inputs,
                                      jax.random.key(0)).compile()
             state = jax.eval_shape(start_fn, self.model, prompts, lengths, inputs,
@@ -317,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter and compute dtype (default: as stored)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="rows per compiled batch (default: all prompts, rounded up to 2^n)")
+    p.add_argument("--mesh", default=None,
+                   help="shard the model over devices, e.g. tensor=2 (axes data, fsdp, tensor)")
     p.add_argument("--max-len", type=int, default=None,
                    help="KV cache capacity (default: the model's max_position_embeddings)")
     p.add_argument("--stream", action="store_true",
@@ -336,8 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     SamplingParams.make(args.temperature, args.top_k, args.top_p)  # fail before loading
-    model = load_model(args.model, param_dtype=args.dtype)
-    gen = Generator(model, load_tokenizer(args.model), max_len=args.max_len)
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    model = load_model(args.model, param_dtype=args.dtype, mesh=mesh)
+    gen = Generator(model, load_tokenizer(args.model), max_len=args.max_len, mesh=mesh)
     labels: list[Any] = []
     ids: list[list[int]] = []
     for text in args.prompt:
@@ -393,13 +401,12 @@ def _main(args: argparse.Namespace) -> int:
     if not args.json:
         tokens = sum(len(r.token_ids) for r in results)
         iters = sum(r.iterations for r in results)
-        decode_s = sum(s for s in {id(r): r.seconds for r in results}.values())
+        decode_s = sum({(r.seconds, r.time_to_first_token): r.seconds for r in results}.values())
         compile_s = sum(gen.compile_seconds.values())
         tpi = sum(len(r.token_ids) - 1 for r in results) / iters if iters else 0.0
         print(f"[{args.mode}] {tokens} tokens, {iters} iterations, {tpi:.2f} tokens/iteration, "
-              f"{tokens / max(wall - compile_s, 1e-9):.1f} tokens/s "
-              f"(compile {compile_s:.1f} s, total {wall:.1f} s)", file=sys.stderr)
-        del decode_s
+              f"{tokens / max(decode_s, 1e-9):.1f} tokens/s (decode {decode_s:.2f} s, "
+              f"compile {compile_s:.1f} s, total {wall:.1f} s)", file=sys.stderr)
     return 0
 
 

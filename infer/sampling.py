@@ -50,7 +50,9 @@ def filtered_log_probs(logits: jax.Array, params: SamplingParams) -> jax.Array:
     # top-p over the top-k survivors: keep the smallest prefix whose mass reaches top_p
     sorted_p = jax.nn.softmax(sorted_x, axis=-1)
     before = jnp.cumsum(sorted_p, axis=-1) - sorted_p  # mass strictly before each token
-    keep = (before < params.top_p) & (sorted_x > _NEG)
+    # top_p = 1 keeps everything: in float32 ``before`` can round up to 1 for tokens of
+    # probability below ~1e-7, which ``before < 1`` alone would drop
+    keep = ((before < params.top_p) | (params.top_p >= 1.0)) & (sorted_x > _NEG)
     cutoff = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
     x = jnp.where((x >= cutoff) & (x >= kth), x, _NEG)
     return jax.nn.log_softmax(x, axis=-1)
