@@ -136,9 +136,14 @@ class OrthrusLM(nnx.Module):
         """Scan the shared decoder-layer body over the stacked layers of one view."""
         c = self.config
 
-        def body(carry, xs):
+        params = self._layer_params(view)
+
+        def body(carry, layer):
             x, k_all, v_all = carry
-            p, layer = xs
+            # Index the stacked weights in place: scanning over them as ``xs`` would copy
+            # every layer's slice (measured 2.8x slower on CPU for a decode step).
+            p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False),
+                             params)
             h = rms_norm(x, p["input_norm"], c.rms_norm_eps)
             q, k, v = project_qkv(p["attn"], h, positions, c)
             o, (k_all, v_all) = attention(p, q, k, v, (k_all, v_all, layer))
@@ -146,8 +151,8 @@ class OrthrusLM(nnx.Module):
             x = x + mlp(p["mlp"], rms_norm(x, p["post_attn_norm"], c.rms_norm_eps))
             return (x, k_all, v_all), None
 
-        xs = (self._layer_params(view), jnp.arange(c.num_hidden_layers, dtype=jnp.int32))
-        (x, k_all, v_all), _ = jax.lax.scan(body, (x, *kv), xs)
+        layers = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
+        (x, k_all, v_all), _ = jax.lax.scan(body, (x, *kv), layers)
         return x, (k_all, v_all)
 
 
