@@ -15,7 +15,6 @@ could not hold another verify block. Finished rows keep riding along, masked.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -79,11 +78,14 @@ def _pick(key: jax.Array, logits: jax.Array, sampling: SamplingParams, greedy: b
 
 
 def _commit(state: DecodeState, new: jax.Array, count: jax.Array, cache: KVCache,
-            old_lengths: jax.Array, inputs: DecodeInputs, room: int) -> DecodeState:
-    """Append ``new[b, :count[b]]`` to active rows, cut at the first EOS and at the
-    budget, set cache lengths to ``old + count`` and finish rows that are done.
+            old_lengths: jax.Array, inputs: DecodeInputs) -> DecodeState:
+    """Append ``new[b, :count[b]]`` to active rows, cut at the first EOS, at the budget
+    and at the cache's capacity, set cache lengths to ``old + count`` and finish rows
+    that are done.
 
-    ``room``: cache positions a further iteration needs (K for Orthrus, 1 for AR).
+    Near a full cache the verify block's last K/V fall past ``max_len`` and are dropped;
+    the tokens before them are exact (the verify pass is causal), so both modes commit
+    up to the last cache position and stop on the same token.
     """
     active = ~state.done
     K = new.shape[1]
@@ -92,6 +94,7 @@ def _commit(state: DecodeState, new: jax.Array, count: jax.Array, cache: KVCache
     first_eos = jnp.min(eos_at, axis=1)
     budget = inputs.max_new_tokens - state.num_generated
     count = jnp.minimum(jnp.minimum(count, first_eos + 1), budget)
+    count = jnp.minimum(count, cache.max_len - old_lengths)
     count = jnp.where(active, count, 0)
     positions = jnp.where(idx < count[:, None], state.num_generated[:, None] + idx,
                           state.tokens.shape[1])  # out of range: dropped
@@ -103,8 +106,7 @@ def _commit(state: DecodeState, new: jax.Array, count: jax.Array, cache: KVCache
     finish = jnp.where(active & (first_eos < count), FINISH_EOS, finish)  # EOS committed
     finish = jnp.where((finish == RUNNING) & (num_generated >= inputs.max_new_tokens),
                        FINISH_LENGTH, finish)
-    finish = jnp.where((finish == RUNNING) & (lengths + room > cache.max_len), FINISH_CACHE,
-                       finish)
+    finish = jnp.where((finish == RUNNING) & (lengths >= cache.max_len), FINISH_CACHE, finish)
     last = jnp.take_along_axis(new, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
     return dataclasses.replace(
         state, cache=KVCache(cache.k, cache.v, lengths),
@@ -144,7 +146,7 @@ def orthrus_step(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs,
     new = jnp.where(jnp.arange(K)[None, :] == j[:, None], nxt[:, None],
                     jnp.concatenate([drafts, drafts[:, :1]], axis=1))
     state = dataclasses.replace(state, key=key)
-    return _commit(state, new, j + 1, verified, cache.lengths, inputs, room=K)
+    return _commit(state, new, j + 1, verified, cache.lengths, inputs)
 
 
 def ar_step(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs,
@@ -154,15 +156,17 @@ def ar_step(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs,
     hidden, cache = model.forward(state.anchor[:, None], state.cache)
     nxt = _pick(k_pick, model.logits(hidden[:, 0]), inputs.sampling, greedy)
     state = dataclasses.replace(state, key=key)
-    return _commit(state, nxt[:, None], jnp.ones_like(nxt), cache, state.cache.lengths, inputs,
-                   room=1)
+    return _commit(state, nxt[:, None], jnp.ones_like(nxt), cache, state.cache.lengths, inputs)
 
 
 def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array, inputs: DecodeInputs,
-          key: jax.Array, *, max_len: int, out_len: int, greedy: bool, room: int,
+          key: jax.Array, *, max_len: int, out_len: int, greedy: bool, block: int,
           chunk_size: int | None = None, mesh: Mesh | None = None,
           rules: Rules | None = None) -> DecodeState:
     """Prefill right-padded ``prompts [B, P]`` and pick each row's first token.
+
+    ``block``: the most tokens one iteration commits (K for Orthrus, 1 for AR), the size
+    of the acceptance histogram.
 
     With ``mesh``, the cache is laid out by the logical-axis ``rules`` (batch over the
     data axes, KV heads over ``tensor``), matching a model placed with the same rules.
@@ -176,9 +180,8 @@ def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array, input
     zeros = jnp.zeros((B,), jnp.int32)
     state = DecodeState(cache=cache, anchor=first, tokens=jnp.zeros((B, out_len), jnp.int32),
                         num_generated=zeros, finish=zeros, key=key, iterations=zeros,
-                        accepted_hist=jnp.zeros((B, room), jnp.int32), step=jnp.int32(0))
-    state = _commit(state, first[:, None], jnp.ones_like(first), cache, cache.lengths, inputs,
-                    room)
+                        accepted_hist=jnp.zeros((B, block), jnp.int32), step=jnp.int32(0))
+    state = _commit(state, first[:, None], jnp.ones_like(first), cache, cache.lengths, inputs)
     # The first token is the anchor: generated, not yet in the cache.
     return dataclasses.replace(state, cache=cache, iterations=zeros, step=jnp.int32(0),
                                accepted_hist=jnp.zeros_like(state.accepted_hist))
@@ -194,16 +197,3 @@ def run(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs, max_steps: j
         return jnp.any(~s.done) & (s.step < limit)
 
     return jax.lax.while_loop(cond, lambda s: step_fn(model, s, inputs, greedy), state)
-
-
-@functools.partial(jax.jit, static_argnames=("max_len", "out_len", "greedy", "room",
-                                             "chunk_size"))
-def start_jit(model, prompts, prompt_lengths, inputs, key, *, max_len, out_len, greedy, room,
-              chunk_size=None):
-    return start(model, prompts, prompt_lengths, inputs, key, max_len=max_len, out_len=out_len,
-                 greedy=greedy, room=room, chunk_size=chunk_size)
-
-
-@functools.partial(jax.jit, static_argnames=("mode", "greedy"), donate_argnames=("state",))
-def run_jit(model, state, inputs, max_steps, *, mode, greedy):
-    return run(model, state, inputs, max_steps, mode=mode, greedy=greedy)

@@ -102,16 +102,19 @@ class Generator:
             return None
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def _check_ids(self, ids: Sequence[int], room: int, max_new: int) -> None:
+    def _check_ids(self, ids: Sequence[int], max_new: int) -> None:
+        if isinstance(ids, str):
+            raise ValueError("prompt is text: encode it first (Generator.encode), or use "
+                             "infer.generate.generate(model_dir, texts)")
         if len(ids) == 0:
             raise ValueError("empty prompt: give at least one token")
         bad = [t for t in ids if not 0 <= int(t) < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id(s) {bad[:5]} outside the vocabulary "
                              f"[0, {self.config.vocab_size})")
-        if len(ids) + room > self.max_len:
+        if len(ids) >= self.max_len:
             raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of "
-                             f"{self.max_len} tokens (with {room} positions of decoding room)")
+                             f"{self.max_len} tokens (at least one position must stay free)")
         if max_new < 1:
             raise ValueError(f"max_new_tokens={max_new} must be >= 1")
 
@@ -132,7 +135,7 @@ class Generator:
             lengths = jnp.ones((batch,), jnp.int32)
             start_fn = jax.jit(
                 lambda m, p, n, i, k: start(m, p, n, i, k, max_len=max_len, out_len=out_len,
-                                            greedy=greedy, room=room, chunk_size=chunk,
+                                            greedy=greedy, block=room, chunk_size=chunk,
                                             mesh=self.mesh, rules=self.rules))
             start_c = start_fn.lower(self.model, prompts, lengths, inputs,
                                      jax.random.key(0)).compile()
@@ -173,7 +176,7 @@ class Generator:
         greedy = temperature == 0.0
         room = self.config.block_size if mode == "orthrus" else 1
         for ids in prompts:
-            self._check_ids(ids, room, max_new_tokens)
+            self._check_ids(ids, max_new_tokens)
         eos = [int(t) for t in (self.config.eos_token_id if eos_ids is None else eos_ids)]
         eos_arr = jnp.asarray(eos + [-1] * (_bucket(len(eos), 8) - len(eos)), jnp.int32)
         batch_size = batch_size or _bucket(len(prompts))

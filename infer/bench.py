@@ -1,0 +1,263 @@
+"""``python -m infer.bench``: Orthrus against plain AR decoding of the same model.
+
+Runs the prompts of a JSONL file (one ``{"prompt": text}``, ``{"messages": [...]}`` or
+``{"prompt_ids": [...]}`` per line) through both decode modes with one
+:class:`infer.generate.Generator`, and reports per mode: tokens per iteration, tokens/s,
+time to first token and compile time; for Orthrus the acceptance-length histogram (how
+many iterations committed 1, 2, ..., K tokens); the speedup (Orthrus tokens/s over AR
+tokens/s); and, when greedy, how many prompts' outputs differ between the modes and
+where they first diverge.
+
+Timing. Each mode first runs once as a warm-up, which compiles its programs (compile time
+is reported separately and excluded from everything else). Then ``--repeats`` timed rounds
+run, each round both modes in turn over all prompts; per mode the best round (the least
+decode time) is reported. Decode time of a round is the sum over its batches of the wall
+time from the start of prefill to the last token; tokens/s = generated tokens / decode time
+(the first token, sampled from the prefill logits, counts). Time to first token is the mean
+over batches of prefill + first token. Tokens per iteration counts the tokens of the decode
+loop only (the first token excluded) per loop iteration: 1 for AR, ``j + 1`` for Orthrus.
+
+Prompts. ``messages`` always go through the tokenizer's chat template; text ``prompt``
+lines do when ``--chat`` is ``auto`` (the default) and the tokenizer has a chat template,
+or always with ``--chat on``, never with ``--chat off``. ``prompt_ids`` are used as given
+(the only kind a model folder without a tokenizer accepts).
+
+Errors (missing or malformed files, bad prompts) print one ``error: ...`` line and exit
+with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from infer.generate import MODES, Generator, load_tokenizer, read_prompts_file
+from infer.sampling import SamplingParams
+from orthrus_jax.checkpoint import load_model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m infer.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder (convert.from_hf / from_gguf)")
+    p.add_argument("--prompts-file", required=True,
+                   help="JSONL of {prompt|messages|prompt_ids}, one per line")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts only")
+    p.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
+                   help="chat template for text prompts: auto = when the tokenizer has one "
+                        "(default); messages always use it")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed rounds after the warm-up; the best round is reported")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="rows per compiled batch (default 1: per-prompt latency)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="parameter and compute dtype (default: as stored)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0, help="same seed in every round and mode")
+    p.add_argument("--eos-id", type=int, action="append", default=None,
+                   help="end-of-sequence id (repeatable; overrides the config's)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="KV cache capacity (default: the model's max_position_embeddings)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = run_bench(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    SamplingParams.make(args.temperature, args.top_k, args.top_p)
+    for name in ("max_new_tokens", "repeats", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be >= 1")
+
+
+def encode_prompts(gen: Generator, items: list[dict], chat: str) -> list[list[int]]:
+    """Token ids of each prompts-file item (see the module docstring for ``chat``)."""
+    has_template = bool(getattr(gen.tokenizer, "chat_template", None))
+    ids = []
+    for item in items:
+        if "prompt_ids" in item:
+            ids.append([int(t) for t in item["prompt_ids"]])
+        elif "messages" in item:
+            ids.append(gen.encode(item["messages"], chat=True))
+        else:
+            use_chat = chat == "on" or (chat == "auto" and has_template)
+            ids.append(gen.encode(item["prompt"], use_chat))
+    return ids
+
+
+def _round_stats(results, batch_size: int) -> dict:
+    """Totals of one ``generate`` call: each batch's results share its timings."""
+    firsts = results[::batch_size]
+    tokens = sum(len(r.token_ids) for r in results)
+    loop_tokens = sum(len(r.token_ids) - 1 for r in results)
+    iterations = sum(r.iterations for r in results)
+    seconds = sum(r.seconds for r in firsts)
+    return {
+        "tokens": tokens,
+        "iterations": iterations,
+        "tokens_per_iteration": loop_tokens / iterations if iterations else 0.0,
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+        "time_to_first_token": float(np.mean([r.time_to_first_token for r in firsts])),
+        "accepted_hist": np.sum([r.accepted_hist for r in results], axis=0).tolist(),
+    }
+
+
+def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """Index of the first differing token (or the shorter length), None if equal."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    _check_args(args)
+    tokenizer = load_tokenizer(args.model) if os.path.isdir(args.model) else None
+    items = read_prompts_file(args.prompts_file)[:args.limit]
+    if not items:
+        raise ValueError(f"{args.prompts_file}: no prompts")
+    model = load_model(args.model, param_dtype=args.dtype)
+    gen = Generator(model, tokenizer, max_len=args.max_len)
+    ids = encode_prompts(gen, items, args.chat)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=args.eos_id,
+                  batch_size=args.batch_size)
+
+    outputs: dict[str, list[list[int]]] = {}
+    for mode in MODES:  # warm-up: compiles every program the timed rounds need
+        outputs[mode] = [r.token_ids for r in gen.generate(ids, mode=mode, **kwargs)]
+    compile_s = {m: sum(s for k, s in gen.compile_seconds.items() if k[0] == m) for m in MODES}
+
+    rounds: dict[str, list[dict]] = {m: [] for m in MODES}
+    per_prompt: dict[str, list] = {}
+    for _ in range(args.repeats):
+        for mode in MODES:
+            results = gen.generate(ids, mode=mode, **kwargs)
+            rounds[mode].append(_round_stats(results, args.batch_size))
+            per_prompt[mode] = results
+    # greedy decoding is deterministic: the timed rounds must repeat the warm-up's output
+    greedy = args.temperature == 0.0
+    modes = {}
+    for mode in MODES:
+        best = dict(min(rounds[mode], key=lambda s: s["seconds"]))
+        best["round_seconds"] = [round(s["seconds"], 4) for s in rounds[mode]]
+        best["compile_seconds"] = compile_s[mode]
+        if mode != "orthrus":
+            del best["accepted_hist"]
+        modes[mode] = best
+    hist = modes["orthrus"]["accepted_hist"]
+    total = sum(hist)
+    modes["orthrus"]["accepted_share"] = [h / total if total else 0.0 for h in hist]
+
+    prompts = []
+    for i, p in enumerate(ids):
+        o, a = per_prompt["orthrus"][i], per_prompt["ar"][i]
+        prompts.append({"index": i, "prompt_tokens": len(p),
+                        "orthrus_tokens": len(o.token_ids), "ar_tokens": len(a.token_ids),
+                        "tokens_per_iteration": round(o.tokens_per_iteration, 4),
+                        "first_divergence": first_divergence(o.token_ids, a.token_ids)})
+    differ = [p for p in prompts if p["first_divergence"] is not None]
+    ar_tps = modes["ar"]["tokens_per_second"]
+    c = gen.config
+    return {
+        "model": str(args.model),
+        "model_type": c.model_type,
+        "layers": c.num_hidden_layers,
+        "block_size": c.block_size,
+        "dtype": c.param_dtype,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0]),
+        "num_prompts": len(ids),
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "repeats": args.repeats,
+        "timing": "best of repeats (least decode time) after one warm-up per mode; "
+                  "compile excluded",
+        "modes": modes,
+        "speedup": modes["orthrus"]["tokens_per_second"] / ar_tps if ar_tps else None,
+        "greedy": greedy,
+        # with sampling the two modes draw different random numbers: no comparison
+        "outputs_differ": len(differ) if greedy else None,
+        "divergence": ([{"index": p["index"], "first_divergence": p["first_divergence"]}
+                        for p in differ] if greedy else None),
+        "deterministic": (all(outputs[m] == [r.token_ids for r in per_prompt[m]]
+                              for m in MODES) if greedy else None),
+        "prompts": prompts,
+        "load_average": list(os.getloadavg()),
+    }
+
+
+def format_report(r: dict) -> str:
+    o, a = r["modes"]["orthrus"], r["modes"]["ar"]
+    kind = "greedy" if r["greedy"] else \
+        f"sampling T={r['temperature']} top_k={r['top_k']} top_p={r['top_p']}"
+    lines = [
+        f"model {r['model']}: {r['layers']} layers, block size {r['block_size']}, "
+        f"{r['dtype']}, {r['backend']} ({r['device']})",
+        f"{r['num_prompts']} prompts, max_new_tokens {r['max_new_tokens']}, batch size "
+        f"{r['batch_size']}, {kind}",
+        f"timing: best of {r['repeats']} round(s) after a warm-up per mode, compile excluded",
+        "",
+        f"{'':24}{'orthrus':>12}{'ar':>12}",
+    ]
+
+    def row(label, key, fmt):
+        lines.append(f"{label:24}{format(o[key], fmt):>12}{format(a[key], fmt):>12}")
+
+    row("generated tokens", "tokens", "d")
+    row("iterations", "iterations", "d")
+    row("tokens / iteration", "tokens_per_iteration", ".3f")
+    row("tokens / s", "tokens_per_second", ".2f")
+    row("decode seconds", "seconds", ".3f")
+    row("time to first token (s)", "time_to_first_token", ".4f")
+    row("compile seconds", "compile_seconds", ".1f")
+    speedup = "n/a" if r["speedup"] is None else f"{r['speedup']:.3f}x"
+    lines += ["", f"speedup (orthrus tokens/s / ar tokens/s): {speedup}", "",
+              "orthrus acceptance (tokens committed per iteration: iterations, share):"]
+    hist = o["accepted_hist"]
+    last = max((i for i, h in enumerate(hist) if h), default=0)
+    for i in range(last + 1):
+        lines.append(f"  {i + 1:3d}: {hist[i]:7d}  {100 * o['accepted_share'][i]:5.1f}%")
+    if r["greedy"]:
+        lines.append("")
+        lines.append(f"greedy outputs differing: {r['outputs_differ']} of {r['num_prompts']}")
+        for d in r["divergence"]:
+            lines.append(f"  prompt {d['index']}: first divergence at token "
+                         f"{d['first_divergence']}")
+        if not r["deterministic"]:
+            lines.append("warning: a timed round's output differs from the warm-up's")
+    lines.append(f"load average: {' '.join(f'{x:.2f}' for x in r['load_average'])}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
