@@ -49,7 +49,7 @@ class DecodeState:
     finish: jax.Array  # [B] finish code, RUNNING while active
     key: jax.Array  # PRNG key
     iterations: jax.Array  # [B] loop iterations the row was active in
-    accepted_hist: jax.Array  # [B, K] count of iterations that committed j+1 tokens
+    accepted_hist: jax.Array  # [B, K] iterations whose verify accepted j drafts, at j
     step: jax.Array  # [] iterations of the loop so far
 
     @property
@@ -88,6 +88,7 @@ def _commit(state: DecodeState, new: jax.Array, count: jax.Array, cache: KVCache
     up to the last cache position and stop on the same token.
     """
     active = ~state.done
+    accepted = count  # j + 1 before any cut: the acceptance-length statistic
     K = new.shape[1]
     idx = jnp.arange(K)[None, :]
     eos_at = jnp.where(_is_eos(new, inputs.eos_ids) & (idx < count[:, None]), idx, K)
@@ -113,8 +114,7 @@ def _commit(state: DecodeState, new: jax.Array, count: jax.Array, cache: KVCache
         anchor=jnp.where(active, last, state.anchor), tokens=tokens,
         num_generated=num_generated, finish=finish,
         iterations=state.iterations + active.astype(jnp.int32),
-        accepted_hist=state.accepted_hist.at[jnp.arange(new.shape[0]),
-                                             jnp.maximum(count - 1, 0)].add(
+        accepted_hist=state.accepted_hist.at[jnp.arange(new.shape[0]), accepted - 1].add(
             active.astype(jnp.int32)),
         step=state.step + 1)
 

@@ -50,7 +50,7 @@ class GenerationResult:
     iterations: int  # decode-loop iterations (the first token comes from prefill)
     tokens_per_iteration: float  # tokens committed per iteration, first token excluded
     tokens_per_second: float  # generated tokens / wall time of the batch, compile excluded
-    accepted_hist: list[int]  # [K] iterations that committed 1 .. K tokens
+    accepted_hist: list[int]  # [K] iterations whose verify accepted 0 .. K-1 drafts
     seconds: float  # wall time of the batch this prompt ran in
     time_to_first_token: float  # prefill + first token, wall time of the batch
 
