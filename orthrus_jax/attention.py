@@ -42,16 +42,28 @@ def causal_cache_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
 def block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                     k_block: jax.Array, v_block: jax.Array,
                     prefix_lengths: jax.Array) -> jax.Array:
-    """Diffusion view: block queries attend to cache positions ``[0, prefix_lengths[b])``
-    and to every position of their own block (no causal mask inside the block).
+    """Diffusion view: block ``b`` of row ``r`` attends to AR cache positions
+    ``[0, prefix_lengths[r, b])`` and to every position of its own block (no causal mask
+    inside the block), nothing else.
 
-    q, k_block, v_block ``[B, K, H, hd]``; k_cache, v_cache ``[B, S, Hkv, hd]``.
+    q, k_block, v_block ``[B, m, K, H, hd]`` (``m`` blocks of ``K`` tokens per row);
+    k_cache, v_cache ``[B, S, Hkv, hd]``; prefix_lengths ``[B, m]``. The two key sets are
+    scored separately and normalised by one softmax over their concatenation, so memory is
+    ``O(m K (S + K))`` per head, with no dense ``[m K, S + m K]`` mask. Returns
+    ``[B, m, K, Hq, hd]``.
     """
-    B, K = q.shape[:2]
-    key_pos = jnp.arange(k_cache.shape[1])
-    cache_mask = key_pos[None, :] < prefix_lengths[:, None]  # [B, S]
-    mask = jnp.concatenate([cache_mask, jnp.ones((B, K), bool)], axis=1)
-    mask = jnp.broadcast_to(mask[:, None, :], (B, K, mask.shape[-1]))
-    k = jnp.concatenate([k_cache.astype(k_block.dtype), k_block], axis=1)
-    v = jnp.concatenate([v_cache.astype(v_block.dtype), v_block], axis=1)
-    return attend(q, k, v, mask)
+    B, m, K, Hq, hd = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(B, m, K, Hkv, Hq // Hkv, hd)
+    dt = q.dtype
+    s_prefix = jnp.einsum("bmqkgd,bskd->bmkgqs", qg, k_cache.astype(dt),
+                          preferred_element_type=jnp.float32)
+    visible = jnp.arange(S)[None, None, :] < prefix_lengths[:, :, None]  # [B, m, S]
+    s_prefix = jnp.where(visible[:, :, None, None, None, :], s_prefix, _NEG)
+    s_block = jnp.einsum("bmqkgd,bmtkd->bmkgqt", qg, k_block.astype(dt),
+                         preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(jnp.concatenate([s_prefix, s_block], -1) * hd**-0.5, axis=-1)
+    probs = probs.astype(dt)
+    out = (jnp.einsum("bmkgqs,bskd->bmqkgd", probs[..., :S], v_cache.astype(dt))
+           + jnp.einsum("bmkgqt,bmtkd->bmqkgd", probs[..., S:], v_block.astype(dt)))
+    return out.reshape(B, m, K, Hq, hd)

@@ -84,46 +84,58 @@ class OrthrusLM(nnx.Module):
                 "attn": layers[view], "mlp": layers["mlp"]}
 
     # ---------------------------------------------------------------- views
-    def forward(self, tokens: jax.Array, cache: KVCache,
-                num_valid: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    def forward(self, tokens: jax.Array, cache: KVCache, num_valid: jax.Array | None = None,
+                remat: bool = False) -> tuple[jax.Array, KVCache]:
         """AR view over a chunk ``tokens [B, T]`` placed at each row's ``cache.lengths``.
 
         Writes the chunk's K/V into the cache, attends causally, and advances each row's
         length by ``num_valid[b]`` (default ``T``; tokens past it are padding whose K/V
-        land in the stale region). Returns the final-normed hidden ``[B, T, D]``.
+        land in the stale region). Returns the final-normed hidden ``[B, T, D]``. ``remat``
+        recomputes each layer in the backward pass.
         """
         c = self.config
         T = tokens.shape[1]
         positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
 
-        def attention(p, q, k, v, kv):
-            k_all, v_all, layer = kv
-            k_all = write_block(k_all, layer, k, positions)
-            v_all = write_block(v_all, layer, v, positions)
+        def attention(q, k, v, layer, kv):
+            k_all = write_block(kv[0], layer, k, positions)
+            v_all = write_block(kv[1], layer, v, positions)
             return causal_cache_attention(q, k_all[layer], v_all[layer], positions), \
                 (k_all, v_all)
 
         x, (k, v) = self._run_layers("attn", self.embed(tokens), positions, attention,
-                                     (cache.k, cache.v))
+                                     (cache.k, cache.v), remat)
         step = T if num_valid is None else num_valid.astype(jnp.int32)
         return rms_norm(x, self.norm[...], c.rms_norm_eps), KVCache(k, v, cache.lengths + step)
 
     def diffusion_forward(self, block: jax.Array, cache: KVCache) -> jax.Array:
-        """Diffusion view over ``block [B, K]`` (``[anchor, MASK, ...]``) at positions
-        ``cache.lengths[b] + i``: attends to the cached prefix ``[0, lengths[b])`` and to its
-        whole block; writes nothing. Returns the final-normed hidden ``[B, K, D]``."""
+        """Diffusion view over one block per row, ``block [B, K]`` (``[anchor, MASK, ...]``)
+        at positions ``cache.lengths[b] + i``: it attends to the cached prefix
+        ``[0, lengths[b])`` and to its whole block, and writes nothing. Returns the
+        final-normed hidden ``[B, K, D]``."""
+        return self.diffusion_blocks(block[:, None], cache.lengths[:, None], cache)[:, 0]
+
+    def diffusion_blocks(self, blocks: jax.Array, anchors: jax.Array, cache: KVCache,
+                         remat: bool = False) -> jax.Array:
+        """Diffusion view over ``m`` blocks per row at once (the training form).
+
+        ``blocks [B, m, K]`` sit at positions ``anchors[b, j] + i``; block ``j`` attends to
+        the AR K/V of ``cache`` at positions ``< anchors[b, j]`` and to its own block.
+        Returns the final-normed hidden ``[B, m, K, D]``.
+        """
         c = self.config
-        K = block.shape[1]
-        positions = cache.lengths[:, None] + jnp.arange(K, dtype=jnp.int32)[None, :]
+        B, m, K = blocks.shape
+        positions = (anchors[:, :, None] + jnp.arange(K, dtype=jnp.int32)).reshape(B, m * K)
 
-        def attention(p, q, k, v, kv):
-            k_all, v_all, layer = kv
-            return block_attention(q, k_all[layer], v_all[layer], k, v, cache.lengths), \
-                (k_all, v_all)
+        def attention(q, k, v, layer, state):
+            split = lambda t: t.reshape(B, m, K, *t.shape[2:])  # noqa: E731
+            o = block_attention(split(q), cache.k[layer], cache.v[layer], split(k), split(v),
+                                anchors)
+            return o.reshape(B, m * K, *o.shape[3:]), state
 
-        x, _ = self._run_layers("diff_attn", self.embed(block), positions, attention,
-                                (cache.k, cache.v))
-        return rms_norm(x, self.norm[...], c.rms_norm_eps)
+        x, _ = self._run_layers("diff_attn", self.embed(blocks.reshape(B, m * K)), positions,
+                                attention, (), remat)
+        return rms_norm(x, self.norm[...], c.rms_norm_eps).reshape(B, m, K, -1)
 
     def __call__(self, tokens: jax.Array, cache: KVCache,
                  num_valid: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
@@ -132,28 +144,35 @@ class OrthrusLM(nnx.Module):
         return self.logits(hidden), cache
 
     def _run_layers(self, view: str, x: jax.Array, positions: jax.Array,
-                    attention: Callable, kv: tuple[jax.Array, jax.Array]):
-        """Scan the shared decoder-layer body over the stacked layers of one view."""
+                    attention: Callable, state, remat: bool = False):
+        """Scan the shared decoder-layer body over the stacked layers of one view.
+
+        ``attention(q, k, v, layer, state) -> (o, state)`` is the view's attention;
+        ``state`` (the cache being written, or ``()``) is threaded through the scan. With
+        ``remat`` each layer is recomputed in the backward pass instead of stored.
+        """
         c = self.config
 
         params = self._layer_params(view)
 
         def body(carry, layer):
-            x, k_all, v_all = carry
+            x, state = carry
             # Index the stacked weights in place: scanning over them as ``xs`` would copy
             # every layer's slice (measured 2.8x slower on CPU for a decode step).
             p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False),
                              params)
             h = rms_norm(x, p["input_norm"], c.rms_norm_eps)
             q, k, v = project_qkv(p["attn"], h, positions, c)
-            o, (k_all, v_all) = attention(p, q, k, v, (k_all, v_all, layer))
+            o, state = attention(q, k, v, layer, state)
             x = x + project_out(p["attn"], o, c)
             x = x + mlp(p["mlp"], rms_norm(x, p["post_attn_norm"], c.rms_norm_eps))
-            return (x, k_all, v_all), None
+            return (x, state), None
 
+        if remat:
+            body = jax.checkpoint(body)
         layers = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
-        (x, k_all, v_all), _ = jax.lax.scan(body, (x, *kv), layers)
-        return x, (k_all, v_all)
+        (x, state), _ = jax.lax.scan(body, (x, state), layers)
+        return x, state
 
 
 def prefill(model: OrthrusLM, tokens: jax.Array, cache: KVCache, prompt_lengths: jax.Array,

@@ -159,3 +159,24 @@ def test_diffusion_pass_reads_the_prefix_and_writes_nothing(cache_pair):
         _, c1 = model(jnp.asarray(prefix[row:row + 1, :n]), c1)
         alone = model.diffusion_forward(jnp.asarray(block[row:row + 1]), c1)
         np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(hidden[row]), atol=TOL)
+
+
+def test_many_blocks_at_once_equal_one_block_over_a_prefix_cache(cache_pair):
+    """The training form (m blocks over the AR K/V of a whole sequence) gives, for each
+    block, what the decoder's one-block pass gives over a cache holding its prefix."""
+    _, model = cache_pair
+    rng = np.random.default_rng(7)
+    L, K = 20, 4
+    seq = rng.integers(0, 512, (2, L))
+    full = init_cache(model.config, 2, L)
+    _, full = step(model, jnp.asarray(seq), full)
+    anchors = np.array([[1, 9, 16], [3, 4, 12]])
+    blocks = np.full((2, 3, K), 7)
+    blocks[:, :, 0] = np.take_along_axis(seq, anchors, 1)
+    many = model.diffusion_blocks(jnp.asarray(blocks), jnp.asarray(anchors), full)
+    for row in range(2):
+        for j, a in enumerate(anchors[row]):
+            prefix = init_cache(model.config, 1, L)
+            _, prefix = step(model, jnp.asarray(seq[row:row + 1, :a]), prefix)
+            one = model.diffusion_forward(jnp.asarray(blocks[row:row + 1, j]), prefix)
+            np.testing.assert_allclose(np.asarray(many[row, j]), np.asarray(one[0]), atol=TOL)
