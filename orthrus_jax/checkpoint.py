@@ -35,16 +35,25 @@ def abstract_model(config: ModelConfig) -> OrthrusLM:
     return nnx.eval_shape(lambda: OrthrusLM(config, rngs=nnx.Rngs(0)))
 
 
+def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules | None = None,
+                      name: str = "parameter") -> NamedSharding:
+    """The ``NamedSharding`` of one variable, from its ``logical_axes`` and ``rules``."""
+    spec = logical_to_spec(var.get_metadata()["logical_axes"], mesh, rules,
+                           var.get_value().shape, name)
+    return NamedSharding(mesh, spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules | None = None) -> nnx.State:
+    """A ``NamedSharding`` in place of every variable of ``state`` (a prefix tree of it,
+    usable with ``jax.device_put`` and as ``jax.jit`` shardings)."""
+    return jax.tree.map_with_path(
+        lambda path, var: variable_sharding(var, mesh, rules, _path_name(path)),
+        state, is_leaf=_is_var)
+
+
 def param_shardings(model: OrthrusLM, mesh: Mesh, rules: Rules | None = None) -> nnx.State:
-    """A state of ``NamedSharding`` per parameter, from its ``logical_axes`` and ``rules``."""
-    state = nnx.state(model)
-
-    def one(path, var):
-        spec = logical_to_spec(var.get_metadata()["logical_axes"], mesh, rules,
-                               var.get_value().shape, _path_name(path))
-        return NamedSharding(mesh, spec)
-
-    return jax.tree.map_with_path(one, state, is_leaf=_is_var)
+    """A state of ``NamedSharding`` per parameter of ``model``."""
+    return state_shardings(nnx.state(model), mesh, rules)
 
 
 def shard_model(model: OrthrusLM, mesh: Mesh, rules: Rules | None = None) -> OrthrusLM:
