@@ -52,7 +52,9 @@ class TrainConfig:
 
     def schedule(self) -> optax.Schedule:
         """Linear warm-up over ``warmup_frac`` of the steps, then cosine decay to 0."""
-        warmup = max(1, round(self.warmup_frac * self.total_steps))
+        warmup = round(self.warmup_frac * self.total_steps)
+        if warmup == 0:
+            return optax.cosine_decay_schedule(self.lr, self.total_steps)
         return optax.warmup_cosine_decay_schedule(
             0.0, self.lr, warmup_steps=warmup, decay_steps=max(self.total_steps, warmup + 1),
             end_value=0.0)
@@ -150,6 +152,6 @@ class Trainer:
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.diffusion)
         diffusion = optax.apply_updates(state.diffusion, updates)
         metrics = {"loss": sums["loss_sum"] / n, "accuracy": sums["hits"] / n,
-                   "grad_norm": optax.global_norm(grads),
+                   "grad_norm": optax.tree.norm(grads),
                    "lr": c.schedule()(state.step), "positions": sums["positions"]}
         return TrainState(state.step + 1, diffusion, opt_state), metrics
