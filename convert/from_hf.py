@@ -21,16 +21,13 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from convert.io import add_output_args, run_cli, staging_dir
+from convert.io import add_output_args, run_cli
 from convert.keymap import Entry, ar_twin, entries, get_path, set_path
-from orthrus_jax.checkpoint import save_params
+from orthrus_jax.checkpoint import TOKENIZER_FILES, save_params, staging_dir
 from orthrus_jax.config import ModelConfig
 
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
              "float16": np.dtype(np.float16)}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json", "generation_config.json")
 INDEX_FILE = "model.safetensors.index.json"
 
 

@@ -18,10 +18,10 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from convert.from_hf import NP_DTYPES, TOKENIZER_FILES
-from convert.io import add_output_args, run_cli, staging_dir
+from convert.from_hf import NP_DTYPES
+from convert.io import add_output_args, run_cli
 from convert.keymap import to_hf_tensors
-from orthrus_jax.checkpoint import load_model
+from orthrus_jax.checkpoint import copy_tokenizer_files, load_model, staging_dir
 
 
 def _parse_size(text: str) -> int:
@@ -74,9 +74,7 @@ def export(src: str | Path, dst: str | Path, *, dtype: str | None = None,
                      "weight_map": {k: final[i] for k, i in weight_map.items()}}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         config.save(tmp)
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                (tmp / name).write_bytes((src / name).read_bytes())
+        copy_tokenizer_files(src, tmp)
     return Path(dst)
 
 

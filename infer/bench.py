@@ -4,9 +4,10 @@ Runs the prompts of a JSONL file (one ``{"prompt": text}``, ``{"messages": [...]
 ``{"prompt_ids": [...]}`` per line) through both decode modes with one
 :class:`infer.generate.Generator`, and reports per mode: tokens per iteration, tokens/s,
 time to first token and compile time; for Orthrus the acceptance-length histogram (how
-many iterations committed 1, 2, ..., K tokens); the speedup (Orthrus tokens/s over AR
-tokens/s); and, when greedy, how many prompts' outputs differ between the modes and
-where they first diverge.
+many iterations accepted j = 0, 1, ..., K-1 drafts, i.e. would commit j + 1 tokens before
+any cut at EOS or the token budget) and the mean accepted length j; the speedup (Orthrus
+tokens/s over AR tokens/s); and, when greedy, how many prompts' outputs differ between the
+modes and where they first diverge.
 
 Timing. Each mode first runs once as a warm-up, which compiles its programs (compile time
 is reported separately and excluded from everything else). Then ``--repeats`` timed rounds
@@ -170,9 +171,11 @@ def run_bench(args: argparse.Namespace) -> dict:
         if mode != "orthrus":
             del best["accepted_hist"]
         modes[mode] = best
-    hist = modes["orthrus"]["accepted_hist"]
+    hist = modes["orthrus"]["accepted_hist"]  # [K]: iterations that accepted j drafts, at j
     total = sum(hist)
     modes["orthrus"]["accepted_share"] = [h / total if total else 0.0 for h in hist]
+    modes["orthrus"]["mean_accepted_length"] = (
+        sum(j * h for j, h in enumerate(hist)) / total if total else 0.0)
 
     prompts = []
     for i, p in enumerate(ids):
@@ -242,7 +245,10 @@ def format_report(r: dict) -> str:
     row("compile seconds", "compile_seconds", ".1f")
     speedup = "n/a" if r["speedup"] is None else f"{r['speedup']:.3f}x"
     lines += ["", f"speedup (orthrus tokens/s / ar tokens/s): {speedup}", "",
-              "orthrus acceptance (tokens committed per iteration: iterations, share):"]
+              f"orthrus acceptance: mean accepted drafts per iteration "
+              f"{o['mean_accepted_length']:.3f}",
+              "iterations by tokens per iteration (accepted drafts + 1, before the cut at "
+              "EOS / budget):"]
     hist = o["accepted_hist"]
     last = max((i for i, h in enumerate(hist) if h), default=0)
     for i in range(last + 1):

@@ -97,6 +97,15 @@ class Generator:
                 messages, add_generation_prompt=True, tokenize=True, return_dict=False))
         return list(self.tokenizer.encode(prompt, add_special_tokens=True))
 
+    def encode_item(self, item: dict, chat: bool = False) -> list[int]:
+        """Token ids of one prompts-file record: ``{"prompt_ids": [...]}``, ``{"messages":
+        [...]}`` (always through the chat template) or ``{"prompt": text}``."""
+        if "prompt_ids" in item:
+            return [int(t) for t in item["prompt_ids"]]
+        if "messages" in item:
+            return self.encode(item["messages"], chat=True)
+        return self.encode(item["prompt"], chat)
+
     def decode_text(self, ids: Sequence[int]) -> str | None:
         if self.tokenizer is None:
             return None
@@ -359,15 +368,9 @@ def _main(args: argparse.Namespace) -> int:
         ids.append(labels[-1])
     if args.prompts_file:
         for item in read_prompts_file(args.prompts_file):
-            if "prompt_ids" in item:
-                labels.append(item["prompt_ids"])
-                ids.append([int(t) for t in item["prompt_ids"]])
-            elif "messages" in item:
-                labels.append(item["messages"])
-                ids.append(gen.encode(item["messages"], chat=True))
-            else:
-                labels.append(item["prompt"])
-                ids.append(gen.encode(item["prompt"], args.chat))
+            labels.append(next(item[k] for k in ("prompt_ids", "messages", "prompt")
+                               if k in item))
+            ids.append(gen.encode_item(item, args.chat))
     if not ids:
         raise ValueError("no prompts: give --prompt, --prompt-ids or --prompts-file")
 

@@ -107,8 +107,8 @@ def parse_mesh_shape(text: str) -> dict[str, int]:
 
 
 def make_mesh(shape: Mapping[str, int] | str | None = None, devices=None) -> Mesh:
-    """A ``Mesh`` over ``MESH_AXES``. ``shape`` sizes may include one -1 (all the rest);
-    by default every device goes on ``data``."""
+    """A ``Mesh`` over ``MESH_AXES`` on the first devices it needs. ``shape`` sizes may
+    include one -1 (all remaining devices); by default every device goes on ``data``."""
     devices = list(jax.devices() if devices is None else devices)
     if isinstance(shape, str):
         shape = parse_mesh_shape(shape)
@@ -125,9 +125,9 @@ def make_mesh(shape: Mapping[str, int] | str | None = None, devices=None) -> Mes
             raise ValueError(f"{len(devices)} devices are not divisible by {known}")
         sizes[free[0]] = len(devices) // known
     total = math.prod(sizes.values())
-    if total != len(devices):
+    if total > len(devices):
         raise ValueError(
             f"mesh {sizes} needs {total} devices, but {len(devices)} are available"
         )
-    grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+    grid = np.asarray(devices[:total]).reshape([sizes[a] for a in MESH_AXES])
     return Mesh(grid, MESH_AXES)

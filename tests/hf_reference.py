@@ -70,3 +70,35 @@ def save_hf(model, directory: Path, **extra_config) -> Path:
         cfg.update(extra_config)
         (directory / "config.json").write_text(json.dumps(cfg))
     return directory
+
+
+def tiny_chat_tokenizer():
+    """A byte-level BPE tokenizer of ~300 ids with ChatML specials and chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.convert.gguf_fixtures import CHATML_TEMPLATE, SPECIAL_TOKENS, tiny_vocab
+
+    tokens, merges, _ = tiny_vocab()
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)},
+                               [tuple(m.split(" ")) for m in merges]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                 bos_token="<|im_start|>", unk_token="<|endoftext|>")
+    hf.chat_template = CHATML_TEMPLATE
+    return hf
+
+
+def tiny_model_dir(directory: Path, block_size: int = 4, seed: int = 0, **hf_overrides) -> Path:
+    """A model folder (config, params, chat tokenizer) of a tiny random Qwen3."""
+    from orthrus_jax.checkpoint import save_model
+
+    tokenizer = tiny_chat_tokenizer()
+    model = to_orthrus(hf_model("qwen3", False, seed=seed, **hf_overrides),
+                       block_size=block_size, eos_token_id=(tokenizer.eos_token_id,))
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(model, directory)
+    tokenizer.save_pretrained(directory)
+    return directory
