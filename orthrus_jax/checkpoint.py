@@ -84,9 +84,13 @@ def save_params(directory: str | Path, params: dict) -> Path:
 
 
 def save_model(model: OrthrusLM, directory: str | Path) -> Path:
-    """Write ``config.json`` and ``params/`` into an existing folder ``directory``."""
+    """Write ``config.json`` and ``params/`` into an existing folder ``directory``.
+
+    With several processes every one must call it (the Orbax save is collective); only
+    process 0 writes ``config.json``."""
     directory = Path(directory)
-    model.config.save(directory)
+    if jax.process_index() == 0:
+        model.config.save(directory)
     save_params(directory, nnx.to_pure_dict(nnx.state(model)))
     return directory
 
@@ -181,22 +185,27 @@ def staging_dir(dst: str | Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
         yield tmp
-        old = None
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            os.rename(dst, old)
-        try:
-            os.rename(tmp, dst)
-        except BaseException:
-            if old is not None:
-                os.rename(old, dst)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def replace_dir(new: str | Path, dst: str | Path) -> None:
+    """Rename the complete folder ``new`` to ``dst``. An existing ``dst`` is moved aside
+    first and removed only after the rename, so some complete ``dst`` exists throughout."""
+    new, dst = Path(new), Path(dst)
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.rename(dst, old)
+    try:
+        os.rename(new, dst)
+    except BaseException:
+        if old is not None:
+            os.rename(old, dst)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     """Copy the tokenizer files of folder ``src`` into ``dst``; returns their names."""

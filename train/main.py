@@ -221,8 +221,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"stopped after step {end} of {args.steps}: continue with --resume")
         return 0
     evaluate(state, end)
-    if jax.process_index() == 0:
-        _save_final(trainer.model(state), out / "model", args.model)
+    _save_final(trainer.model(state), out / "model", args.model)
     return 0
 
 
@@ -288,12 +287,25 @@ def _log(out: Path, record: dict[str, Any]) -> None:
 
 
 def _save_final(model, dst: Path, src_model: str) -> None:
-    """The trained model as a model folder (atomically), with the source's tokenizer."""
-    from orthrus_jax.checkpoint import copy_tokenizer_files, save_model, staging_dir
+    """The trained model as a model folder with the source's tokenizer, replacing ``dst``
+    only once complete. Every process takes part (the parameter save is collective)."""
+    import shutil
 
-    with staging_dir(dst, force=True) as tmp:
-        save_model(model, tmp)
+    from jax.experimental import multihost_utils
+
+    from orthrus_jax.checkpoint import copy_tokenizer_files, replace_dir, save_model
+
+    tmp = dst.with_name(f".{dst.name}.partial")
+    primary = jax.process_index() == 0
+    if primary:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    multihost_utils.sync_global_devices("orthrus-final-model-begin")
+    save_model(model, tmp)
+    multihost_utils.sync_global_devices("orthrus-final-model-saved")
+    if primary:
         copy_tokenizer_files(src_model, tmp)
+        replace_dir(tmp, dst)
 
 
 if __name__ == "__main__":
