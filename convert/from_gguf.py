@@ -15,7 +15,6 @@ writes the same model folder as ``convert.from_hf``, with ``tokenizer.json`` and
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -29,8 +28,7 @@ from gguf import GGMLQuantizationType, GGUFReader, TokenType
 from gguf.gguf_reader import ReaderTensor
 from gguf.quants import dequantize
 
-from convert.from_hf import add_model_args, write_converted
-from convert.io import run_cli
+from convert.from_hf import model_cli, write_converted
 
 __all__ = ["GGUFModel", "SUPPORTED_ARCHS", "SUPPORTED_PRE_TOKENIZERS", "convert", "main",
            "read_gguf"]
@@ -514,14 +512,8 @@ def convert(src: str | Path, dst: str | Path, **kwargs: Any) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Returns the exit status: 0, or 2 after a one-line error (bad input, DST exists)."""
-    parser = argparse.ArgumentParser(prog="python -m convert.from_gguf", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="source .gguf file")
-    add_model_args(parser)
-    args = parser.parse_args(argv)
-    return run_cli(lambda: convert(args.src, args.dst, dtype=args.dtype,
-                                   block_size=args.block_size,
-                                   mask_token_id=args.mask_token_id, force=args.force))
+    return model_cli(convert, argv, prog="python -m convert.from_gguf", doc=__doc__,
+                     src_help="source .gguf file")
 
 
 if __name__ == "__main__":

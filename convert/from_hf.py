@@ -212,15 +212,21 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="id of the MASK token (default: the config's mask_token_id)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m convert.from_hf", description=__doc__,
+def model_cli(convert_fn, argv, *, prog: str, doc: str | None, src_help: str) -> int:
+    """The CLI of a converter into a model folder: SRC DST and the shared options."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="HF checkpoint folder (config.json + *.safetensors)")
+    parser.add_argument("src", help=src_help)
     add_model_args(parser)
     args = parser.parse_args(argv)
-    return run_cli(lambda: convert(args.src, args.dst, dtype=args.dtype,
-                                   block_size=args.block_size,
-                                   mask_token_id=args.mask_token_id, force=args.force))
+    return run_cli(lambda: convert_fn(args.src, args.dst, dtype=args.dtype,
+                                      block_size=args.block_size,
+                                      mask_token_id=args.mask_token_id, force=args.force))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return model_cli(convert, argv, prog="python -m convert.from_hf", doc=__doc__,
+                     src_help="HF checkpoint folder (config.json + *.safetensors)")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from tests.convert.gguf_fixtures import CHATML_TEMPLATE, SPECIAL_TOKENS, tiny_vocab
+from tests.convert.gguf_fixtures import CHATML_TEMPLATE
+from tests.hf_reference import tiny_chat_tokenizer
 from train import data as D
 
 # SmolLM2-style ChatML: injects a default system prompt when the first message is not one.
@@ -59,16 +59,7 @@ TEXT = "def f(x):\n    return x * 42  # the world\n"
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    tokens, merges, _ = tiny_vocab()
-    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)},
-                               [tuple(m.split(" ")) for m in merges]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                 bos_token="<|im_start|>", unk_token="<|endoftext|>")
-    hf.chat_template = CHATML_TEMPLATE
-    return hf
+    return tiny_chat_tokenizer()
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
