@@ -221,7 +221,7 @@ class Generator:
 
         t0 = time.perf_counter()
         state = start_c(self.model, jnp.asarray(padded), jnp.asarray(lengths), inputs, key)
-        first = np.asarray(state.tokens[:, 0])  # waits for prefill + first token
+        jax.block_until_ready(state.tokens)  # prefill + first token
         ttft = time.perf_counter() - t0
         shown = [0] * n
         if stream is None:
@@ -236,7 +236,6 @@ class Generator:
                     break
         tokens, counts = np.asarray(state.tokens), np.asarray(state.num_generated)
         seconds = time.perf_counter() - t0
-        del first
         finish = np.asarray(state.finish)
         iterations = np.asarray(state.iterations)
         hist = np.asarray(state.accepted_hist)
