@@ -36,9 +36,15 @@ import sys
 from collections.abc import Sequence
 
 import jax
-import numpy as np
 
-from infer.generate import MODES, Generator, load_tokenizer, read_prompts_file
+from infer.generate import (
+    MODES,
+    Generator,
+    add_decoding_args,
+    load_tokenizer,
+    read_prompts_file,
+    summarize,
+)
 from infer.sampling import SamplingParams
 from orthrus_jax.checkpoint import load_model
 
@@ -58,16 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed rounds after the warm-up; the best round is reported")
     p.add_argument("--batch-size", type=int, default=1,
                    help="rows per compiled batch (default 1: per-prompt latency)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="parameter and compute dtype (default: as stored)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=0, help="same seed in every round and mode")
-    p.add_argument("--eos-id", type=int, action="append", default=None,
-                   help="end-of-sequence id (repeatable; overrides the config's)")
-    p.add_argument("--max-len", type=int, default=None,
-                   help="KV cache capacity (default: the model's max_position_embeddings)")
+    add_decoding_args(p)  # the same --seed in every round and mode
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -95,39 +92,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--limit must be >= 1")
 
 
-def encode_prompts(gen: Generator, items: list[dict], chat: str) -> list[list[int]]:
-    """Token ids of each prompts-file item (see the module docstring for ``chat``)."""
-    has_template = bool(getattr(gen.tokenizer, "chat_template", None))
-    ids = []
-    for item in items:
-        if "prompt_ids" in item:
-            ids.append([int(t) for t in item["prompt_ids"]])
-        elif "messages" in item:
-            ids.append(gen.encode(item["messages"], chat=True))
-        else:
-            use_chat = chat == "on" or (chat == "auto" and has_template)
-            ids.append(gen.encode(item["prompt"], use_chat))
-    return ids
-
-
-def _round_stats(results, batch_size: int) -> dict:
-    """Totals of one ``generate`` call: each batch's results share its timings."""
-    firsts = results[::batch_size]
-    tokens = sum(len(r.token_ids) for r in results)
-    loop_tokens = sum(len(r.token_ids) - 1 for r in results)
-    iterations = sum(r.iterations for r in results)
-    seconds = sum(r.seconds for r in firsts)
-    return {
-        "tokens": tokens,
-        "iterations": iterations,
-        "tokens_per_iteration": loop_tokens / iterations if iterations else 0.0,
-        "seconds": seconds,
-        "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
-        "time_to_first_token": float(np.mean([r.time_to_first_token for r in firsts])),
-        "accepted_hist": np.sum([r.accepted_hist for r in results], axis=0).tolist(),
-    }
-
-
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
     """Index of the first differing token (or the shorter length), None if equal."""
     for i, (x, y) in enumerate(zip(a, b, strict=False)):
@@ -144,7 +108,9 @@ def run_bench(args: argparse.Namespace) -> dict:
         raise ValueError(f"{args.prompts_file}: no prompts")
     model = load_model(args.model, param_dtype=args.dtype)
     gen = Generator(model, tokenizer, max_len=args.max_len)
-    ids = encode_prompts(gen, items, args.chat)
+    use_chat = args.chat == "on" or (
+        args.chat == "auto" and bool(getattr(tokenizer, "chat_template", None)))
+    ids = [gen.encode_item(item, use_chat) for item in items]
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=args.eos_id,
                   batch_size=args.batch_size)
@@ -159,7 +125,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     for _ in range(args.repeats):
         for mode in MODES:
             results = gen.generate(ids, mode=mode, **kwargs)
-            rounds[mode].append(_round_stats(results, args.batch_size))
+            rounds[mode].append(summarize(results))
             per_prompt[mode] = results
     # greedy decoding is deterministic: the timed rounds must repeat the warm-up's output
     greedy = args.temperature == 0.0

@@ -53,6 +53,7 @@ class GenerationResult:
     accepted_hist: list[int]  # [K] iterations whose verify accepted 0 .. K-1 drafts
     seconds: float  # wall time of the batch this prompt ran in
     time_to_first_token: float  # prefill + first token, wall time of the batch
+    batch: int = 0  # index of that batch within the generate call
 
     def to_json(self) -> dict:
         return {"prompt": self.prompt, "text": self.text, "token_ids": self.token_ids,
@@ -60,6 +61,25 @@ class GenerationResult:
                 "tokens_per_iteration": round(self.tokens_per_iteration, 4),
                 "tokens_per_second": round(self.tokens_per_second, 3),
                 "finish_reason": self.finish_reason}
+
+
+def summarize(results: Sequence[GenerationResult]) -> dict:
+    """Totals of one ``generate`` call. Each batch's results share its timings, so time
+    is summed (and time to first token averaged) over batches, not prompts."""
+    batches = {r.batch: r for r in results}.values()
+    tokens = sum(len(r.token_ids) for r in results)
+    iterations = sum(r.iterations for r in results)
+    seconds = sum(r.seconds for r in batches)
+    return {
+        "tokens": tokens,
+        "iterations": iterations,
+        # the first token of each prompt comes from prefill, not from an iteration
+        "tokens_per_iteration": (tokens - len(results)) / iterations if iterations else 0.0,
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+        "time_to_first_token": float(np.mean([r.time_to_first_token for r in batches])),
+        "accepted_hist": np.sum([r.accepted_hist for r in results], axis=0).tolist(),
+    }
 
 
 class Generator:
@@ -111,7 +131,7 @@ class Generator:
             return None
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def _check_ids(self, ids: Sequence[int], max_new: int) -> None:
+    def _check_ids(self, ids: Sequence[int]) -> None:
         if isinstance(ids, str):
             raise ValueError("prompt is text: encode it first (Generator.encode), or use "
                              "infer.generate.generate(model_dir, texts)")
@@ -124,8 +144,6 @@ class Generator:
         if len(ids) >= self.max_len:
             raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of "
                              f"{self.max_len} tokens (at least one position must stay free)")
-        if max_new < 1:
-            raise ValueError(f"max_new_tokens={max_new} must be >= 1")
 
     # ----------------------------------------------------------------- compile
     def _programs(self, mode: str, greedy: bool, batch: int, prompt_len: int, out_len: int,
@@ -181,11 +199,13 @@ class Generator:
         """
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: choose one of {MODES}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
         sampling = SamplingParams.make(temperature, top_k, top_p)
         greedy = temperature == 0.0
         room = self.config.block_size if mode == "orthrus" else 1
         for ids in prompts:
-            self._check_ids(ids, max_new_tokens)
+            self._check_ids(ids)
         eos = [int(t) for t in (self.config.eos_token_id if eos_ids is None else eos_ids)]
         eos_arr = jnp.asarray(eos + [-1] * (_bucket(len(eos), 8) - len(eos)), jnp.int32)
         batch_size = batch_size or _bucket(len(prompts))
@@ -248,7 +268,7 @@ class Generator:
                 text=self.decode_text(ids), finish_reason=FINISH_REASONS[int(finish[i])],
                 iterations=it, tokens_per_iteration=(len(ids) - 1) / it if it else 0.0,
                 tokens_per_second=len(ids) / seconds, accepted_hist=hist[i].tolist(),
-                seconds=seconds, time_to_first_token=ttft))
+                seconds=seconds, time_to_first_token=ttft, batch=offset // batch_size))
         return out
 
     @staticmethod
@@ -312,6 +332,20 @@ def _parse_ids(text: str) -> list[int]:
         raise ValueError(f"--prompt-ids {text!r}: expected comma-separated integers") from e
 
 
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
+    """Sampling, stopping, dtype and cache options shared by ``generate`` and ``bench``."""
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eos-id", type=int, action="append", default=None,
+                   help="end-of-sequence id (repeatable; overrides the config's)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="parameter and compute dtype (default: as stored)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="KV cache capacity (default: the model's max_position_embeddings)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -323,20 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap text prompts in the chat template")
     p.add_argument("--mode", choices=MODES, default="orthrus")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eos-id", type=int, action="append", default=None,
-                   help="end-of-sequence id (repeatable; overrides the config's)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="parameter and compute dtype (default: as stored)")
+    add_decoding_args(p)
     p.add_argument("--batch-size", type=int, default=None,
                    help="rows per compiled batch (default: all prompts, rounded up to 2^n)")
     p.add_argument("--mesh", default=None,
                    help="shard the model over devices, e.g. tensor=2 (axes data, fsdp, tensor)")
-    p.add_argument("--max-len", type=int, default=None,
-                   help="KV cache capacity (default: the model's max_position_embeddings)")
     p.add_argument("--stream", action="store_true",
                    help="print text as it is committed (one prompt at a time)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
@@ -404,13 +429,11 @@ def _main(args: argparse.Namespace) -> int:
             print(r.text if r.text is not None else " ".join(map(str, r.token_ids)))
             print()
     if not args.json:
-        tokens = sum(len(r.token_ids) for r in results)
-        iters = sum(r.iterations for r in results)
-        decode_s = sum({(r.seconds, r.time_to_first_token): r.seconds for r in results}.values())
+        t = summarize(results)
         compile_s = sum(gen.compile_seconds.values())
-        tpi = sum(len(r.token_ids) - 1 for r in results) / iters if iters else 0.0
-        print(f"[{args.mode}] {tokens} tokens, {iters} iterations, {tpi:.2f} tokens/iteration, "
-              f"{tokens / max(decode_s, 1e-9):.1f} tokens/s (decode {decode_s:.2f} s, "
+        print(f"[{args.mode}] {t['tokens']} tokens, {t['iterations']} iterations, "
+              f"{t['tokens_per_iteration']:.2f} tokens/iteration, "
+              f"{t['tokens_per_second']:.1f} tokens/s (decode {t['seconds']:.2f} s, "
               f"compile {compile_s:.1f} s, total {wall:.1f} s)", file=sys.stderr)
     return 0
 

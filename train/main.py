@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     # Imported after jax.distributed.initialize: nothing may touch the devices before it.
     import orbax.checkpoint as ocp
 
-    from infer.generate import Generator, load_tokenizer, read_prompts_file
+    from infer.generate import Generator, load_tokenizer, read_prompts_file, summarize
     from orthrus_jax.checkpoint import load_model
     from orthrus_jax.sharding import make_mesh
     from train.data import BatchIterator, Corpus
@@ -195,10 +195,8 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         results = Generator(trainer.model(state), tokenizer).generate(
             eval_prompts, max_new_tokens=args.eval_max_new_tokens, batch_size=8)
-        tokens = sum(len(r.token_ids) - 1 for r in results)
-        iters = sum(r.iterations for r in results)
         _log(out, {"event": "eval", "step": step,
-                   "tokens_per_iteration": tokens / max(iters, 1),
+                   "tokens_per_iteration": summarize(results)["tokens_per_iteration"],
                    "prompts": len(results), "seconds": time.perf_counter() - t0})
 
     def save(state, step: int) -> None:
