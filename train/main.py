@@ -226,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
 def _train_loop(args, trainer, batches, state, start: int, end: int, save, evaluate,
                 out: Path, ckpt_dir: Path):
     """Steps ``start + 1 .. end``: log, check the loss, save and evaluate on schedule."""
+    from train.step import BATCH_KEYS
     tokens_per_step = args.batch_size * args.grad_accum * args.seq_len
     progress = None
     if jax.process_index() == 0 and not args.no_progress:
@@ -236,7 +237,7 @@ def _train_loop(args, trainer, batches, state, start: int, end: int, save, evalu
     for step in range(start + 1, end + 1):
         micro = [next(batches) for _ in range(args.grad_accum)]
         batch = {name: _global_array(trainer, np.stack([getattr(b, name) for b in micro]))
-                 for name in ("tokens", "anchors", "anchor_mask")}
+                 for name in BATCH_KEYS}
         state, metrics = trainer.step(state, batch)
         since += 1
         saving = step % args.save_every == 0 or step == end
