@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from infer.decode import FINISH_REASONS, DecodeInputs, run, start
 from infer.sampling import SamplingParams
 from orthrus_jax.checkpoint import load_model
-from orthrus_jax.model import OrthrusLM
+from orthrus_jax.model import OrthrusLM, unstack_layers
 from orthrus_jax.sharding import Rules, make_mesh
 
 MODES = ("orthrus", "ar")
@@ -92,7 +92,7 @@ class Generator:
     def __init__(self, model: OrthrusLM, tokenizer: Any = None, *, chunk_size: int = 512,
                  max_len: int | None = None, mesh: Mesh | None = None,
                  rules: Rules | None = None):
-        self.model = model
+        self.model = unstack_layers(model)
         self.config = model.config
         self.tokenizer = tokenizer
         self.chunk_size = chunk_size

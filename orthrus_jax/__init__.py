@@ -4,9 +4,9 @@ from orthrus_jax.cache import KVCache, init_cache
 from orthrus_jax.checkpoint import load_model, save_model, split_trainable
 from orthrus_jax.config import ModelConfig, UnsupportedConfigError
 from orthrus_jax.layers import DiffusionParam
-from orthrus_jax.model import OrthrusLM, prefill
+from orthrus_jax.model import OrthrusLM, prefill, unstack_layers
 from orthrus_jax.sharding import DEFAULT_RULES, logical_to_spec, make_mesh
 
 __all__ = ["DEFAULT_RULES", "DiffusionParam", "KVCache", "ModelConfig", "OrthrusLM",
            "UnsupportedConfigError", "init_cache", "load_model", "logical_to_spec",
-           "make_mesh", "prefill", "save_model", "split_trainable"]
+           "make_mesh", "prefill", "save_model", "split_trainable", "unstack_layers"]

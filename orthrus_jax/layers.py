@@ -1,8 +1,9 @@
 """Building blocks: the variable types, RMSNorm, RoPE, the MLP and the attention
 projections of both views.
 
-Weights are stacked over layers (leading ``layers`` axis) so the decoder runs as one
-``lax.scan``. Every weight carries ``logical_axes`` metadata for sharding.
+Weights are stacked over layers (leading ``layers`` axis) so the layers run as one
+``lax.scan``; the decoder splits them per layer (``model.unstack_layers``). Every weight
+carries ``logical_axes`` metadata for sharding.
 """
 
 from __future__ import annotations

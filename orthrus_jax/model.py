@@ -1,7 +1,7 @@
 """The Orthrus model in Flax NNX: a frozen Qwen3-family decoder plus the trainable
 diffusion view of every layer's attention.
 
-Both views share one decoder-layer body (:func:`_decoder_layer`); they differ only in the
+Both views share one decoder-layer body (in ``OrthrusLM._run_layers``); they differ only in the
 attention projections (``layers.attn`` vs ``layers.diff_attn``) and in which keys the
 queries see (causal over the cache vs cached prefix + own block).
 """
@@ -13,6 +13,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from orthrus_jax.attention import block_attention, causal_cache_attention
 from orthrus_jax.cache import KVCache, write_block
@@ -145,34 +146,83 @@ class OrthrusLM(nnx.Module):
 
     def _run_layers(self, view: str, x: jax.Array, positions: jax.Array,
                     attention: Callable, state, remat: bool = False):
-        """Scan the shared decoder-layer body over the stacked layers of one view.
+        """Run the shared decoder-layer body over the layers of one view.
 
         ``attention(q, k, v, layer, state) -> (o, state)`` is the view's attention;
-        ``state`` (the cache being written, or ``()``) is threaded through the scan. With
-        ``remat`` each layer is recomputed in the backward pass instead of stored.
+        ``state`` (the cache being written, or ``()``) is threaded through the layers.
+        Stacked weights run as one ``lax.scan`` (with ``remat``, each layer is recomputed
+        in the backward pass); the per-layer weights of :func:`unstack_layers` run as an
+        unrolled loop.
         """
         c = self.config
-
         params = self._layer_params(view)
 
-        def body(carry, layer):
+        def body(carry, layer, p):
             x, state = carry
-            # Index the stacked weights in place: scanning over them as ``xs`` would copy
-            # every layer's slice (measured 2.8x slower on CPU for a decode step).
-            p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False),
-                             params)
             h = rms_norm(x, p["input_norm"], c.rms_norm_eps)
             q, k, v = project_qkv(p["attn"], h, positions, c)
             o, state = attention(q, k, v, layer, state)
             x = x + project_out(p["attn"], o, c)
             x = x + mlp(p["mlp"], rms_norm(x, p["post_attn_norm"], c.rms_norm_eps))
-            return (x, state), None
+            return x, state
+
+        if is_unstacked(params["input_norm"]):
+            for layer in range(c.num_hidden_layers):
+                p = jax.tree.map(lambda a: a[layer], params, is_leaf=is_unstacked)  # noqa: B023
+                x, state = body((x, state), layer, p)
+            return x, state
+
+        def scan_body(carry, layer):
+            # Index the stacked weights in place: scanning over them as ``xs`` would copy
+            # every layer's slice (measured 2.8x slower on CPU for a decode step).
+            p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False),
+                             params)
+            return body(carry, layer, p), None
 
         if remat:
-            body = jax.checkpoint(body)
+            scan_body = jax.checkpoint(scan_body)
         layers = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
-        (x, state), _ = jax.lax.scan(body, (x, state), layers)
+        (x, state), _ = jax.lax.scan(scan_body, (x, state), layers)
         return x, state
+
+
+def is_unstacked(value) -> bool:
+    """Whether a layer weight is held as a tuple of per-layer arrays (see
+    :func:`unstack_layers`)."""
+    return isinstance(value, tuple)
+
+
+def unstack_layers(model: OrthrusLM) -> OrthrusLM:
+    """A model for decoding whose layer weights are tuples of per-layer arrays.
+
+    With stacked ``[L, ...]`` weights every layer of a step first copies its slice out of
+    the stack (XLA does not feed a dynamic slice to a dot in place; the copies cost more
+    than the matrix-vector products of a decode step on CPU). Per-layer arrays run as an
+    unrolled layer loop with no copy, at the price of compiling every layer. The result
+    shares nothing with ``model`` (its layer weights are new arrays, sharded like the
+    stacked ones minus the ``layers`` axis); returns ``model`` itself if already unstacked.
+    Training keeps the stacked form (scan, remat).
+    """
+    if is_unstacked(model.layers.input_norm.get_value()):
+        return model
+    graphdef, state = nnx.split(model)
+
+    def split(var: nnx.Variable) -> nnx.Variable:
+        a = var.get_value()
+        if is_unstacked(a):
+            return var
+        sharding = a.sharding
+        if isinstance(sharding, NamedSharding):
+            sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+        else:
+            sharding = None
+        parts = tuple(a[i] if sharding is None else jax.device_put(a[i], sharding)
+                      for i in range(a.shape[0]))
+        return var.replace(value=parts)
+
+    state["layers"] = jax.tree.map(split, state["layers"],
+                                   is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, state)
 
 
 def prefill(model: OrthrusLM, tokens: jax.Array, cache: KVCache, prompt_lengths: jax.Array,

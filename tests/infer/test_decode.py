@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from infer.generate import Generator
 from orthrus_jax.checkpoint import load_model, save_model, shard_model
@@ -248,6 +249,9 @@ def test_sharded_equals_unsharded(tmp_path):
     sharded = shard_model(_model(name), mesh)
     assert len(sharded.layers.attn.q_proj[...].sharding.device_set) == 8
     gen = Generator(sharded)
+    # The decoder's per-layer weights keep the stacked weights' sharding, minus the layers axis.
+    stacked = sharded.layers.attn.q_proj[...].sharding.spec
+    assert gen.model.layers.attn.q_proj.get_value()[1].sharding.spec == P(*stacked[1:])
     assert _summary(_run(gen, prompts, "orthrus", 4)) == ref
     assert _summary(_run(gen, prompts, "ar", 4)) == ref
 

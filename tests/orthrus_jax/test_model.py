@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from orthrus_jax.cache import init_cache
-from orthrus_jax.model import prefill
+from orthrus_jax.model import is_unstacked, prefill, unstack_layers
 from tests.hf_reference import hf_logits, hf_model, to_orthrus
 
 TOL = 1e-4
@@ -180,3 +180,28 @@ def test_many_blocks_at_once_equal_one_block_over_a_prefix_cache(cache_pair):
             _, prefix = step(model, jnp.asarray(seq[row:row + 1, :a]), prefix)
             one = model.diffusion_forward(jnp.asarray(blocks[row:row + 1, j]), prefix)
             np.testing.assert_allclose(np.asarray(many[row, j]), np.asarray(one[0]), atol=TOL)
+
+
+def test_unstacked_layers_compute_what_the_stacked_layers_compute(cache_pair):
+    """The decoder's per-layer weights (an unrolled loop) against the stacked scan: the
+    AR view with its cache writes, and the diffusion view."""
+    _, model = cache_pair
+    unstacked = unstack_layers(model)
+    assert unstack_layers(unstacked) is unstacked
+    q = unstacked.layers.diff_attn.q_proj.get_value()
+    assert is_unstacked(q) and len(q) == model.config.num_hidden_layers
+    np.testing.assert_array_equal(np.asarray(q[1]), np.asarray(model.layers.diff_attn.q_proj[1]))
+    assert not is_unstacked(model.layers.diff_attn.q_proj.get_value())  # model untouched
+
+    rng = np.random.default_rng(8)
+    tokens = jnp.asarray(rng.integers(0, 512, (2, 12)))
+    block = jnp.asarray(rng.integers(0, 512, (2, 4)))
+
+    @jax.jit
+    def run(m):
+        cache = init_cache(m.config, 2, 32)
+        logits, cache = prefill(m, tokens, cache, jnp.array([12, 7]), chunk_size=4)
+        return logits, cache.k, cache.lengths, m.logits(m.diffusion_forward(block, cache))
+
+    for a, b in zip(run(model), run(unstacked), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=TOL)
