@@ -221,13 +221,36 @@ class Generator:
             r.prompt = label if labels is not None else r.prompt_ids
         return results
 
-    def _batch(self, rows, offset, batch_size, out_len, mode, greedy, sampling, max_new, eos,
-               key, stream, stream_every) -> list[GenerationResult]:
-        n = len(rows)
+    def warm_up(self, prompts: Sequence[Sequence[int]], *, batch_size: int | None = None,
+                **kwargs) -> dict[int, GenerationResult]:
+        """Compile and run once every program that ``generate(prompts, ...)`` with the same
+        arguments needs, by generating one batch per distinct prompt-length bucket only.
+
+        Returns the results of the prompts it ran, by index into ``prompts``.
+        """
+        batch_size = batch_size or _bucket(len(prompts))
+        first: dict[int, int] = {}  # prompt bucket -> offset of its first batch
+        for lo in range(0, len(prompts), batch_size):
+            first.setdefault(self._prompt_bucket(prompts[lo:lo + batch_size]), lo)
+        done: dict[int, GenerationResult] = {}
+        for lo in first.values():
+            results = self.generate(prompts[lo:lo + batch_size], batch_size=batch_size,
+                                    **kwargs)
+            done.update({lo + i: r for i, r in enumerate(results)})
+        return done
+
+    def _prompt_bucket(self, rows: Sequence[Sequence[int]]) -> int:
+        """The padded prompt length of a batch: a power of two, or whole prefill chunks."""
         longest = max(len(r) for r in rows)
         prompt_len = _bucket(longest, MIN_PROMPT_BUCKET)
         if prompt_len > self.chunk_size:
             prompt_len = -(-longest // self.chunk_size) * self.chunk_size
+        return prompt_len
+
+    def _batch(self, rows, offset, batch_size, out_len, mode, greedy, sampling, max_new, eos,
+               key, stream, stream_every) -> list[GenerationResult]:
+        n = len(rows)
+        prompt_len = self._prompt_bucket(rows)
         start_c, run_c = self._programs(mode, greedy, batch_size, prompt_len, out_len,
                                         eos.shape[0])
         padded = np.zeros((batch_size, prompt_len), np.int32)

@@ -319,6 +319,22 @@ def test_one_compile_per_bucket_and_sampling_values_do_not_recompile(backend_com
     assert len({tuple(o) for o in outputs}) > 1  # the values reach the program
 
 
+def test_warm_up_compiles_what_generate_needs_running_one_batch_per_bucket(backend_compiles):
+    gen = _gen("llama-untied-K4")
+    B = 3  # a batch size no other test uses: the warm-up must compile these programs
+    rng = np.random.default_rng(6)
+    lengths = [3, 5, 6, 20, 4, 2, 7, 1, 2]  # batches pad to prompt buckets 16, 32, 16
+    prompts = [rng.integers(0, 512, n).tolist() for n in lengths]
+    n0 = backend_compiles()
+    warm = gen.warm_up(prompts, mode="ar", batch_size=B, max_new_tokens=MAX_NEW, eos_ids=[])
+    assert sorted(warm) == [0, 1, 2, 3, 4, 5]  # the third batch shares the first's bucket
+    assert backend_compiles() > n0
+    n1 = backend_compiles()
+    results = _run(gen, prompts, "ar", B)
+    assert backend_compiles() == n1
+    assert all(warm[i].token_ids == results[i].token_ids for i in warm)
+
+
 # --------------------------------------------------------------------------- 6
 
 
