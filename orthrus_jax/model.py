@@ -198,10 +198,11 @@ def unstack_layers(model: OrthrusLM) -> OrthrusLM:
     With stacked ``[L, ...]`` weights every layer of a step first copies its slice out of
     the stack (XLA does not feed a dynamic slice to a dot in place; the copies cost more
     than the matrix-vector products of a decode step on CPU). Per-layer arrays run as an
-    unrolled layer loop with no copy, at the price of compiling every layer. The result
-    shares nothing with ``model`` (its layer weights are new arrays, sharded like the
-    stacked ones minus the ``layers`` axis); returns ``model`` itself if already unstacked.
-    Training keeps the stacked form (scan, remat).
+    unrolled layer loop with no copy, at the price of compiling every layer. The layer
+    weights are new arrays (sharded like the stacked ones minus the ``layers`` axis; both
+    forms are in memory until ``model`` is dropped), the other parameters are shared.
+    Returns ``model`` itself if already unstacked. Training keeps the stacked form (scan,
+    remat).
     """
     if is_unstacked(model.layers.input_norm.get_value()):
         return model
@@ -209,8 +210,6 @@ def unstack_layers(model: OrthrusLM) -> OrthrusLM:
 
     def split(var: nnx.Variable) -> nnx.Variable:
         a = var.get_value()
-        if is_unstacked(a):
-            return var
         sharding = a.sharding
         if isinstance(sharding, NamedSharding):
             sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
