@@ -107,8 +107,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     items = read_prompts_file(args.prompts_file)[:args.limit]
     if not items:
         raise ValueError(f"{args.prompts_file}: no prompts")
-    model = load_model(args.model, param_dtype=args.dtype)
-    gen = Generator(model, tokenizer, max_len=args.max_len)
+    gen = Generator(load_model(args.model, param_dtype=args.dtype), tokenizer,
+                    max_len=args.max_len)
     use_chat = args.chat == "on" or (
         args.chat == "auto" and bool(getattr(tokenizer, "chat_template", None)))
     ids = [gen.encode_item(item, use_chat) for item in items]

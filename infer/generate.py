@@ -92,7 +92,7 @@ class Generator:
     def __init__(self, model: OrthrusLM, tokenizer: Any = None, *, chunk_size: int = 512,
                  max_len: int | None = None, mesh: Mesh | None = None,
                  rules: Rules | None = None):
-        self.model = unstack_layers(model)
+        self._model = model
         self.config = model.config
         self.tokenizer = tokenizer
         self.chunk_size = chunk_size
@@ -100,6 +100,13 @@ class Generator:
         self.mesh, self.rules = mesh, rules
         self._compiled: dict[tuple, tuple[Callable, Callable]] = {}
         self.compile_seconds: dict[tuple, float] = {}
+
+    @property
+    def model(self) -> OrthrusLM:
+        """The model in its decoding form (per-layer weights, :func:`unstack_layers`), made
+        on first use; the stacked model given to the constructor is then let go."""
+        self._model = unstack_layers(self._model)
+        return self._model
 
     # ----------------------------------------------------------------- prompts
     def encode(self, prompt: str | Sequence[dict], chat: bool = False) -> list[int]:
@@ -403,8 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     SamplingParams.make(args.temperature, args.top_k, args.top_p)  # fail before loading
     mesh = make_mesh(args.mesh) if args.mesh else None
-    model = load_model(args.model, param_dtype=args.dtype, mesh=mesh)
-    gen = Generator(model, load_tokenizer(args.model), max_len=args.max_len, mesh=mesh)
+    gen = Generator(load_model(args.model, param_dtype=args.dtype, mesh=mesh),
+                    load_tokenizer(args.model), max_len=args.max_len, mesh=mesh)
     labels: list[Any] = []
     ids: list[list[int]] = []
     for text in args.prompt:
@@ -429,6 +436,8 @@ def _main(args: argparse.Namespace) -> int:
         printed: dict[int, int] = {}
 
         def stream(i: int, new: list[int]) -> None:
+            if shown and i not in shown:  # the next prompt: a blank line between answers
+                sys.stdout.write("\n\n")
             shown.setdefault(i, []).extend(new)
             text = gen.decode_text(shown[i])
             if text is None:
@@ -443,12 +452,12 @@ def _main(args: argparse.Namespace) -> int:
                            seed=args.seed, eos_ids=args.eos_id, batch_size=batch_size,
                            stream=stream, labels=labels)
     wall = time.perf_counter() - t0
+    if args.stream:
+        print()
     for r in results:
         if args.json:
             print(json.dumps(r.to_json(), ensure_ascii=False))
-        elif args.stream:
-            print()
-        else:
+        elif not args.stream:
             print(r.text if r.text is not None else " ".join(map(str, r.token_ids)))
             print()
     if not args.json:
