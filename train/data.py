@@ -746,6 +746,15 @@ class SequencePacker:
 # --------------------------------------------------------------------------------------------
 
 
+def anchor_candidates(assistant_mask: np.ndarray, block_size: int,
+                      on_assistant: bool = False) -> np.ndarray:
+    """The positions ``a`` that may anchor a block in a sequence of ``len(assistant_mask)``
+    tokens: ``1 <= a <= L - block_size``, and with ``on_assistant`` only where
+    ``assistant_mask[a + 1]``."""
+    cand = np.arange(1, len(assistant_mask) - block_size + 1)
+    return cand[assistant_mask[cand + 1]] if on_assistant else cand
+
+
 def sample_anchors(assistant_mask: np.ndarray, *, block_size: int, num_anchors: int, seed: int,
                    sequence_index: int, on_assistant: bool = False
                    ) -> tuple[np.ndarray, np.ndarray]:
@@ -758,10 +767,7 @@ def sample_anchors(assistant_mask: np.ndarray, *, block_size: int, num_anchors: 
     remaining slots are 0 with ``anchor_mask`` False. The draw depends only on
     ``(seed, sequence_index)``.
     """
-    L = len(assistant_mask)
-    cand = np.arange(1, L - block_size + 1)
-    if on_assistant:
-        cand = cand[assistant_mask[cand + 1]]
+    cand = anchor_candidates(assistant_mask, block_size, on_assistant)
     k = min(num_anchors, len(cand))
     rng = np.random.default_rng([seed, _ANCHOR_SALT, sequence_index])
     anchors = np.zeros(num_anchors, np.int32)
@@ -802,7 +808,9 @@ class BatchIterator:
     Every process packs the whole global batch (so it is identical whatever the process
     count) and keeps rows ``[process_index * b, (process_index + 1) * b)``, b = batch_size /
     process_count. ``state()`` is the position after the last yielded batch; it is the same on
-    every process and may be restored with another process count or batch size.
+    every process and may be restored with another process count or batch size. A packed
+    sequence with no possible anchor (with ``anchors_on_assistant``: no answer token to
+    draft) is skipped and counted in ``skipped_sequences``, so no row trains on nothing.
     """
 
     def __init__(self, corpus: Corpus, tokenizer: Any, *, batch_size: int, seq_len: int,
@@ -836,6 +844,7 @@ class BatchIterator:
                                      shuffle=shuffle, num_epochs=num_epochs, position=position,
                                      lookahead=lookahead)
         self._position = self.packer.position
+        self.skipped_sequences = 0  # packed sequences with no possible anchor, not trained on
 
     @property
     def local_batch_size(self) -> int:
@@ -852,16 +861,23 @@ class BatchIterator:
     def __next__(self) -> Batch:
         c, b = self.config, self.local_batch_size
         lo = self.process_index * b
-        first = self.packer.position.sequence
-        rows = [next(self.packer) for _ in range(c.batch_size)][lo:lo + b]
-        tokens = np.stack([t for t, _ in rows])
-        mask = np.stack([m for _, m in rows])
+        rows = []  # (sequence index, tokens, assistant mask)
+        while len(rows) < c.batch_size:
+            index = self.packer.position.sequence
+            tokens, mask = next(self.packer)
+            if not len(anchor_candidates(mask, c.block_size, c.anchors_on_assistant)):
+                self.skipped_sequences += 1  # e.g. all prompt text, with anchors_on_assistant
+                continue
+            rows.append((index, tokens, mask))
+        rows = rows[lo:lo + b]
+        tokens = np.stack([t for _, t, _ in rows])
+        mask = np.stack([m for _, _, m in rows])
         anchors = np.zeros((b, c.anchors_per_seq), np.int32)
         valid = np.zeros((b, c.anchors_per_seq), bool)
-        for r in range(b):
+        for r, (index, _, m) in enumerate(rows):
             anchors[r], valid[r] = sample_anchors(
-                mask[r], block_size=c.block_size, num_anchors=c.anchors_per_seq, seed=c.seed,
-                sequence_index=first + lo + r, on_assistant=c.anchors_on_assistant)
+                m, block_size=c.block_size, num_anchors=c.anchors_per_seq, seed=c.seed,
+                sequence_index=index, on_assistant=c.anchors_on_assistant)
         self._position = self.packer.position
         return Batch(tokens, mask, anchors, valid)
 

@@ -9,7 +9,8 @@ OUT receives:
 
 - ``checkpoints/<step>/``: Orbax checkpoints (diffusion tensors, optimizer state, data
   position), every ``--save-every`` steps, the last ``--keep`` kept;
-- ``metrics.jsonl``: one line per logged step and per evaluation;
+- ``metrics.jsonl``: one line per logged step (loss, accuracy, lr, grad norm, tokens/s,
+  drafted positions, sequences skipped for having no possible anchor) and per evaluation;
 - ``model/``: the final model folder (config.json + params), ready for
   ``python -m infer.generate`` and ``python -m convert.to_hf``.
 
@@ -250,7 +251,8 @@ def _train_loop(args, trainer, batches, state, start: int, end: int, save, evalu
             now = time.perf_counter()
             rate = tokens_per_step * since / max(now - t_last, 1e-9)
             t_last, since = now, 0
-            _log(out, {"event": "train", "step": step, **metrics, "tokens_per_second": rate})
+            _log(out, {"event": "train", "step": step, **metrics, "tokens_per_second": rate,
+                       "skipped_sequences": batches.skipped_sequences})
             if progress is not None:
                 progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                      tok_s=f"{rate:.0f}")

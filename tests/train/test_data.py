@@ -356,7 +356,7 @@ def test_resume_is_exact(files, tokenizer, k):
     it = make_iter(corpus, tokenizer, **kw)
     head = [next(it) for _ in range(k)]
     state = json.loads(json.dumps(it.state()))
-    assert state["position"]["sequence"] == 4 * k
+    assert state["position"]["sequence"] == 4 * k + it.skipped_sequences
     resumed = D.BatchIterator.from_state(state, corpus, tokenizer)
     assert_batches_equal(head + [next(resumed) for _ in range(6)], ref)
     # Another batch size and process split resume the same sequence stream.
@@ -419,6 +419,28 @@ def test_batch_anchors(files, tokenizer, on_assistant):
             assert len(a) == min(m, len(eligible))
             assert np.all(b.anchors[r][~b.anchor_mask[r]] == 0)
             assert np.all(b.anchor_mask[r][:len(a)])  # valid anchors come first
+
+
+def test_sequences_without_a_possible_anchor_are_skipped(tmp_path, tokenizer):
+    """With anchors on answers only, a packed sequence of prompt text alone would train on
+    nothing: the iterator skips it (and counts it); the rows it keeps are the packer's."""
+    long_question = " ".join(["the world of apples"] * 12)
+    rows = [{"messages": [{"role": "user", "content": long_question},
+                          {"role": "assistant", "content": f"cat {i}"}]} for i in range(8)]
+    corpus = D.Corpus([write_jsonl(tmp_path / "q.jsonl", rows)])
+    kw = {"seq_len": 20, "block_size": 4, "anchors_per_seq": 3, "num_epochs": 1}
+    it = make_iter(corpus, tokenizer, anchors_on_assistant=True, **kw)
+    batches = list(it)
+    assert it.skipped_sequences > 0
+    packed = list(D.SequencePacker(corpus, D.ChatEncoder(tokenizer), seq_len=20, seed=0,
+                                   num_epochs=1))
+    kept = [t for t, m in packed if len(D.anchor_candidates(m, 4, on_assistant=True))]
+    assert len(kept) + it.skipped_sequences == len(packed)
+    np.testing.assert_array_equal(np.concatenate([b.tokens for b in batches]),
+                                  np.stack(kept[:4 * len(batches)]))
+    assert all(b.anchor_mask.any(axis=1).all() for b in batches)  # every row trains
+    every = make_iter(corpus, tokenizer, **kw)  # anchors anywhere: nothing to skip
+    assert len(list(every)) == len(packed) // 4 and every.skipped_sequences == 0
 
 
 def test_sample_anchors():

@@ -57,7 +57,7 @@ def test_run_writes_metrics_checkpoints_and_a_usable_model(workdir, tmp_path):
     train = records(out, "train")
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and r["tokens_per_second"] > 0 and "lr" in r
-               for r in train)
+               and r["positions"] > 0 and r["skipped_sequences"] >= 0 for r in train)
     assert [r["step"] for r in records(out, "eval")] == [0, 4]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "4"]
     before, after = diffusion(workdir / "model"), diffusion(out / "model")
