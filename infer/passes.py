@@ -1,0 +1,186 @@
+"""``python -m infer.passes``: the three passes of decoding timed alone, against the memory
+floor.
+
+For a model folder (``--model DIR``) or a model of random weights built from an HF
+``config.json`` (``--config FILE``: no checkpoint needed, e.g. a Qwen3-8B shape on a GPU),
+with a cache holding ``--context`` positions per row, it times (median of ``--repeats``
+calls, compile excluded):
+
+- ``ar_step``: one token through the AR view, writing its K/V, plus its logits;
+- ``diffusion_pass``: the block ``[anchor, MASK x (K-1)]`` through the diffusion view,
+  plus the logits of the K-1 drafted positions (writes nothing);
+- ``verify_pass``: K tokens through the AR view, writing their K/V, plus their logits.
+
+Each pass reads at least its view's weights, the final norm and LM head, and the cache's
+K/V of ``--context`` positions; the memory floor is those bytes over the device's copy
+bandwidth (measured here: a jitted copy of ``--copy-mib`` MiB, read plus write). The ratio
+time / floor is 1 for a pass that only streams memory; compute-bound passes (long blocks
+on a CPU) sit far above it. The model runs as the decoder runs it (per-layer weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from orthrus_jax.cache import KVCache, init_cache
+from orthrus_jax.checkpoint import load_model
+from orthrus_jax.config import ModelConfig
+from orthrus_jax.model import OrthrusLM, unstack_layers
+
+
+def _median_seconds(fn: Callable, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def copy_bandwidth(mib: int = 1024, repeats: int = 5) -> float:
+    """Bytes/s of a jitted device copy of ``mib`` MiB (bytes read + bytes written).
+
+    The copy is in place (donated input), so fresh output pages are not part of the cost.
+    """
+    x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+    copy = jax.jit(lambda a: a + 1.0, donate_argnums=0)
+    x = jax.block_until_ready(copy(x))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x = jax.block_until_ready(copy(x))
+        times.append(time.perf_counter() - t0)
+    return 2 * x.nbytes / float(np.median(times))
+
+
+def _bytes(tree) -> int:
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+def bytes_read(model: OrthrusLM, view: str, cache: KVCache, context: int) -> int:
+    """Least bytes one pass of ``view`` (``attn`` or ``diff_attn``) reads: the layer weights
+    of that view and the MLPs and norms, the final norm, the LM head (the embedding when
+    tied), and ``context`` positions of every layer's cached K and V."""
+    layers = model.layers
+    weights = _bytes(nnx.state(getattr(layers, view))) + _bytes(nnx.state(layers.mlp))
+    weights += _bytes(layers.input_norm.get_value()) + _bytes(layers.post_attn_norm.get_value())
+    weights += _bytes(model.norm[...])
+    weights += _bytes(model.embed_tokens[...] if model.lm_head is None else model.lm_head[...])
+    per_position = 2 * cache.k[:, :, 0].size * cache.k.dtype.itemsize
+    return weights + context * per_position
+
+
+def measure(model: OrthrusLM, *, batch_size: int = 1, context: int = 2048, repeats: int = 10,
+            copy_mib: int = 1024, seed: int = 0) -> dict:
+    """Time the three passes over a cache filled to ``context``; see the module doc."""
+    c = model.config
+    K = c.block_size
+    if context < 1:
+        raise ValueError(f"context={context} must be >= 1")
+    max_len = context + K
+    if max_len > c.max_position_embeddings:
+        raise ValueError(f"context {context} + block {K} exceeds the model's "
+                         f"max_position_embeddings {c.max_position_embeddings}")
+    model = unstack_layers(model)
+    rng = np.random.default_rng(seed)
+    cache = init_cache(c, batch_size, max_len)
+    # Random K/V (their values do not change the cost) in the first `context` positions.
+    kv = jax.random.normal(jax.random.key(seed), cache.k.shape, cache.k.dtype)
+    cache = KVCache(kv, kv * 0.5, jnp.full((batch_size,), context, jnp.int32))
+    tokens = jnp.asarray(rng.integers(0, c.vocab_size, (batch_size, K)), jnp.int32)
+    block = tokens.at[:, 1:].set(c.mask_token_id if c.mask_token_id is not None else 0)
+
+    def ar(m, t, cache):
+        hidden, cache = m.forward(t, cache)
+        return m.logits(hidden), cache.lengths
+
+    def diffusion(m, b, cache):
+        return m.logits(m.diffusion_forward(b, cache)[:, :-1])
+
+    ar_fn = jax.jit(ar)
+    passes = {
+        "ar_step": (lambda: _median_seconds(ar_fn, model, tokens[:, :1], cache,
+                                            repeats=repeats), "attn"),
+        "diffusion_pass": (lambda: _median_seconds(jax.jit(diffusion), model, block, cache,
+                                                   repeats=repeats), "diff_attn"),
+        "verify_pass": (lambda: _median_seconds(ar_fn, model, tokens, cache, repeats=repeats),
+                        "attn"),
+    }
+    bandwidth = copy_bandwidth(copy_mib)
+    out = {"model_type": c.model_type, "layers": c.num_hidden_layers,
+           "hidden_size": c.hidden_size, "block_size": K, "dtype": c.dtype,
+           "batch_size": batch_size, "context": context, "backend": jax.default_backend(),
+           "device": str(jax.devices()[0]), "copy_bandwidth_gb_s": bandwidth / 1e9,
+           "passes": {}}
+    for name, (timed, view) in passes.items():
+        seconds = timed()
+        floor = bytes_read(model, view, cache, context) / bandwidth
+        out["passes"][name] = {"seconds": seconds, "floor_seconds": floor,
+                               "ratio_to_floor": seconds / floor}
+    return out
+
+
+def format_report(r: dict) -> str:
+    lines = [f"{r['model_type']}: {r['layers']} layers, hidden {r['hidden_size']}, block "
+             f"{r['block_size']}, {r['dtype']}, batch {r['batch_size']}, context {r['context']}, "
+             f"{r['backend']} ({r['device']})",
+             f"copy bandwidth {r['copy_bandwidth_gb_s']:.1f} GB/s", "",
+             f"{'':16}{'ms':>10}{'floor ms':>10}{'x floor':>9}"]
+    for name, p in r["passes"].items():
+        lines.append(f"{name:16}{p['seconds'] * 1e3:10.2f}{p['floor_seconds'] * 1e3:10.2f}"
+                     f"{p['ratio_to_floor']:9.2f}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m infer.passes", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model folder (convert.from_hf / from_gguf)")
+    src.add_argument("--config", help="HF config.json: random weights of that shape")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="parameter and compute dtype (default: as stored / in the config)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="with --config: the block size K (default: the config's, or 32)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--context", type=int, default=2048, help="cached positions per row")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--copy-mib", type=int, default=1024, help="size of the bandwidth probe")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def _model(args: argparse.Namespace) -> OrthrusLM:
+    if args.model:
+        return load_model(args.model, param_dtype=args.dtype)
+    overrides = {"block_size": args.block_size} if args.block_size else {}
+    if args.dtype:
+        overrides.update(dtype=args.dtype, param_dtype=args.dtype)
+    config = ModelConfig.from_json_file(args.config, **overrides)
+    return nnx.jit(lambda: OrthrusLM(config, rngs=nnx.Rngs(0)))()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        r = measure(_model(args), batch_size=args.batch_size, context=args.context,
+                    repeats=args.repeats, copy_mib=args.copy_mib)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(r) if args.json else format_report(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""``python -m infer.passes``: the passes timed alone against the memory floor."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import jax
+import pytest
+from flax import nnx
+
+from infer import passes
+from orthrus_jax.cache import init_cache
+from orthrus_jax.checkpoint import load_model, save_model
+from tests.hf_reference import hf_model, to_orthrus
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    save_model(to_orthrus(hf_model("llama", True, seed=1), block_size=4), path)
+    return path
+
+
+def run(*args) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = passes.main([str(a) for a in args])
+    return status, out.getvalue(), err.getvalue()
+
+
+def test_model_folder_and_random_config_give_every_pass(model_dir, tmp_path):
+    status, out, err = run("--model", model_dir, "--context", 40, "--repeats", 2,
+                           "--copy-mib", 8, "--json")
+    assert status == 0, err
+    r = json.loads(out)
+    assert r["context"] == 40 and r["block_size"] == 4 and r["copy_bandwidth_gb_s"] > 0
+    assert set(r["passes"]) == {"ar_step", "diffusion_pass", "verify_pass"}
+    for p in r["passes"].values():
+        assert p["seconds"] > 0 and p["floor_seconds"] > 0
+        assert p["ratio_to_floor"] == pytest.approx(p["seconds"] / p["floor_seconds"])
+    # A random model of the folder's shape, at another block size, in bfloat16.
+    config = tmp_path / "config.json"
+    config.write_text((model_dir / "config.json").read_text())
+    status, out, err = run("--config", config, "--block-size", 8, "--dtype", "bfloat16",
+                           "--context", 16, "--repeats", 1, "--copy-mib", 8)
+    assert status == 0, err
+    assert "block 8, bfloat16" in out and "diffusion_pass" in out and "x floor" in out
+
+
+def test_bytes_read_counts_one_view_the_head_and_the_cache(model_dir):
+    model = load_model(model_dir)
+    c = model.config
+    cache = init_cache(c, 2, 64)
+    ar, diff = (passes.bytes_read(model, v, cache, 10) for v in ("attn", "diff_attn"))
+    assert ar == diff  # the diffusion view has the AR view's shapes
+    kv = 2 * c.num_hidden_layers * 2 * 10 * c.num_key_value_heads * c.head_dim * 4
+    assert passes.bytes_read(model, "attn", cache, 20) - ar == kv
+    total = sum(a.size * 4 for a in jax.tree.leaves(nnx.state(model)))
+    attn = sum(a.size * 4 for a in jax.tree.leaves(nnx.state(model.layers.attn)))
+    assert ar - passes.bytes_read(model, "attn", cache, 0) == kv
+    assert passes.bytes_read(model, "attn", cache, 0) == total - attn  # all but the other view
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--context", "0"), "context=0"),
+    (("--context", "100000"), "max_position_embeddings"),
+])
+def test_bad_input(model_dir, args, message):
+    status, out, err = run("--model", model_dir, *args)
+    assert status == 2 and message in err and out == ""
+
+
+def test_missing_config(tmp_path):
+    status, _, err = run("--config", tmp_path / "nope.json")
+    assert status == 2 and "nope.json" in err
+
