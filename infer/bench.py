@@ -2,7 +2,7 @@
 
 Runs the prompts of a JSONL file (one ``{"prompt": text}``, ``{"messages": [...]}`` or
 ``{"prompt_ids": [...]}`` per line) through both decode modes with one
-:class:`infer.generate.Generator`, and reports per mode: tokens per iteration, tokens/s,
+:class:`infer.engine.Generator`, and reports per mode: tokens per iteration, tokens/s,
 time to first token and compile time; for Orthrus the acceptance-length histogram (how
 many iterations accepted j = 0, 1, ..., K-1 drafts, i.e. would commit j + 1 tokens before
 any cut at EOS or the token budget) and the mean accepted length j; the speedup (Orthrus
@@ -38,14 +38,9 @@ from collections.abc import Sequence
 
 import jax
 
-from infer.generate import (
-    MODES,
-    Generator,
-    add_decoding_args,
-    load_tokenizer,
-    read_prompts_file,
-    summarize,
-)
+from infer.engine import MODES, Generator, summarize
+from infer.generate import add_decoding_args
+from infer.prompts import load_tokenizer, read_prompts_file
 from infer.sampling import SamplingParams
 from orthrus_jax.checkpoint import load_model
 

@@ -120,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     # Imported after jax.distributed.initialize: nothing may touch the devices before it.
     import orbax.checkpoint as ocp
 
-    from infer.generate import Generator, load_tokenizer, read_prompts_file, summarize
+    from infer.engine import Generator, summarize
+    from infer.prompts import load_tokenizer, read_prompts_file
     from orthrus_jax.checkpoint import load_model
     from orthrus_jax.sharding import make_mesh
     from train.data import BatchIterator, Corpus

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from infer.generate import Generator
+from infer.engine import Generator
 from orthrus_jax.checkpoint import load_model, save_model, shard_model
 from orthrus_jax.sharding import make_mesh
 from tests.hf_reference import hf_model, to_orthrus

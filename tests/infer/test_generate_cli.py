@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from infer import engine
 from infer import generate as cli
 from orthrus_jax.checkpoint import save_model
 from tests.hf_reference import hf_model, tiny_chat_tokenizer, tiny_model_dir, to_orthrus
@@ -61,7 +62,7 @@ def test_json_rows_for_every_kind_of_prompt(chat_dir, tmp_path):
     [alone] = run_json("--model", chat_dir, "--prompt", "the cat", "--max-new-tokens", 9,
                        "--eos-id", -1)
     assert alone["token_ids"] == rows[0]["token_ids"]
-    [api] = cli.generate(chat_dir, ["the cat"], max_new_tokens=9, eos_ids=[-1])
+    [api] = engine.generate(chat_dir, ["the cat"], max_new_tokens=9, eos_ids=[-1])
     assert api.token_ids == rows[0]["token_ids"] and api.prompt == "the cat"
 
 

@@ -19,7 +19,7 @@ import torch
 from scipy import stats
 
 from infer import decode
-from infer.generate import Generator
+from infer.engine import Generator
 from infer.sampling import (
     SamplingParams,
     filtered_log_probs,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from infer.generate import Generator
+from infer.engine import Generator
 from orthrus_jax.cache import init_cache
 from orthrus_jax.sharding import make_mesh
 from tests.hf_reference import hf_model, to_orthrus

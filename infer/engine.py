@@ -1,0 +1,319 @@
+"""The decoding engine: :class:`Generator`, a model in its decoding form with its compiled
+decode programs, used by every caller (``infer.generate``, ``infer.bench``, training
+evaluation, self-distillation).
+
+Shapes are bucketed (batch, prompt length, cache length, output room), so prompts of
+different lengths inside one bucket reuse one compiled program, and sampling parameters
+are traced values, never recompiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from infer.decode import FINISH_REASONS, DecodeInputs, run, start
+from infer.prompts import load_tokenizer
+from infer.sampling import SamplingParams
+from orthrus_jax.checkpoint import load_model
+from orthrus_jax.model import OrthrusLM, unstack_layers
+from orthrus_jax.sharding import Rules
+
+MODES = ("orthrus", "ar")
+MIN_PROMPT_BUCKET = 16
+NO_LIMIT = np.iinfo(np.int32).max
+
+
+def _bucket(n: int, minimum: int = 1) -> int:
+    """Next power of two >= max(n, minimum)."""
+    return 1 << (max(n, minimum) - 1).bit_length()
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """One prompt's output and statistics."""
+
+    prompt: Any
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated ids only (EOS included when hit)
+    text: str | None
+    finish_reason: str | None  # "eos", "length" or "cache_full"
+    iterations: int  # decode-loop iterations (the first token comes from prefill)
+    tokens_per_iteration: float  # tokens committed per iteration, first token excluded
+    tokens_per_second: float  # generated tokens / wall time of the batch, compile excluded
+    accepted_hist: list[int]  # [K] iterations whose verify accepted 0 .. K-1 drafts
+    seconds: float  # wall time of the batch this prompt ran in
+    time_to_first_token: float  # prefill + first token, wall time of the batch
+    batch: int = 0  # index of that batch within the generate call
+
+    def to_json(self) -> dict:
+        return {"prompt": self.prompt, "text": self.text, "token_ids": self.token_ids,
+                "iterations": self.iterations,
+                "tokens_per_iteration": round(self.tokens_per_iteration, 4),
+                "tokens_per_second": round(self.tokens_per_second, 3),
+                "finish_reason": self.finish_reason}
+
+
+def summarize(results: Sequence[GenerationResult]) -> dict:
+    """Totals of one ``generate`` call. Each batch's results share its timings, so time
+    is summed (and time to first token averaged) over batches, not prompts."""
+    batches = {r.batch: r for r in results}.values()
+    tokens = sum(len(r.token_ids) for r in results)
+    iterations = sum(r.iterations for r in results)
+    seconds = sum(r.seconds for r in batches)
+    return {
+        "tokens": tokens,
+        "iterations": iterations,
+        # the first token of each prompt comes from prefill, not from an iteration
+        "tokens_per_iteration": (tokens - len(results)) / iterations if iterations else 0.0,
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+        "time_to_first_token": float(np.mean([r.time_to_first_token for r in batches])),
+        "accepted_hist": np.sum([r.accepted_hist for r in results], axis=0).tolist(),
+    }
+
+
+class Generator:
+    """A model with its compiled decode programs, cached per bucketed shape.
+
+    ``max_len`` caps the KV cache (default: the model's ``max_position_embeddings``);
+    prompts longer than ``chunk_size`` are prefilled in chunks of that size.
+    """
+
+    def __init__(self, model: OrthrusLM, tokenizer: Any = None, *, chunk_size: int = 512,
+                 max_len: int | None = None, mesh: Mesh | None = None,
+                 rules: Rules | None = None):
+        self._model = model
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.chunk_size = chunk_size
+        self.max_len = max_len or self.config.max_position_embeddings
+        self.mesh, self.rules = mesh, rules
+        self._compiled: dict[tuple, tuple[Callable, Callable]] = {}
+        self.compile_seconds: dict[tuple, float] = {}
+
+    @property
+    def model(self) -> OrthrusLM:
+        """The model in its decoding form (per-layer weights, :func:`unstack_layers`), made
+        on first use; the stacked model given to the constructor is then let go."""
+        self._model = unstack_layers(self._model)
+        return self._model
+
+    # ----------------------------------------------------------------- prompts
+    def encode(self, prompt: str | Sequence[dict], chat: bool = False) -> list[int]:
+        """Token ids of a text prompt (or of chat ``messages``) with the model's tokenizer."""
+        if self.tokenizer is None:
+            raise ValueError("this model folder has no tokenizer: give token ids "
+                             "(--prompt-ids, or prompt_ids in --prompts-file)")
+        if not isinstance(prompt, str) or chat:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
+                list(prompt)
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError("the tokenizer has no chat template (drop --chat, or give "
+                                 "a plain prompt)")
+            return list(self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+
+    def encode_item(self, item: dict, chat: bool = False) -> list[int]:
+        """Token ids of one prompts-file record: ``{"prompt_ids": [...]}``, ``{"messages":
+        [...]}`` (always through the chat template) or ``{"prompt": text}``."""
+        if "prompt_ids" in item:
+            return [int(t) for t in item["prompt_ids"]]
+        if "messages" in item:
+            return self.encode(item["messages"], chat=True)
+        return self.encode(item["prompt"], chat)
+
+    def decode_text(self, ids: Sequence[int]) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        if isinstance(ids, str):
+            raise ValueError("prompt is text: encode it first (Generator.encode), or use "
+                             "infer.engine.generate(model_dir, texts)")
+        if len(ids) == 0:
+            raise ValueError("empty prompt: give at least one token")
+        bad = [t for t in ids if not 0 <= int(t) < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id(s) {bad[:5]} outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
+        if len(ids) >= self.max_len:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of "
+                             f"{self.max_len} tokens (at least one position must stay free)")
+
+    # ----------------------------------------------------------------- compile
+    def _programs(self, mode: str, greedy: bool, batch: int, prompt_len: int, out_len: int,
+                  n_eos: int):
+        """Compiled (start, run) for one bucketed shape; compile time is recorded."""
+        c = self.config
+        room = c.block_size if mode == "orthrus" else 1
+        chunk = self.chunk_size if prompt_len > self.chunk_size else None
+        max_len = min(_bucket(prompt_len + out_len + room), self.max_len)
+        key = (mode, greedy, batch, prompt_len, out_len, max_len, n_eos)
+        if key not in self._compiled:
+            t0 = time.perf_counter()
+            inputs = DecodeInputs(jnp.zeros((batch,), jnp.int32), jnp.zeros((n_eos,), jnp.int32),
+                                  SamplingParams.make(1.0))
+            prompts = jnp.zeros((batch, prompt_len), jnp.int32)
+            lengths = jnp.ones((batch,), jnp.int32)
+            start_fn = jax.jit(
+                lambda m, p, n, i, k: start(m, p, n, i, k, max_len=max_len, out_len=out_len,
+                                            greedy=greedy, block=room, chunk_size=chunk,
+                                            mesh=self.mesh, rules=self.rules))
+            start_c = start_fn.lower(self.model, prompts, lengths, inputs,
+                                     jax.random.key(0)).compile()
+            state = jax.eval_shape(start_fn, self.model, prompts, lengths, inputs,
+                                   jax.random.key(0))
+            run_fn = jax.jit(lambda m, s, i, n: run(m, s, i, n, mode=mode, greedy=greedy),
+                             donate_argnums=1)
+            run_c = run_fn.lower(self.model, state, inputs, jnp.int32(0)).compile()
+            self._compiled[key] = (start_c, run_c)
+            self.compile_seconds[key] = time.perf_counter() - t0
+        return self._compiled[key]
+
+    # ----------------------------------------------------------------- generate
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        mode: str = "orthrus",
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        eos_ids: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        stream: Callable[[int, list[int]], None] | None = None,
+        stream_every: int = 1,
+        labels: Sequence[Any] | None = None,
+    ) -> list[GenerationResult]:
+        """Generate for each prompt (a list of token ids); results in prompt order.
+
+        ``stream(index, new_ids)`` is called with each prompt's newly committed tokens every
+        ``stream_every`` loop iterations; without it the whole loop is one compiled call.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}: choose one of {MODES}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        sampling = SamplingParams.make(temperature, top_k, top_p)
+        greedy = temperature == 0.0
+        room = self.config.block_size if mode == "orthrus" else 1
+        for ids in prompts:
+            self._check_ids(ids)
+        eos = [int(t) for t in (self.config.eos_token_id if eos_ids is None else eos_ids)]
+        eos_arr = jnp.asarray(eos + [-1] * (_bucket(len(eos), 8) - len(eos)), jnp.int32)
+        batch_size = batch_size or _bucket(len(prompts))
+        out_len = _bucket(max_new_tokens + room)
+        key = jax.random.key(seed)
+        results: list[GenerationResult] = []
+        for lo in range(0, len(prompts), batch_size):
+            key, sub = jax.random.split(key)
+            rows = list(prompts[lo:lo + batch_size])
+            results += self._batch(rows, lo, batch_size, out_len, mode, greedy, sampling,
+                                   max_new_tokens, eos_arr, sub, stream, stream_every)
+        for r, label in zip(results, labels or [None] * len(results), strict=True):
+            r.prompt = label if labels is not None else r.prompt_ids
+        return results
+
+    def warm_up(self, prompts: Sequence[Sequence[int]], *, batch_size: int | None = None,
+                **kwargs) -> dict[int, GenerationResult]:
+        """Compile and run once every program that ``generate(prompts, ...)`` with the same
+        arguments needs, by generating one batch per distinct prompt-length bucket only.
+
+        Returns the results of the prompts it ran, by index into ``prompts``.
+        """
+        batch_size = batch_size or _bucket(len(prompts))
+        first: dict[int, int] = {}  # prompt bucket -> offset of its first batch
+        for lo in range(0, len(prompts), batch_size):
+            first.setdefault(self._prompt_bucket(prompts[lo:lo + batch_size]), lo)
+        done: dict[int, GenerationResult] = {}
+        for lo in first.values():
+            results = self.generate(prompts[lo:lo + batch_size], batch_size=batch_size,
+                                    **kwargs)
+            done.update({lo + i: r for i, r in enumerate(results)})
+        return done
+
+    def _prompt_bucket(self, rows: Sequence[Sequence[int]]) -> int:
+        """The padded prompt length of a batch: a power of two, or whole prefill chunks."""
+        longest = max(len(r) for r in rows)
+        prompt_len = _bucket(longest, MIN_PROMPT_BUCKET)
+        if prompt_len > self.chunk_size:
+            prompt_len = -(-longest // self.chunk_size) * self.chunk_size
+        return prompt_len
+
+    def _batch(self, rows, offset, batch_size, out_len, mode, greedy, sampling, max_new, eos,
+               key, stream, stream_every) -> list[GenerationResult]:
+        n = len(rows)
+        prompt_len = self._prompt_bucket(rows)
+        start_c, run_c = self._programs(mode, greedy, batch_size, prompt_len, out_len,
+                                        eos.shape[0])
+        padded = np.zeros((batch_size, prompt_len), np.int32)
+        lengths = np.ones((batch_size,), np.int32)
+        for i, r in enumerate(rows):
+            padded[i, :len(r)] = r
+            lengths[i] = len(r)
+        budget = np.full((batch_size,), max_new, np.int32)
+        budget[n:] = 1  # padding rows finish with their first token
+        inputs = DecodeInputs(jnp.asarray(budget), eos, sampling)
+
+        t0 = time.perf_counter()
+        state = start_c(self.model, jnp.asarray(padded), jnp.asarray(lengths), inputs, key)
+        jax.block_until_ready(state.tokens)  # prefill + first token
+        ttft = time.perf_counter() - t0
+        shown = [0] * n
+        if stream is None:
+            state = run_c(self.model, state, inputs, jnp.int32(NO_LIMIT))
+        else:
+            self._emit(stream, offset, shown, np.asarray(state.tokens), np.ones(n, int))
+            while True:
+                state = run_c(self.model, state, inputs, jnp.int32(stream_every))
+                done, counts = np.asarray(state.done), np.asarray(state.num_generated)
+                self._emit(stream, offset, shown, np.asarray(state.tokens), counts)
+                if done.all():
+                    break
+        tokens, counts = np.asarray(state.tokens), np.asarray(state.num_generated)
+        seconds = time.perf_counter() - t0
+        finish = np.asarray(state.finish)
+        iterations = np.asarray(state.iterations)
+        hist = np.asarray(state.accepted_hist)
+        out = []
+        for i, r in enumerate(rows):
+            ids = tokens[i, :counts[i]].tolist()
+            it = int(iterations[i])
+            out.append(GenerationResult(
+                prompt=None, prompt_ids=list(map(int, r)), token_ids=ids,
+                text=self.decode_text(ids), finish_reason=FINISH_REASONS[int(finish[i])],
+                iterations=it, tokens_per_iteration=(len(ids) - 1) / it if it else 0.0,
+                tokens_per_second=len(ids) / seconds, accepted_hist=hist[i].tolist(),
+                seconds=seconds, time_to_first_token=ttft, batch=offset // batch_size))
+        return out
+
+    @staticmethod
+    def _emit(stream, offset, shown, tokens, counts) -> None:
+        for i in range(len(shown)):
+            if counts[i] > shown[i]:
+                stream(offset + i, tokens[i, shown[i]:counts[i]].tolist())
+                shown[i] = int(counts[i])
+
+
+def generate(model_dir: str | Path, prompts: Sequence[str | Sequence[int]], *,
+             chat: bool = False, dtype: str | None = None, **kwargs) -> list[GenerationResult]:
+    """Load ``model_dir`` and generate for text prompts or token-id lists.
+
+    Keyword arguments are those of :meth:`Generator.generate`.
+    """
+    gen = Generator(load_model(model_dir, param_dtype=dtype), load_tokenizer(model_dir))
+    ids = [gen.encode(p, chat) if isinstance(p, str) else list(p) for p in prompts]
+    return gen.generate(ids, labels=list(prompts), **kwargs)
