@@ -31,6 +31,7 @@ with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -38,17 +39,19 @@ from collections.abc import Sequence
 
 import jax
 
+from infer.default_model import default_model_dir
 from infer.engine import MODES, Generator, summarize
-from infer.generate import add_decoding_args
-from infer.prompts import load_tokenizer, read_prompts_file
+from infer.generate import add_decoding_args, block_size_arg
+from infer.prompts import read_prompts_file
 from infer.sampling import SamplingParams
-from orthrus_jax.checkpoint import load_model
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m infer.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model folder (convert.from_hf / from_gguf)")
+    p.add_argument("--model", default=None,
+                   help="model folder (convert.from_hf / from_gguf); default: SmolLM2-135M-"
+                        "Instruct with the shipped head (python -m infer.default_model)")
     p.add_argument("--prompts-file", required=True,
                    help="JSONL of {prompt|messages|prompt_ids}, one per line")
     p.add_argument("--limit", type=int, default=None, help="use the first N prompts only")
@@ -98,12 +101,13 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
 
 def run_bench(args: argparse.Namespace) -> dict:
     _check_args(args)
-    tokenizer = load_tokenizer(args.model) if os.path.isdir(args.model) else None
+    if args.model is None:
+        args.model = str(default_model_dir())
     items = read_prompts_file(args.prompts_file)[:args.limit]
     if not items:
         raise ValueError(f"{args.prompts_file}: no prompts")
-    gen = Generator(load_model(args.model, param_dtype=args.dtype), tokenizer,
-                    max_len=args.max_len)
+    gen = Generator.load(args.model, dtype=args.dtype, max_len=args.max_len)
+    tokenizer = gen.tokenizer
     use_chat = args.chat == "on" or (
         args.chat == "auto" and bool(getattr(tokenizer, "chat_template", None)))
     ids = [gen.encode_item(item, use_chat) for item in items]
@@ -111,8 +115,10 @@ def run_bench(args: argparse.Namespace) -> dict:
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=args.eos_id,
                   batch_size=args.batch_size)
 
+    block_size = block_size_arg(args, gen)
+    per_mode = {"orthrus": dict(block_size=block_size, adaptive=not args.no_adapt), "ar": {}}
     # Warm-up: one batch per prompt-length bucket compiles every program the rounds need.
-    warm = {mode: gen.warm_up(ids, mode=mode, **kwargs) for mode in MODES}
+    warm = {mode: gen.warm_up(ids, mode=mode, **kwargs, **per_mode[mode]) for mode in MODES}
     compile_s = {m: sum(s for k, s in gen.compile_seconds.items() if k[0] == m) for m in MODES}
 
     rounds: dict[str, list[dict]] = {m: [] for m in MODES}
@@ -120,7 +126,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     per_prompt: dict[str, list] = {}
     for _ in range(args.repeats):
         for mode in MODES:
-            results = gen.generate(ids, mode=mode, **kwargs)
+            results = gen.generate(ids, mode=mode, **kwargs, **per_mode[mode])
             rounds[mode].append(summarize(results))
             outputs[mode].append([r.token_ids for r in results])
             per_prompt[mode] = results
@@ -132,7 +138,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         best["round_seconds"] = [round(s["seconds"], 4) for s in rounds[mode]]
         best["compile_seconds"] = compile_s[mode]
         if mode != "orthrus":
-            del best["accepted_hist"]
+            del best["accepted_hist"], best["block_hist"]
         modes[mode] = best
     hist = modes["orthrus"]["accepted_hist"]  # [K]: iterations that accepted j drafts, at j
     total = sum(hist)
@@ -149,12 +155,15 @@ def run_bench(args: argparse.Namespace) -> dict:
                         "first_divergence": first_divergence(o.token_ids, a.token_ids)})
     differ = [p for p in prompts if p["first_divergence"] is not None]
     ar_tps = modes["ar"]["tokens_per_second"]
+    plans = [dataclasses.asdict(p) | {"describe": p.describe()} for p in gen.plans.values()]
     c = gen.config
     return {
         "model": str(args.model),
         "model_type": c.model_type,
         "layers": c.num_hidden_layers,
-        "block_size": c.block_size,
+        "block_size": c.block_size,  # the head's trained size
+        "decode_block_size": block_size,  # as asked: None (the trained size), K' or "auto"
+        "block_plans": plans,  # what "auto" chose, per batch shape, with its prediction
         "dtype": c.param_dtype,
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0]),
@@ -210,7 +219,13 @@ def format_report(r: dict) -> str:
     row("time to first token (s)", "time_to_first_token", ".4f")
     row("compile seconds", "compile_seconds", ".1f")
     speedup = "n/a" if r["speedup"] is None else f"{r['speedup']:.3f}x"
-    lines += ["", f"speedup (orthrus tokens/s / ar tokens/s): {speedup}", "",
+    lines += ["", f"speedup (orthrus tokens/s / ar tokens/s): {speedup}"]
+    for p in r["block_plans"]:
+        lines.append(f"block size {p['describe']}")
+    if r["decode_block_size"] not in (None, r["block_size"]) or r["block_plans"]:
+        lines.append("orthrus iterations by block size: " + ", ".join(
+            f"{k + 1}: {n}" for k, n in enumerate(o["block_hist"]) if n))
+    lines += ["",
               f"orthrus acceptance: mean accepted drafts per iteration "
               f"{o['mean_accepted_length']:.3f}",
               "iterations by tokens per iteration (accepted drafts + 1, before the cut at "

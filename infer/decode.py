@@ -8,6 +8,14 @@ One Orthrus iteration (SPEC section 3), for every active row at once:
 3. accept ``j`` drafts (greedy prefix match, or rejection sampling) and pick the next
    anchor; the row's cache length becomes ``n + j + 1``: rollback moves a length only.
 
+The block size ``K`` is a decode-time choice, independent of the size the diffusion view
+was trained at: the loop drafts ``K - 1`` tokens per iteration (``K = 1`` is a plain AR
+step). Given several sizes, :func:`run` picks one per iteration inside the loop
+(``lax.switch``): the size with the most expected tokens per second, from the tokens per
+iteration each size has committed lately (decayed counts, pulled towards a prior from the
+head's acceptance profile) and each size's measured cost per iteration. Greedy output does
+not depend on the choice.
+
 Rows stop on their own: an end-of-sequence id, their ``max_new_tokens``, or a cache that
 could not hold another verify block. Finished rows keep riding along, masked.
 """
@@ -50,6 +58,8 @@ class DecodeState:
     key: jax.Array  # PRNG key
     iterations: jax.Array  # [B] loop iterations the row was active in
     accepted_hist: jax.Array  # [B, K] iterations whose verify accepted j drafts, at j
+    block_hist: jax.Array  # [B, K] iterations the row ran at block size k, at k - 1
+    accept_stats: jax.Array  # [2, K] decayed (tokens, iterations) at block size k, at k - 1
     step: jax.Array  # [] iterations of the loop so far
 
     @property
@@ -65,6 +75,17 @@ class DecodeInputs:
     max_new_tokens: jax.Array  # [B] token budget per row (>= 1)
     eos_ids: jax.Array  # [E] end-of-sequence ids, -1 = padding
     sampling: SamplingParams
+    # Only for a choice among several block sizes (see ``run``):
+    prior: jax.Array | None = None  # [K] expected tokens per iteration at size k, at k - 1
+    costs: jax.Array | None = None  # [K] seconds per iteration at size k, at k - 1
+
+
+# Adaptive block size: how fast old counts fade per iteration at a block and per AR step
+# (slower: after a stretch of AR steps the prior brings drafting back, to test whether
+# the text has become predictable again), and how many iterations the prior is worth.
+STATS_DECAY = 0.9
+AR_STATS_DECAY = 0.98
+PRIOR_WEIGHT = 1.0
 
 
 def _is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
@@ -78,7 +99,7 @@ def _pick(key: jax.Array, logits: jax.Array, sampling: SamplingParams, greedy: b
 
 
 def _commit(state: DecodeState, new: jax.Array, count: jax.Array, cache: KVCache,
-            old_lengths: jax.Array, inputs: DecodeInputs) -> DecodeState:
+            old_lengths: jax.Array, inputs: DecodeInputs, block: int) -> DecodeState:
     """Append ``new[b, :count[b]]`` to active rows, cut at the first EOS, at the budget
     and at the cache's capacity, set cache lengths to ``old + count`` and finish rows
     that are done.
@@ -109,21 +130,43 @@ def _commit(state: DecodeState, new: jax.Array, count: jax.Array, cache: KVCache
                        FINISH_LENGTH, finish)
     finish = jnp.where((finish == RUNNING) & (lengths >= cache.max_len), FINISH_CACHE, finish)
     last = jnp.take_along_axis(new, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
+    rows_b = jnp.arange(new.shape[0])
     return dataclasses.replace(
         state, cache=KVCache(cache.k, cache.v, lengths),
         anchor=jnp.where(active, last, state.anchor), tokens=tokens,
         num_generated=num_generated, finish=finish,
         iterations=state.iterations + active.astype(jnp.int32),
-        accepted_hist=state.accepted_hist.at[jnp.arange(new.shape[0]), accepted - 1].add(
-            active.astype(jnp.int32)),
+        accepted_hist=state.accepted_hist.at[rows_b, accepted - 1].add(active.astype(jnp.int32)),
+        block_hist=state.block_hist.at[:, block - 1].add(active.astype(jnp.int32)),
+        accept_stats=_update_stats(state.accept_stats, accepted, active, block),
         step=state.step + 1)
 
 
+def _update_stats(stats: jax.Array, tokens: jax.Array, active: jax.Array,
+                  block: int) -> jax.Array:
+    """Decay the ``[2, K]`` (tokens, iterations) counts of every block size and add this
+    iteration's at ``block``: ``tokens [B]`` committed per active row (before any cut at
+    EOS or the budget)."""
+    decay = AR_STATS_DECAY if block == 1 else STATS_DECAY
+    row = jnp.stack([jnp.sum(jnp.where(active, tokens, 0)), jnp.sum(active)])
+    return (decay * stats).at[:, block - 1].add(row.astype(stats.dtype))
+
+
+def choose_block(state: DecodeState, inputs: DecodeInputs, blocks: tuple[int, ...]) -> jax.Array:
+    """Index into ``blocks`` of the size with the most expected tokens per second: tokens
+    per iteration seen lately at each size, with ``PRIOR_WEIGHT`` iterations of the prior."""
+    tokens, iterations = state.accept_stats
+    expected = (tokens + PRIOR_WEIGHT * inputs.prior) / (iterations + PRIOR_WEIGHT)
+    idx = jnp.asarray(blocks) - 1
+    return jnp.argmax(expected[idx] / inputs.costs[idx]).astype(jnp.int32)
+
+
 def orthrus_step(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs,
-                 greedy: bool) -> DecodeState:
-    """One draft + verify + accept iteration for every active row."""
+                 greedy: bool, block: int) -> DecodeState:
+    """One draft + verify + accept iteration for every active row, drafting ``block - 1``
+    tokens (``block`` need not be the size the diffusion view was trained at)."""
     c = model.config
-    K = c.block_size
+    K = block
     B = state.anchor.shape[0]
     key, k_draft, k_accept = jax.random.split(state.key, 3)
     cache = state.cache
@@ -146,17 +189,18 @@ def orthrus_step(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs,
     new = jnp.where(jnp.arange(K)[None, :] == j[:, None], nxt[:, None],
                     jnp.concatenate([drafts, drafts[:, :1]], axis=1))
     state = dataclasses.replace(state, key=key)
-    return _commit(state, new, j + 1, verified, cache.lengths, inputs)
+    return _commit(state, new, j + 1, verified, cache.lengths, inputs, K)
 
 
 def ar_step(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs,
-            greedy: bool) -> DecodeState:
+            greedy: bool, block: int = 1) -> DecodeState:
     """One plain AR step for every active row: the baseline in the same engine."""
     key, k_pick = jax.random.split(state.key)
     hidden, cache = model.forward(state.anchor[:, None], state.cache)
     nxt = _pick(k_pick, model.logits(hidden[:, 0]), inputs.sampling, greedy)
     state = dataclasses.replace(state, key=key)
-    return _commit(state, nxt[:, None], jnp.ones_like(nxt), cache, state.cache.lengths, inputs)
+    return _commit(state, nxt[:, None], jnp.ones_like(nxt), cache, state.cache.lengths, inputs,
+                   1)
 
 
 def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array, inputs: DecodeInputs,
@@ -165,8 +209,8 @@ def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array, input
           rules: Rules | None = None) -> DecodeState:
     """Prefill right-padded ``prompts [B, P]`` and pick each row's first token.
 
-    ``block``: the most tokens one iteration commits (K for Orthrus, 1 for AR), the size
-    of the acceptance histogram.
+    ``block``: the most tokens one iteration commits (the largest block size the loop
+    will run, 1 for AR), the size of the acceptance histogram.
 
     With ``mesh``, the cache is laid out by the logical-axis ``rules`` (batch over the
     data axes, KV heads over ``tensor``), matching a model placed with the same rules.
@@ -180,20 +224,42 @@ def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array, input
     zeros = jnp.zeros((B,), jnp.int32)
     state = DecodeState(cache=cache, anchor=first, tokens=jnp.zeros((B, out_len), jnp.int32),
                         num_generated=zeros, finish=zeros, key=key, iterations=zeros,
-                        accepted_hist=jnp.zeros((B, block), jnp.int32), step=jnp.int32(0))
-    state = _commit(state, first[:, None], jnp.ones_like(first), cache, cache.lengths, inputs)
+                        accepted_hist=jnp.zeros((B, block), jnp.int32),
+                        block_hist=jnp.zeros((B, block), jnp.int32),
+                        accept_stats=jnp.zeros((2, block), jnp.float32),
+                        step=jnp.int32(0))
+    first_state = _commit(state, first[:, None], jnp.ones_like(first), cache, cache.lengths,
+                          inputs, 1)
     # The first token is the anchor: generated, not yet in the cache.
-    return dataclasses.replace(state, cache=cache, iterations=zeros, step=jnp.int32(0),
-                               accepted_hist=jnp.zeros_like(state.accepted_hist))
+    return dataclasses.replace(first_state, cache=cache, iterations=zeros, step=jnp.int32(0),
+                               accepted_hist=state.accepted_hist,
+                               block_hist=state.block_hist, accept_stats=state.accept_stats)
 
 
 def run(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs, max_steps: jax.Array, *,
-        mode: str, greedy: bool) -> DecodeState:
-    """Iterate until every row is done or ``max_steps`` more iterations have run."""
-    step_fn = {"orthrus": orthrus_step, "ar": ar_step}[mode]
+        blocks: tuple[int, ...], greedy: bool) -> DecodeState:
+    """Iterate until every row is done or ``max_steps`` more iterations have run.
+
+    ``blocks``: the block size of every iteration (``(1,)``: plain AR; ``(K,)``: Orthrus
+    drafting ``K - 1`` tokens), or several sizes to choose among per iteration
+    (:func:`choose_block`, which needs ``inputs.prior`` and ``inputs.costs``). Only
+    the sampled rows' random draws depend on the sizes chosen, never their distribution.
+    """
     limit = state.step + max_steps
+
+    def step_fn(k: int):
+        fn = ar_step if k == 1 else orthrus_step
+        return lambda s: fn(model, s, inputs, greedy, k)
+
+    if len(blocks) == 1:
+        body = step_fn(blocks[0])
+    else:
+        branches = [step_fn(k) for k in blocks]
+
+        def body(s: DecodeState) -> DecodeState:
+            return jax.lax.switch(choose_block(s, inputs, blocks), branches, s)
 
     def cond(s: DecodeState) -> jax.Array:
         return jnp.any(~s.done) & (s.step < limit)
 
-    return jax.lax.while_loop(cond, lambda s: step_fn(model, s, inputs, greedy), state)
+    return jax.lax.while_loop(cond, body, state)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from infer.block_size import CANDIDATE_BLOCKS, AcceptanceProfile, BlockPlan, CostTable, plan
 from infer.decode import FINISH_REASONS, DecodeInputs, run, start
 from infer.prompts import load_tokenizer
 from infer.sampling import SamplingParams
@@ -50,6 +51,7 @@ class GenerationResult:
     tokens_per_iteration: float  # tokens committed per iteration, first token excluded
     tokens_per_second: float  # generated tokens / wall time of the batch, compile excluded
     accepted_hist: list[int]  # [K] iterations whose verify accepted 0 .. K-1 drafts
+    block_hist: list[int]  # [K] iterations run at block size 1 .. K (1: plain AR steps)
     seconds: float  # wall time of the batch this prompt ran in
     time_to_first_token: float  # prefill + first token, wall time of the batch
     batch: int = 0  # index of that batch within the generate call
@@ -78,6 +80,7 @@ def summarize(results: Sequence[GenerationResult]) -> dict:
         "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
         "time_to_first_token": float(np.mean([r.time_to_first_token for r in batches])),
         "accepted_hist": np.sum([r.accepted_hist for r in results], axis=0).tolist(),
+        "block_hist": np.sum([r.block_hist for r in results], axis=0).tolist(),
     }
 
 
@@ -85,20 +88,34 @@ class Generator:
     """A model with its compiled decode programs, cached per bucketed shape.
 
     ``max_len`` caps the KV cache (default: the model's ``max_position_embeddings``);
-    prompts longer than ``chunk_size`` are prefilled in chunks of that size.
+    prompts longer than ``chunk_size`` are prefilled in chunks of that size. ``profile``
+    (the head's acceptance, see :mod:`infer.block_size`) enables ``block_size="auto"``;
+    its pass-cost tables are kept under ``cost_root`` (default: the user cache folder).
     """
 
     def __init__(self, model: OrthrusLM, tokenizer: Any = None, *, chunk_size: int = 512,
                  max_len: int | None = None, mesh: Mesh | None = None,
-                 rules: Rules | None = None):
+                 rules: Rules | None = None, profile: AcceptanceProfile | None = None,
+                 cost_root: str | Path | None = None):
         self._model = model
         self.config = model.config
         self.tokenizer = tokenizer
         self.chunk_size = chunk_size
         self.max_len = max_len or self.config.max_position_embeddings
         self.mesh, self.rules = mesh, rules
+        self.profile, self.cost_root = profile, cost_root
         self._compiled: dict[tuple, tuple[Callable, Callable]] = {}
+        self.plans: dict[tuple, BlockPlan] = {}  # block plans chosen by "auto", by key
         self.compile_seconds: dict[tuple, float] = {}
+
+    @classmethod
+    def load(cls, model_dir: str | Path, *, dtype: str | None = None, mesh: Mesh | None = None,
+             **kwargs) -> Generator:
+        """The engine for a model folder: its weights (cast to ``dtype``, placed on
+        ``mesh``), tokenizer and acceptance profile. ``kwargs`` go to the constructor."""
+        return cls(load_model(model_dir, param_dtype=dtype, mesh=mesh),
+                   load_tokenizer(model_dir), mesh=mesh,
+                   profile=AcceptanceProfile.load(model_dir), **kwargs)
 
     @property
     def model(self) -> OrthrusLM:
@@ -152,18 +169,29 @@ class Generator:
                              f"{self.max_len} tokens (at least one position must stay free)")
 
     # ----------------------------------------------------------------- compile
-    def _programs(self, mode: str, greedy: bool, batch: int, prompt_len: int, out_len: int,
-                  n_eos: int):
-        """Compiled (start, run) for one bucketed shape; compile time is recorded."""
-        c = self.config
-        room = c.block_size if mode == "orthrus" else 1
+    def _room(self, mode: str) -> int:
+        """The most tokens one iteration may commit: the head's trained block (whatever
+        size decodes) for Orthrus, 1 for AR. It sizes the cache and the histograms."""
+        return self.config.block_size if mode == "orthrus" else 1
+
+    def _max_len(self, mode: str, prompt_len: int, out_len: int) -> int:
+        return min(_bucket(prompt_len + out_len + self._room(mode)), self.max_len)
+
+    def _programs(self, mode: str, blocks: tuple[int, ...], greedy: bool, batch: int,
+                  prompt_len: int, out_len: int, n_eos: int):
+        """Compiled (start, run) for one bucketed shape and block plan; compile time is
+        recorded."""
+        room = self._room(mode)
         chunk = self.chunk_size if prompt_len > self.chunk_size else None
-        max_len = min(_bucket(prompt_len + out_len + room), self.max_len)
-        key = (mode, greedy, batch, prompt_len, out_len, max_len, n_eos)
+        max_len = self._max_len(mode, prompt_len, out_len)
+        key = (mode, blocks, greedy, batch, prompt_len, out_len, max_len, n_eos)
         if key not in self._compiled:
             t0 = time.perf_counter()
+            adaptive = len(blocks) > 1
             inputs = DecodeInputs(jnp.zeros((batch,), jnp.int32), jnp.zeros((n_eos,), jnp.int32),
-                                  SamplingParams.make(1.0))
+                                  SamplingParams.make(1.0),
+                                  jnp.zeros((room,), jnp.float32) if adaptive else None,
+                                  jnp.ones((room,), jnp.float32) if adaptive else None)
             prompts = jnp.zeros((batch, prompt_len), jnp.int32)
             lengths = jnp.ones((batch,), jnp.int32)
             start_fn = jax.jit(
@@ -174,7 +202,7 @@ class Generator:
                                      jax.random.key(0)).compile()
             state = jax.eval_shape(start_fn, self.model, prompts, lengths, inputs,
                                    jax.random.key(0))
-            run_fn = jax.jit(lambda m, s, i, n: run(m, s, i, n, mode=mode, greedy=greedy),
+            run_fn = jax.jit(lambda m, s, i, n: run(m, s, i, n, blocks=blocks, greedy=greedy),
                              donate_argnums=1)
             run_c = run_fn.lower(self.model, state, inputs, jnp.int32(0)).compile()
             self._compiled[key] = (start_c, run_c)
@@ -197,11 +225,20 @@ class Generator:
         stream: Callable[[int, list[int]], None] | None = None,
         stream_every: int = 1,
         labels: Sequence[Any] | None = None,
+        block_size: int | str | None = None,
+        adaptive: bool = True,
     ) -> list[GenerationResult]:
         """Generate for each prompt (a list of token ids); results in prompt order.
 
         ``stream(index, new_ids)`` is called with each prompt's newly committed tokens every
         ``stream_every`` loop iterations; without it the whole loop is one compiled call.
+
+        ``block_size`` (Orthrus mode): the block drafted per iteration, ``1 <= K' <= K``
+        (the head's trained ``K``, the default), or ``"auto"``: the size with the most
+        expected tokens/s on this machine (see :meth:`block_plan`), switching to AR steps
+        and back as the acceptance seen while decoding suggests when ``adaptive`` and
+        greedy. The output does not depend on it (greedy: token for token; sampling: in
+        distribution).
         """
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: choose one of {MODES}")
@@ -209,7 +246,10 @@ class Generator:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
         sampling = SamplingParams.make(temperature, top_k, top_p)
         greedy = temperature == 0.0
-        room = self.config.block_size if mode == "orthrus" else 1
+        room = self._room(mode)
+        if mode == "ar" and block_size not in (None, 1):
+            raise ValueError(f"block_size={block_size!r} applies to mode 'orthrus' only")
+        self._check_block_size(block_size)
         for ids in prompts:
             self._check_ids(ids)
         eos = [int(t) for t in (self.config.eos_token_id if eos_ids is None else eos_ids)]
@@ -221,8 +261,12 @@ class Generator:
         for lo in range(0, len(prompts), batch_size):
             key, sub = jax.random.split(key)
             rows = list(prompts[lo:lo + batch_size])
-            results += self._batch(rows, lo, batch_size, out_len, mode, greedy, sampling,
-                                   max_new_tokens, eos_arr, sub, stream, stream_every)
+            prompt_len = self._prompt_bucket(rows)
+            block_plan = BlockPlan((1,), 1) if mode == "ar" else self.block_plan(
+                block_size, greedy=greedy, batch_size=batch_size,
+                max_len=self._max_len(mode, prompt_len, out_len), adaptive=adaptive)
+            results += self._batch(rows, lo, batch_size, out_len, mode, block_plan, greedy,
+                                   sampling, max_new_tokens, eos_arr, sub, stream, stream_every)
         for r, label in zip(results, labels or [None] * len(results), strict=True):
             r.prompt = label if labels is not None else r.prompt_ids
         return results
@@ -253,12 +297,47 @@ class Generator:
             prompt_len = -(-longest // self.chunk_size) * self.chunk_size
         return prompt_len
 
-    def _batch(self, rows, offset, batch_size, out_len, mode, greedy, sampling, max_new, eos,
-               key, stream, stream_every) -> list[GenerationResult]:
+    # ----------------------------------------------------------------- block size
+    def _check_block_size(self, block_size: int | str | None) -> None:
+        K = self.config.block_size
+        if block_size is None or block_size == "auto":
+            if block_size == "auto" and self.profile is None:
+                raise ValueError(
+                    "block size 'auto' needs the head's acceptance profile (acceptance.json "
+                    "in the model folder): measure it with python -m infer.calibrate --model "
+                    "DIR, or give a block size")
+            return
+        if isinstance(block_size, str) or not 1 <= int(block_size) <= K:
+            raise ValueError(f"block size {block_size!r}: choose 'auto' or an integer from 1 "
+                             f"to {K} (the size this head was trained at)")
+
+    def block_plan(self, block_size: int | str | None, *, greedy: bool = True,
+                   batch_size: int = 1, max_len: int | None = None,
+                   adaptive: bool = True) -> BlockPlan:
+        """The block sizes a batch decodes with. ``"auto"`` measures (once per machine,
+        model shape, batch size and cache length; then cached on disk) the cost of an
+        iteration at each candidate size up to the head's, and maximises expected
+        tokens/s under the head's acceptance profile; sampled batches keep one size."""
+        self._check_block_size(block_size)
+        K = self.config.block_size
+        if block_size != "auto":
+            k = K if block_size is None else int(block_size)
+            return BlockPlan((k,), k)
+        max_len = max_len or self.max_len
+        key = (greedy and adaptive, batch_size, max_len)
+        if key not in self.plans:
+            table = CostTable(self.config, batch_size, max_len, self.cost_root)
+            table.ensure(self.model, [k for k in CANDIDATE_BLOCKS if k <= K])
+            self.plans[key] = plan(self.profile, table.seconds, max_block=K,
+                                    adaptive=greedy and adaptive)
+        return self.plans[key]
+
+    def _batch(self, rows, offset, batch_size, out_len, mode, block_plan, greedy, sampling,
+               max_new, eos, key, stream, stream_every) -> list[GenerationResult]:
         n = len(rows)
         prompt_len = self._prompt_bucket(rows)
-        start_c, run_c = self._programs(mode, greedy, batch_size, prompt_len, out_len,
-                                        eos.shape[0])
+        start_c, run_c = self._programs(mode, block_plan.blocks, greedy, batch_size, prompt_len,
+                                        out_len, eos.shape[0])
         padded = np.zeros((batch_size, prompt_len), np.int32)
         lengths = np.ones((batch_size,), np.int32)
         for i, r in enumerate(rows):
@@ -266,7 +345,13 @@ class Generator:
             lengths[i] = len(r)
         budget = np.full((batch_size,), max_new, np.int32)
         budget[n:] = 1  # padding rows finish with their first token
-        inputs = DecodeInputs(jnp.asarray(budget), eos, sampling)
+        prior = costs = None
+        if block_plan.adaptive:
+            prior, costs = (np.ones((self._room(mode),), np.float32) for _ in range(2))
+            prior[:len(block_plan.prior)] = block_plan.prior
+            costs[:len(block_plan.costs)] = block_plan.costs
+            prior, costs = jnp.asarray(prior), jnp.asarray(costs)
+        inputs = DecodeInputs(jnp.asarray(budget), eos, sampling, prior, costs)
 
         t0 = time.perf_counter()
         state = start_c(self.model, jnp.asarray(padded), jnp.asarray(lengths), inputs, key)
@@ -288,6 +373,7 @@ class Generator:
         finish = np.asarray(state.finish)
         iterations = np.asarray(state.iterations)
         hist = np.asarray(state.accepted_hist)
+        block_hist = np.asarray(state.block_hist)
         out = []
         for i, r in enumerate(rows):
             ids = tokens[i, :counts[i]].tolist()
@@ -297,6 +383,7 @@ class Generator:
                 text=self.decode_text(ids), finish_reason=FINISH_REASONS[int(finish[i])],
                 iterations=it, tokens_per_iteration=(len(ids) - 1) / it if it else 0.0,
                 tokens_per_second=len(ids) / seconds, accepted_hist=hist[i].tolist(),
+                block_hist=block_hist[i].tolist(),
                 seconds=seconds, time_to_first_token=ttft, batch=offset // batch_size))
         return out
 
@@ -314,6 +401,6 @@ def generate(model_dir: str | Path, prompts: Sequence[str | Sequence[int]], *,
 
     Keyword arguments are those of :meth:`Generator.generate`.
     """
-    gen = Generator(load_model(model_dir, param_dtype=dtype), load_tokenizer(model_dir))
+    gen = Generator.load(model_dir, dtype=dtype)
     ids = [gen.encode(p, chat) if isinstance(p, str) else list(p) for p in prompts]
     return gen.generate(ids, labels=list(prompts), **kwargs)

@@ -13,10 +13,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from infer.default_model import default_model_dir
 from infer.engine import MODES, Generator, summarize
-from infer.prompts import load_tokenizer, read_prompts_file
+from infer.prompts import read_prompts_file
 from infer.sampling import SamplingParams
-from orthrus_jax.checkpoint import load_model
 from orthrus_jax.sharding import make_mesh
 
 
@@ -39,17 +39,51 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
                    help="parameter and compute dtype (default: as stored)")
     p.add_argument("--max-len", type=int, default=None,
                    help="KV cache capacity (default: the model's max_position_embeddings)")
+    p.add_argument("--block-size", type=parse_block_size, default=None,
+                   help="Orthrus block size: 'auto' (the fastest on this machine, from measured "
+                        "pass costs and the head's acceptance profile; the default when the "
+                        "model folder has acceptance.json) or 1..K (K: the head's trained size, "
+                        "the default otherwise)")
+    p.add_argument("--no-adapt", action="store_true",
+                   help="with --block-size auto: keep the chosen size for the whole answer "
+                        "instead of switching to AR steps and back by the acceptance seen")
+
+
+def parse_block_size(text: str) -> int | str:
+    """``--block-size``: ``auto`` or a positive integer."""
+    if text == "auto":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 'auto' or an integer >= 1")
+    return k
+
+
+def block_size_arg(args: argparse.Namespace, gen: Generator) -> int | str | None:
+    """The block size to decode with: the flag, else 'auto' where the model has a profile."""
+    if args.block_size is not None:
+        return args.block_size
+    return "auto" if gen.profile is not None else None
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model folder (convert.from_hf / from_gguf)")
+    p.add_argument("--model", default=None,
+                   help="model folder (convert.from_hf / from_gguf); default: SmolLM2-135M-"
+                        "Instruct with the shipped head, fetched and converted on first use "
+                        "(python -m infer.default_model)")
     p.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable)")
     p.add_argument("--prompt-ids", action="append", default=[],
                    help="comma-separated token ids (repeatable)")
     p.add_argument("--prompts-file", help="JSONL of {prompt|messages|prompt_ids}")
-    p.add_argument("--chat", action="store_true", help="wrap text prompts in the chat template")
+    p.add_argument("--chat", nargs="?", choices=("auto", "on", "off"), const="on",
+                   default="auto",
+                   help="wrap text prompts in the chat template: auto = when the tokenizer has "
+                        "one (default), --chat = on; messages always use it")
     p.add_argument("--mode", choices=MODES, default="orthrus")
     p.add_argument("--max-new-tokens", type=int, default=256)
     add_decoding_args(p)
@@ -60,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true",
                    help="print text as it is committed (one prompt at a time)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    p.add_argument("--compare-ar", action="store_true",
+                   help="also decode the prompts with plain AR steps and print Orthrus's speed "
+                        "against it (and whether the tokens match)")
     return p
 
 
@@ -75,13 +112,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     SamplingParams.make(args.temperature, args.top_k, args.top_p)  # fail before loading
     mesh = make_mesh(args.mesh) if args.mesh else None
-    gen = Generator(load_model(args.model, param_dtype=args.dtype, mesh=mesh),
-                    load_tokenizer(args.model), max_len=args.max_len, mesh=mesh)
+    if args.model is None:
+        args.model = default_model_dir()
+    gen = Generator.load(args.model, dtype=args.dtype, mesh=mesh, max_len=args.max_len)
+    chat = args.chat == "on" or (
+        args.chat == "auto" and bool(getattr(gen.tokenizer, "chat_template", None)))
     labels: list[Any] = []
     ids: list[list[int]] = []
     for text in args.prompt:
         labels.append(text)
-        ids.append(gen.encode(text, args.chat))
+        ids.append(gen.encode(text, chat))
     for text in args.prompt_ids:
         labels.append(_parse_ids(text))
         ids.append(labels[-1])
@@ -89,7 +129,7 @@ def _main(args: argparse.Namespace) -> int:
         for item in read_prompts_file(args.prompts_file):
             labels.append(next(item[k] for k in ("prompt_ids", "messages", "prompt")
                                if k in item))
-            ids.append(gen.encode_item(item, args.chat))
+            ids.append(gen.encode_item(item, chat))
     if not ids:
         raise ValueError("no prompts: give --prompt, --prompt-ids or --prompts-file")
 
@@ -111,11 +151,13 @@ def _main(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             printed[i] = len(text)
 
+    block_size = block_size_arg(args, gen) if args.mode == "orthrus" else None
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=args.eos_id,
+                   batch_size=batch_size)
     t0 = time.perf_counter()
-    results = gen.generate(ids, mode=args.mode, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           seed=args.seed, eos_ids=args.eos_id, batch_size=batch_size,
-                           stream=stream, labels=labels)
+    results = gen.generate(ids, mode=args.mode, stream=stream, labels=labels,
+                           block_size=block_size, adaptive=not args.no_adapt, **options)
     wall = time.perf_counter() - t0
     if args.stream:
         print()
@@ -132,6 +174,14 @@ def _main(args: argparse.Namespace) -> int:
               f"{t['tokens_per_iteration']:.2f} tokens/iteration, "
               f"{t['tokens_per_second']:.1f} tokens/s (decode {t['seconds']:.2f} s, "
               f"compile {compile_s:.1f} s, total {wall:.1f} s)", file=sys.stderr)
+        for plan in {p.describe() for p in gen.plans.values()}:
+            print(f"[{args.mode}] {plan}", file=sys.stderr)
+    if args.compare_ar and args.mode == "orthrus":
+        ar = gen.generate(ids, mode="ar", **options)
+        o_tps, a_tps = summarize(results)["tokens_per_second"], summarize(ar)["tokens_per_second"]
+        same = sum(r.token_ids == a.token_ids for r, a in zip(results, ar, strict=True))
+        print(f"[ar] {a_tps:.1f} tokens/s; orthrus {o_tps / a_tps:.2f}x AR; "
+              f"{same} of {len(ar)} outputs identical", file=sys.stderr)
     return 0
 
 

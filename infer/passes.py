@@ -82,16 +82,18 @@ def bytes_read(model: OrthrusLM, view: str, cache: KVCache, context: int) -> int
     return weights + context * per_position
 
 
-def measure(model: OrthrusLM, *, batch_size: int = 1, context: int = 2048, repeats: int = 10,
-            copy_mib: int = 1024, seed: int = 0) -> dict:
-    """Time the three passes over a cache filled to ``context``; see the module doc."""
+def time_passes(model: OrthrusLM, *, blocks: Sequence[int], batch_size: int = 1,
+                context: int = 2048, repeats: int = 10, seed: int = 0) -> dict:
+    """Median seconds of the decode passes over a cache filled to ``context`` positions
+    (of ``context + max(blocks)``): ``{"ar_step": s, "diffusion_pass": {K: s},
+    "verify_pass": {K: s}}`` for every ``K >= 2`` in ``blocks``. Compile excluded."""
     c = model.config
-    K = c.block_size
     if context < 1:
         raise ValueError(f"context={context} must be >= 1")
-    max_len = context + K
+    blocks = sorted({int(k) for k in blocks if k >= 2})
+    max_len = context + max(blocks, default=1)
     if max_len > c.max_position_embeddings:
-        raise ValueError(f"context {context} + block {K} exceeds the model's "
+        raise ValueError(f"context {context} + block {max_len - context} exceeds the model's "
                          f"max_position_embeddings {c.max_position_embeddings}")
     model = unstack_layers(model)
     rng = np.random.default_rng(seed)
@@ -99,10 +101,8 @@ def measure(model: OrthrusLM, *, batch_size: int = 1, context: int = 2048, repea
     # Random K/V (their values do not change the cost) in the first `context` positions.
     kv = jax.random.normal(jax.random.key(seed), cache.k.shape, cache.k.dtype)
     cache = KVCache(kv, kv * 0.5, jnp.full((batch_size,), context, jnp.int32))
-    tokens = jnp.asarray(rng.integers(0, c.vocab_size, (batch_size, K)), jnp.int32)
-    block = tokens.at[:, 1:].set(c.mask_token_id if c.mask_token_id is not None else 0)
-
     lengths = cache.lengths
+    mask = c.mask_token_id if c.mask_token_id is not None else 0
 
     def ar(m, t, k, v):  # lengths stay at `context`: every call writes the same positions
         hidden, cache = m.forward(t, KVCache(k, v, lengths))
@@ -119,22 +119,39 @@ def measure(model: OrthrusLM, *, batch_size: int = 1, context: int = 2048, repea
             return logits
         return call
 
-    passes = {  # name: (call, view whose weights it reads)
-        "ar_step": (ar_call(tokens[:, :1]), "attn"),
-        "diffusion_pass": (lambda: diffusion_fn(model, block, held[0]), "diff_attn"),
-        "verify_pass": (ar_call(tokens), "attn"),
-    }
+    def tokens(k: int) -> jax.Array:
+        return jnp.asarray(rng.integers(0, c.vocab_size, (batch_size, k)), jnp.int32)
+
+    out: dict = {"ar_step": _median_seconds(ar_call(tokens(1)), repeats),
+                 "diffusion_pass": {}, "verify_pass": {}}
+    for k in blocks:
+        block = tokens(k).at[:, 1:].set(mask)
+        out["diffusion_pass"][k] = _median_seconds(
+            lambda b=block: diffusion_fn(model, b, held[0]), repeats)
+        out["verify_pass"][k] = _median_seconds(ar_call(tokens(k)), repeats)
+    return out
+
+
+def measure(model: OrthrusLM, *, batch_size: int = 1, context: int = 2048, repeats: int = 10,
+            copy_mib: int = 1024, seed: int = 0) -> dict:
+    """Time the three passes over a cache filled to ``context``; see the module doc."""
+    c = model.config
+    K = c.block_size
+    seconds = time_passes(model, blocks=[K], batch_size=batch_size, context=context,
+                          repeats=repeats, seed=seed)
     bandwidth = copy_bandwidth(copy_mib)
+    cache = init_cache(c, batch_size, 1)
     out = {"model_type": c.model_type, "layers": c.num_hidden_layers,
            "hidden_size": c.hidden_size, "block_size": K, "dtype": c.dtype,
            "batch_size": batch_size, "context": context, "backend": jax.default_backend(),
            "device": str(jax.devices()[0]), "copy_bandwidth_gb_s": bandwidth / 1e9,
            "passes": {}}
-    for name, (call, view) in passes.items():
-        seconds = _median_seconds(call, repeats)
-        floor = bytes_read(model, view, held[0], context) / bandwidth
-        out["passes"][name] = {"seconds": seconds, "floor_seconds": floor,
-                               "ratio_to_floor": seconds / floor}
+    for name, view, t in (("ar_step", "attn", seconds["ar_step"]),
+                          ("diffusion_pass", "diff_attn", seconds["diffusion_pass"][K]),
+                          ("verify_pass", "attn", seconds["verify_pass"][K])):
+        floor = bytes_read(model, view, cache, context) / bandwidth
+        out["passes"][name] = {"seconds": t, "floor_seconds": floor,
+                               "ratio_to_floor": t / floor}
     return out
 
 

@@ -49,7 +49,8 @@ def test_json_rows_for_every_kind_of_prompt(chat_dir, tmp_path):
                        + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
                        + json.dumps({"prompt_ids": [5, 6, 7]}) + "\n")
     rows = run_json("--model", chat_dir, "--prompt", "the cat", "--prompt-ids", "3,4,5",
-                    "--prompts-file", prompts, "--max-new-tokens", 9, "--eos-id", -1)
+                    "--prompts-file", prompts, "--max-new-tokens", 9, "--eos-id", -1,
+                    "--chat", "off")
     assert [r["prompt"] for r in rows] == ["the cat", [3, 4, 5], "hello",
                                            [{"role": "user", "content": "hi"}], [5, 6, 7]]
     tok = tiny_chat_tokenizer()
@@ -60,7 +61,7 @@ def test_json_rows_for_every_kind_of_prompt(chat_dir, tmp_path):
         assert r["iterations"] >= 1 and r["tokens_per_second"] > 0
     # The same prompts one by one, and through the Python API, give the same tokens.
     [alone] = run_json("--model", chat_dir, "--prompt", "the cat", "--max-new-tokens", 9,
-                       "--eos-id", -1)
+                       "--eos-id", -1, "--chat", "off")
     assert alone["token_ids"] == rows[0]["token_ids"]
     [api] = engine.generate(chat_dir, ["the cat"], max_new_tokens=9, eos_ids=[-1])
     assert api.token_ids == rows[0]["token_ids"] and api.prompt == "the cat"
@@ -68,13 +69,16 @@ def test_json_rows_for_every_kind_of_prompt(chat_dir, tmp_path):
 
 def test_chat_template_and_modes_agree(chat_dir):
     [plain] = run_json("--model", chat_dir, "--prompt", "hi", "--max-new-tokens", 6,
-                       "--eos-id", -1)
+                       "--eos-id", -1, "--chat", "off")
+    [auto] = run_json("--model", chat_dir, "--prompt", "hi", "--max-new-tokens", 6,
+                      "--eos-id", -1)  # the tokenizer has a template: used by default
     [chat] = run_json("--model", chat_dir, "--prompt", "hi", "--chat", "--max-new-tokens", 6,
                       "--eos-id", -1)
     [msgs] = run_json("--model", chat_dir, "--prompt", "hi", "--chat", "--mode", "ar",
                       "--max-new-tokens", 6, "--eos-id", -1)
     assert chat["token_ids"] == msgs["token_ids"]  # greedy orthrus == greedy AR
     assert chat["token_ids"] != plain["token_ids"]  # the template changed the prompt
+    assert auto["token_ids"] == chat["token_ids"]
     assert msgs["tokens_per_iteration"] == 1.0
 
 
