@@ -11,6 +11,8 @@ OUT receives:
   position), every ``--save-every`` steps, the last ``--keep`` kept;
 - ``metrics.jsonl``: one line per logged step (loss, accuracy, lr, grad norm, tokens/s,
   drafted positions, sequences skipped for having no possible anchor) and per evaluation;
+- ``curves.png``: loss, draft accuracy and held-out tokens per iteration by step, redrawn
+  at every checkpoint;
 - ``model/``: the final model folder (config.json + params), ready for
   ``python -m infer.generate`` and ``python -m convert.to_hf``.
 
@@ -45,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=None,
-                   help="diffusion block size K (default: the model's; written to its config)")
+                   help="diffusion block size K (default: the model's, or --init-head's; "
+                        "written to its config)")
+    p.add_argument("--init-head", default=None,
+                   help="start from this head file's diffusion tensors (python -m "
+                        "convert.head export), e.g. to continue a shipped head")
     p.add_argument("--anchors-per-seq", type=int, default=256)
     p.add_argument("--anchors-on-assistant", action="store_true",
                    help="only anchors whose first drafted token is an assistant token")
@@ -142,6 +148,10 @@ def run(args: argparse.Namespace) -> int:
                               "choose another --out")
 
     model = load_model(args.model, mesh=mesh, param_dtype=args.dtype)
+    if args.init_head:
+        from convert.head import apply_head
+
+        model = apply_head(model, args.init_head)
     if args.block_size is not None:
         model.config = model.config.replace(block_size=args.block_size)
     config = model.config
@@ -202,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
                    "prompts": len(results), "seconds": time.perf_counter() - t0})
 
     def save(state, step: int) -> None:
+        _draw_curves(out)
         manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             meta=ocp.args.JsonSave({"step": step, "data": batches.state(),
@@ -221,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"stopped after step {end} of {args.steps}: continue with --resume")
         return 0
     evaluate(state, end)
+    _draw_curves(out)
     _save_final(trainer.model(state), out / "model", args.model)
     return 0
 
@@ -235,37 +247,64 @@ def _train_loop(args, trainer, batches, state, start: int, end: int, save, evalu
         from tqdm import tqdm
 
         progress = tqdm(total=args.steps, initial=start, unit="step", dynamic_ncols=True)
-    t_last, since = time.perf_counter(), 0
-    for step in range(start + 1, end + 1):
+    t_last, last_step = time.perf_counter(), start
+    pending: tuple[int, dict] | None = None  # a dispatched step whose metrics await logging
+
+    def log(step: int, metrics: dict) -> None:
+        nonlocal t_last, last_step
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(metrics["loss"]):
+            raise TrainingDiverged(
+                f"loss is {metrics['loss']} at step {step}: stopping without saving; the "
+                f"last good checkpoint in {ckpt_dir} is unchanged")
+        now = time.perf_counter()  # the step has finished: its metrics are here
+        rate = tokens_per_step * (step - last_step) / max(now - t_last, 1e-9)
+        t_last, last_step = now, step
+        _log(out, {"event": "train", "step": step, **metrics, "tokens_per_second": rate,
+                   "skipped_sequences": batches.skipped_sequences})
+        if progress is not None:
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                 tok_s=f"{rate:.0f}")
+
+    def next_batch() -> dict:
         micro = [next(batches) for _ in range(args.grad_accum)]
-        batch = {name: _global_array(trainer, np.stack([getattr(b, name) for b in micro]))
-                 for name in BATCH_KEYS}
+        return {name: _global_array(trainer, np.stack([getattr(b, name) for b in micro]))
+                for name in BATCH_KEYS}
+
+    # The host never waits on a step it has just dispatched: while step t runs, it logs
+    # step t - 1 (already finished) and prepares the batch of step t + 1.
+    batch = next_batch()
+    for step in range(start + 1, end + 1):
         state, metrics = trainer.step(state, batch)
-        since += 1
+        if pending is not None:
+            log(*pending)
+            pending = None
         saving = step % args.save_every == 0 or step == end
         if step % args.log_every == 0 or saving:
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not math.isfinite(metrics["loss"]):
-                raise TrainingDiverged(
-                    f"loss is {metrics['loss']} at step {step}: stopping without saving; the "
-                    f"last good checkpoint in {ckpt_dir} is unchanged")
-            now = time.perf_counter()
-            rate = tokens_per_step * since / max(now - t_last, 1e-9)
-            t_last, since = now, 0
-            _log(out, {"event": "train", "step": step, **metrics, "tokens_per_second": rate,
-                       "skipped_sequences": batches.skipped_sequences})
-            if progress is not None:
-                progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                     tok_s=f"{rate:.0f}")
+            pending = (step, metrics)
+        if step < end:
+            batch = next_batch()
         if progress is not None:
             progress.update(1)
-        if saving:
+        if saving:  # the loss of a step is checked before its state is saved
+            log(*pending)
+            pending = None
             save(state, step)
         if args.eval_every and step % args.eval_every == 0 and step != args.steps:
             evaluate(state, step)
+    if pending is not None:
+        log(*pending)
     if progress is not None:
         progress.close()
     return state
+
+
+def _draw_curves(out: Path) -> None:
+    """``curves.png`` beside ``metrics.jsonl`` (process 0)."""
+    if jax.process_index() == 0 and (out / "metrics.jsonl").is_file():
+        from train.curves import plot_curves
+
+        plot_curves(out / "metrics.jsonl")
 
 
 def _abstract(state):

@@ -63,9 +63,20 @@ def test_run_writes_metrics_checkpoints_and_a_usable_model(workdir, tmp_path):
     before, after = diffusion(workdir / "model"), diffusion(out / "model")
     assert any(not np.array_equal(before[k], after[k]) for k in before)
     assert (out / "model" / "tokenizer.json").is_file()
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from convert.to_hf import export  # the trained model exports to the HF layout
     export(out / "model", tmp_path / "hf")
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+    # Its head, exported, starts a new run (--init-head) where this one ended.
+    from convert.head import save_head
+    head = save_head(load_model(out / "model"), tmp_path / "head.safetensors", dtype="float32")
+    again = tmp_path / "again"
+    assert main(args(workdir, again, "--steps", "1", "--lr", "1e-12", "--init-head",
+                     str(head))) == 0
+    resumed = diffusion(again / "model")
+    for k in after:
+        np.testing.assert_allclose(resumed[k], after[k], atol=1e-6, err_msg=k)
 
 
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(workdir, tmp_path):
