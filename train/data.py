@@ -147,8 +147,9 @@ def expand_paths(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def _messages(obj: Any, unknown_roles: str, stats: ReadStats | None) -> tuple[Message, ...]:
-    """Normalized messages of one JSON record (raises _Bad / _Empty)."""
+def _parse_messages(obj: Any, unknown_roles: str) -> tuple[list[Message], int]:
+    """All normalized messages of one JSON record and the number of messages dropped for
+    unknown roles (raises _Bad); ``_messages`` then trims them for training."""
     if not isinstance(obj, dict):
         raise _Bad(f"expected a JSON object, got {type(obj).__name__}")
     if "conversations" in obj or "messages" in obj:
@@ -180,6 +181,13 @@ def _messages(obj: Any, unknown_roles: str, stats: ReadStats | None) -> tuple[Me
     else:
         raise _Bad("unrecognized record: expected 'conversations', 'messages', "
                     "'question'+'answer' or 'text'")
+    return msgs, dropped
+
+
+def _messages(obj: Any, unknown_roles: str, stats: ReadStats | None) -> tuple[Message, ...]:
+    """Normalized messages of one JSON record, up to its last trainable assistant message
+    (raises _Bad / _Empty)."""
+    msgs, dropped = _parse_messages(obj, unknown_roles)
     turns = answer_turns(msgs)
     if stats is not None:
         stats.dropped_messages += dropped + (len(msgs) - turns[-1] - 1 if turns else 0)
