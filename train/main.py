@@ -13,6 +13,8 @@ OUT receives:
   drafted positions, sequences skipped for having no possible anchor) and per evaluation;
 - ``curves.png``: loss, draft accuracy and held-out tokens per iteration by step, redrawn
   at every checkpoint;
+- ``head.safetensors``: the diffusion tensors of the newest checkpoint as an int8 head
+  (``python -m convert.head apply`` puts it on the model; ``--init-head`` continues it);
 - ``model/``: the final model folder (config.json + params), ready for
   ``python -m infer.generate`` and ``python -m convert.to_hf``.
 
@@ -213,6 +215,11 @@ def run(args: argparse.Namespace) -> int:
 
     def save(state, step: int) -> None:
         _draw_curves(out)
+        if jax.process_index() == 0:  # the latest diffusion tensors, ready to ship or apply
+            from convert.head import save_head
+
+            save_head(trainer.model(state), out / "head.safetensors",
+                      metadata={"step": step, "train_args": " ".join(sys.argv[1:])})
         manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             meta=ocp.args.JsonSave({"step": step, "data": batches.state(),

@@ -64,6 +64,8 @@ def test_run_writes_metrics_checkpoints_and_a_usable_model(workdir, tmp_path):
     assert any(not np.array_equal(before[k], after[k]) for k in before)
     assert (out / "model" / "tokenizer.json").is_file()
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from convert.head import read_head_metadata
+    assert read_head_metadata(out / "head.safetensors")["step"] == 4
     from convert.to_hf import export  # the trained model exports to the HF layout
     export(out / "model", tmp_path / "hf")
     assert (tmp_path / "hf" / "model.safetensors").is_file()
