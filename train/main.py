@@ -16,7 +16,9 @@ OUT receives:
 - ``head.safetensors``: the diffusion tensors of the newest checkpoint as an int8 head
   (``python -m convert.head apply`` puts it on the model; ``--init-head`` continues it);
 - ``model/``: the final model folder (config.json + params), ready for
-  ``python -m infer.generate`` and ``python -m convert.to_hf``.
+  ``python -m infer.generate`` and ``python -m convert.to_hf``; with ``--eval-prompts``
+  it holds the final evaluation's acceptance profile (``acceptance.json``), so
+  ``--block-size auto`` works on it.
 
 A NaN or infinite loss stops the run before anything is saved; the last good checkpoint
 stays as it was. ``--resume`` continues from the newest complete checkpoint exactly.
@@ -203,14 +205,19 @@ def run(args: argparse.Namespace) -> int:
         eval_prompts = [gen.encode_item(item, chat)
                         for item in read_prompts_file(args.eval_prompts)]
 
+    last_eval: dict = {}
+
     def evaluate(state, step: int) -> None:
         if not eval_prompts:
             return
         t0 = time.perf_counter()
         results = Generator(trainer.model(state), tokenizer).generate(
             eval_prompts, max_new_tokens=args.eval_max_new_tokens, batch_size=8)
+        totals = summarize(results)
+        last_eval.update(step=step, accepted_hist=totals["accepted_hist"])
         _log(out, {"event": "eval", "step": step,
-                   "tokens_per_iteration": summarize(results)["tokens_per_iteration"],
+                   "tokens_per_iteration": totals["tokens_per_iteration"],
+                   "accepted_hist": totals["accepted_hist"],
                    "prompts": len(results), "seconds": time.perf_counter() - t0})
 
     def save(state, step: int) -> None:
@@ -240,7 +247,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     evaluate(state, end)
     _draw_curves(out)
-    _save_final(trainer.model(state), out / "model", args.model)
+    profile = None
+    if last_eval:  # the final evaluation's acceptance: what --block-size auto needs
+        from infer.block_size import AcceptanceProfile
+
+        profile = AcceptanceProfile(
+            config.block_size, tuple(last_eval["accepted_hist"]),
+            f"{len(eval_prompts)} prompts of {args.eval_prompts}, greedy, "
+            f"{args.eval_max_new_tokens} new tokens, step {last_eval['step']}")
+    _save_final(trainer.model(state), out / "model", args.model, profile)
     return 0
 
 
@@ -334,7 +349,7 @@ def _log(out: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _save_final(model, dst: Path, src_model: str) -> None:
+def _save_final(model, dst: Path, src_model: str, profile=None) -> None:
     """The trained model as a model folder with the source's tokenizer, replacing ``dst``
     only once complete. Every process takes part (the parameter save is collective)."""
     import shutil
@@ -353,6 +368,8 @@ def _save_final(model, dst: Path, src_model: str) -> None:
     multihost_utils.sync_global_devices("orthrus-final-model-saved")
     if primary:
         copy_tokenizer_files(src_model, tmp)
+        if profile is not None:
+            profile.save(tmp)
         replace_dir(tmp, dst)
 
 

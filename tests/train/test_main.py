@@ -58,7 +58,11 @@ def test_run_writes_metrics_checkpoints_and_a_usable_model(workdir, tmp_path):
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and r["tokens_per_second"] > 0 and "lr" in r
                and r["positions"] > 0 and r["skipped_sequences"] >= 0 for r in train)
-    assert [r["step"] for r in records(out, "eval")] == [0, 4]
+    evals = records(out, "eval")
+    assert [r["step"] for r in evals] == [0, 4]
+    from infer.block_size import AcceptanceProfile
+    profile = AcceptanceProfile.load(out / "model")  # the final evaluation's, for "auto"
+    assert list(profile.accepted_hist) == evals[-1]["accepted_hist"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "4"]
     before, after = diffusion(workdir / "model"), diffusion(out / "model")
     assert any(not np.array_equal(before[k], after[k]) for k in before)
