@@ -16,7 +16,7 @@ from orthrus_jax.config import ModelConfig
 
 Path = tuple[str, ...]
 
-# The diffusion view's HF key suffix and parameter subtree (SPEC section 2).
+# The diffusion view's HF key suffix and parameter subtree.
 VIEWS = (("", "attn"), ("_diff", "diff_attn"))
 
 

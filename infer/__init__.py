@@ -1,1 +1,1 @@
-"""Generation with the Orthrus draft-and-verify decoder (see the decoding issue)."""
+"""Generation with the Orthrus draft-and-verify decoder (see docs/decoding.md)."""

@@ -1,7 +1,7 @@
 """The decode loops: Orthrus draft-and-verify and plain AR, each one ``lax.while_loop``
 over a :class:`DecodeState` pytree.
 
-One Orthrus iteration (SPEC section 3), for every active row at once:
+One Orthrus iteration (docs/decoding.md), for every active row at once:
 
 1. draft: the diffusion view on ``[anchor, MASK x (K-1)]`` at the row's own position;
 2. verify: the AR view on ``[anchor, d_1 .. d_{K-1}]``, writing their K/V into the cache;
@@ -193,7 +193,7 @@ def orthrus_step(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs,
 
 
 def ar_step(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs,
-            greedy: bool, block: int = 1) -> DecodeState:
+            greedy: bool) -> DecodeState:
     """One plain AR step for every active row: the baseline in the same engine."""
     key, k_pick = jax.random.split(state.key)
     hidden, cache = model.forward(state.anchor[:, None], state.cache)
@@ -248,8 +248,9 @@ def run(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs, max_steps: j
     limit = state.step + max_steps
 
     def step_fn(k: int):
-        fn = ar_step if k == 1 else orthrus_step
-        return lambda s: fn(model, s, inputs, greedy, k)
+        if k == 1:
+            return lambda s: ar_step(model, s, inputs, greedy)
+        return lambda s: orthrus_step(model, s, inputs, greedy, k)
 
     if len(blocks) == 1:
         body = step_fn(blocks[0])

@@ -1,5 +1,5 @@
 """Token selection: the temperature / top-k / top-p transform, and the acceptance rules of
-SPEC section 3 (greedy prefix match and speculative rejection sampling).
+docs/decoding.md (greedy prefix match and speculative rejection sampling).
 
 Sampling parameters are traced scalars, so changing them never recompiles. ``top_k = 0``
 and ``top_p = 1`` disable those filters.
@@ -77,7 +77,7 @@ def greedy_accept(drafts: jax.Array, verify_logits: jax.Array) -> tuple[jax.Arra
 
 def speculative_accept(key: jax.Array, drafts: jax.Array, draft_logp: jax.Array,
                        verify_logp: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Rejection sampling (SPEC section 3) on filtered log-probabilities.
+    """Rejection sampling on filtered log-probabilities.
 
     ``drafts [B, K-1]`` were sampled from ``q = exp(draft_logp) [B, K-1, V]``;
     ``p = exp(verify_logp) [B, K, V]``. Draft ``i`` is accepted with probability

@@ -41,7 +41,7 @@ class DecoderLayers(nnx.Module):
         self.attn = AttentionProjections(config, nnx.Param, rngs=rngs)
         self.diff_attn = AttentionProjections(config, DiffusionParam, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
-        # The diffusion view starts as a copy of the AR view (SPEC section 2).
+        # The diffusion view starts as a copy of the AR view, as in the published recipe.
         for name, var in vars(self.attn).items():
             if isinstance(var, nnx.Variable):
                 getattr(self.diff_attn, name).set_value(jnp.array(var.get_value()))

@@ -1,4 +1,4 @@
-"""The training objective of SPEC section 4.
+"""The training objective of the diffusion view (published Orthrus recipe).
 
 For each packed sequence: one AR pass of the frozen model (no gradient) gives every layer's
 K/V and the teacher distribution at every position; one diffusion pass over all anchor

@@ -28,7 +28,7 @@ BATCH_KEYS = ("tokens", "anchors", "anchor_mask")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings; the defaults are the published recipe (SPEC section 4)."""
+    """Optimisation settings; the defaults are the published recipe (see README)."""
 
     total_steps: int
     lr: float = 2e-4

@@ -1,6 +1,6 @@
 """Sampling: the temperature / top-k / top-p transform against numpy, the acceptance rules
 on hand-made distributions, and end to end: Orthrus sampling is distributed exactly as AR
-sampling (SPEC section 3), with a test statistic shown to catch wrong acceptance rules.
+sampling (docs/decoding.md), with a test statistic shown to catch wrong acceptance rules.
 
 All statistical checks use fixed seeds, so they are deterministic; their thresholds are
 p-values of 1e-4 (must pass) and 1e-6 (a wrong rule must fail).

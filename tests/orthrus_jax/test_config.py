@@ -1,4 +1,4 @@
-"""Config dataclasses from every ``config.json`` variant of SPEC section 1, and the
+"""Config dataclasses from every ``config.json`` variant the project supports, and the
 errors for what is not implemented."""
 
 import json
