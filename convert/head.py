@@ -11,8 +11,10 @@ few tens of MB instead of a whole model folder.
 - ``bfloat16`` / ``float32``: the tensors as they are, cast.
 
 The file's metadata records the format, the block size and mask token the head was
-trained with, and the backbone's shape (checked when the head is applied), plus any
-extra fields given at export (e.g. the acceptance profile, the training command).
+trained with, and the backbone's shape (checked when the head is applied), the model
+folder's acceptance profile (``acceptance.json``, which ``--block-size auto`` needs; it is
+written back when the head is applied), plus any extra fields given at export (e.g. the
+training command).
 
     python -m convert.head export MODEL_DIR HEAD.safetensors [--dtype int8]
     python -m convert.head apply MODEL_DIR HEAD.safetensors DST [--force]
@@ -37,6 +39,7 @@ from safetensors.numpy import load_file, save_file
 from convert.io import run_cli
 from convert.keymap import entries, get_path
 from orthrus_jax.checkpoint import (
+    ACCEPTANCE_FILE,
     copy_tokenizer_files,
     load_model,
     model_from_params,
@@ -178,15 +181,38 @@ def apply_head(model: OrthrusLM, path: str | Path) -> OrthrusLM:
     return model_from_params(config, params)
 
 
+def write_model_folder(model: OrthrusLM, head: str | Path, tokenizer_src: str | Path,
+                       folder: str | Path) -> None:
+    """Save ``model`` (a head applied) into the existing ``folder`` with the tokenizer of
+    ``tokenizer_src`` and the head's acceptance profile, if it records one."""
+    save_model(model, folder)
+    copy_tokenizer_files(tokenizer_src, folder)
+    profile = read_head_metadata(head).get("acceptance")
+    if profile:
+        (Path(folder) / ACCEPTANCE_FILE).write_text(json.dumps(profile, indent=1) + "\n")
+
+
 def apply_to_folder(src: str | Path, head: str | Path, dst: str | Path, *,
                     force: bool = False) -> Path:
-    """Write model folder ``dst``: ``src`` with the head applied (tokenizer copied)."""
+    """Write model folder ``dst``: ``src`` with the head applied (tokenizer copied, and the
+    head's acceptance profile as ``acceptance.json``)."""
     src = Path(src)
     model = apply_head(load_model(src), head)
     with staging_dir(dst, force) as tmp:
-        save_model(model, tmp)
-        copy_tokenizer_files(src, tmp)
+        write_model_folder(model, head, src, tmp)
     return Path(dst)
+
+
+def folder_metadata(model_dir: str | Path) -> dict:
+    """Header fields a model folder contributes to its exported head: its acceptance
+    profile, when it has one."""
+    path = Path(model_dir) / ACCEPTANCE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return {"acceptance": json.loads(path.read_text())}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from e
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.command == "export":
         def export() -> Path:
-            meta = _parse_metadata(args.metadata)
+            meta = folder_metadata(args.model) | _parse_metadata(args.metadata)
             return save_head(load_model(args.model), args.head, dtype=args.dtype, metadata=meta)
         return run_cli(export)
     return run_cli(lambda: apply_to_folder(args.model, args.head, args.dst, force=args.force))

@@ -32,10 +32,10 @@ import jax
 import numpy as np
 
 from infer.default_model import cache_root
+from orthrus_jax.checkpoint import ACCEPTANCE_FILE
 from orthrus_jax.config import ModelConfig
 from orthrus_jax.model import OrthrusLM
 
-PROFILE_FILE = "acceptance.json"
 COST_FORMAT = 1
 # Block sizes whose cost is measured for ``auto`` (those up to the head's own size).
 CANDIDATE_BLOCKS = (2, 3, 4, 5, 6, 8, 12, 16, 24, 32)
@@ -67,7 +67,7 @@ class AcceptanceProfile:
     @classmethod
     def load(cls, model_dir: str | Path) -> AcceptanceProfile | None:
         """The profile saved in a model folder, None if it has none."""
-        path = Path(model_dir) / PROFILE_FILE
+        path = Path(model_dir) / ACCEPTANCE_FILE
         if not path.is_file():
             return None
         try:
@@ -82,7 +82,7 @@ class AcceptanceProfile:
         return profile
 
     def save(self, model_dir: str | Path) -> Path:
-        path = Path(model_dir) / PROFILE_FILE
+        path = Path(model_dir) / ACCEPTANCE_FILE
         tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
         tmp.write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
         os.replace(tmp, path)

@@ -222,12 +222,9 @@ def _lock(path: Path) -> Iterator[None]:
 
 def _build(dst: Path, head: Path, head_sha: str, wheel: str | Path | None) -> None:
     from convert.from_gguf import convert
-    from convert.head import apply_head, read_head_metadata
-    from infer.block_size import AcceptanceProfile
+    from convert.head import apply_head, write_model_folder
     from orthrus_jax.checkpoint import (
-        copy_tokenizer_files,
         load_model,
-        save_model,
         staging_dir,
     )
 
@@ -246,13 +243,7 @@ def _build(dst: Path, head: Path, head_sha: str, wheel: str | Path | None) -> No
         _log(f"applying head {head} ...")
         model = apply_head(load_model(converted), head)
         with staging_dir(dst, force=True) as stage:
-            save_model(model, stage)
-            copy_tokenizer_files(converted, stage)
-            profile = read_head_metadata(head).get("acceptance")
-            if profile:  # the head's measured acceptance: what --block-size auto needs
-                AcceptanceProfile(int(profile["block_size"]),
-                                  tuple(int(h) for h in profile["accepted_hist"]),
-                                  str(profile.get("source", ""))).save(stage)
+            write_model_folder(model, head, converted, stage)  # + the head's profile
             (stage / MARKER).write_text(json.dumps(_marker(head, head_sha), indent=2) + "\n")
     _log(f"built in {time.perf_counter() - start:.1f} s")
 

@@ -25,6 +25,8 @@ from orthrus_jax.model import OrthrusLM
 from orthrus_jax.sharding import Rules, logical_to_spec
 
 PARAMS_DIR = "params"
+# A head's measured acceptance (written by infer.calibrate and training evaluation).
+ACCEPTANCE_FILE = "acceptance.json"
 # Files of an HF folder that travel with a model folder (tokenizer, chat template, ...).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",

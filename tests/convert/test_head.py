@@ -77,12 +77,17 @@ def test_int8_file_is_a_quarter_of_float32(tmp_path):
 
 def test_cli_export_and_apply(tmp_path, capsys):
     src = tiny_model_dir(tmp_path / "m", block_size=4, seed=4)
+    profile = {"block_size": 4, "accepted_hist": [5, 3, 2, 1], "source": "test"}
+    (src / "acceptance.json").write_text(json.dumps(profile))
     head = tmp_path / "head.safetensors"
     assert H.main(["export", str(src), str(head), "--metadata", '{"note": "x"}']) == 0
-    assert H.read_head_metadata(head)["note"] == "x"
+    meta = H.read_head_metadata(head)
+    assert meta["note"] == "x" and meta["acceptance"] == profile  # the folder's profile
     assert H.main(["apply", str(src), str(head), str(tmp_path / "out")]) == 0
     out = load_model(tmp_path / "out")
     assert out.config.block_size == 4 and (tmp_path / "out" / "tokenizer.json").is_file()
+    from infer.block_size import AcceptanceProfile  # written back for --block-size auto
+    assert AcceptanceProfile.load(tmp_path / "out").accepted_hist == (5, 3, 2, 1)
     assert H.main(["apply", str(src), str(head), str(tmp_path / "out")]) == 2  # exists
     assert "already exists" in capsys.readouterr().err
     assert H.main(["export", str(src), str(head), "--metadata", "[1]"]) == 2
