@@ -358,15 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
 def load_generator(model_dir: str, max_len: int | None, dtype: str | None):
     """The engine for ``model_dir`` (tests replace this to share one compiled engine)."""
     from infer.engine import Generator
-    from infer.prompts import load_tokenizer
-    from orthrus_jax.checkpoint import load_model
 
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"model folder not found: {model_dir}")
-    tokenizer = load_tokenizer(model_dir)
-    if tokenizer is None:
+    gen = Generator.load(model_dir, dtype=dtype, max_len=max_len)
+    if gen.tokenizer is None:
         raise ValueError(f"{model_dir}: no tokenizer in the model folder")
-    return Generator(load_model(model_dir, param_dtype=dtype), tokenizer, max_len=max_len)
+    return gen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
