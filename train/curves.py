@@ -63,6 +63,9 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path | None = None) ->
     if evals:
         ax.plot([r["step"] for r in evals], [r["tokens_per_iteration"] for r in evals], "o-",
                 color="C1")
+    else:
+        ax.text(0.5, 0.5, "no evaluation in this run\n(train.main --eval-prompts)",
+                ha="center", va="center", transform=ax.transAxes, color="0.4")
     ax.set(title="held-out tokens / iteration", xlabel="step")
     fig.suptitle(f"{metrics_path.parent.name}: {len(train)} steps logged")
     png.parent.mkdir(parents=True, exist_ok=True)
