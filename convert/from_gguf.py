@@ -28,20 +28,19 @@ from gguf import GGMLQuantizationType, GGUFReader, TokenType
 from gguf.gguf_reader import ReaderTensor
 from gguf.quants import dequantize
 
-from convert.from_hf import model_cli, write_converted
+from convert.io import model_cli
+from convert.keymap import entries
+from convert.model_folder import write_converted
+from orthrus_jax.config import MODEL_TYPES, ModelConfig
 
 __all__ = ["GGUFModel", "SUPPORTED_ARCHS", "SUPPORTED_PRE_TOKENIZERS", "convert", "main",
            "read_gguf"]
 
 _MISSING = object()
 
-# GGUF architecture -> (HF model_type, HF architectures entry).
-_HF_ARCH = {
-    "llama": ("llama", "LlamaForCausalLM"),
-    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
-    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
-}
-SUPPORTED_ARCHS = tuple(_HF_ARCH)
+# GGUF architecture -> HF model_type, from the project's table of architectures.
+_MODEL_TYPE = {a.gguf: name for name, a in MODEL_TYPES.items() if a.gguf}
+SUPPORTED_ARCHS = tuple(_MODEL_TYPE)
 
 # `{arch}.*` metadata keys that are read into the config, or are harmless to ignore.
 _HONOURED_ARCH_KEYS = {
@@ -59,43 +58,30 @@ _NEUTRAL_ARCH_VALUES: dict[str, tuple[Any, ...]] = {
     "attention.causal": (True,),
 }
 
-# Per-layer GGUF tensor suffix -> HF suffix under `model.layers.N.`.
-_LAYER_TENSORS = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.bias": "self_attn.o_proj.bias",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
+# Per-layer GGUF tensor suffix -> (HF suffix under `model.layers.N.`, the ModelConfig flag a
+# layer needs to have it: None for every layer). A layer has exactly the tensors its config
+# implies; their shapes come from `convert.keymap`.
+_LAYER_TENSORS: dict[str, tuple[str, str | None]] = {
+    "attn_norm.weight": ("input_layernorm.weight", None),
+    "ffn_norm.weight": ("post_attention_layernorm.weight", None),
+    "attn_q.weight": ("self_attn.q_proj.weight", None),
+    "attn_k.weight": ("self_attn.k_proj.weight", None),
+    "attn_v.weight": ("self_attn.v_proj.weight", None),
+    "attn_output.weight": ("self_attn.o_proj.weight", None),
+    "attn_q.bias": ("self_attn.q_proj.bias", "qkv_bias"),
+    "attn_k.bias": ("self_attn.k_proj.bias", "qkv_bias"),
+    "attn_v.bias": ("self_attn.v_proj.bias", "qkv_bias"),
+    "attn_output.bias": ("self_attn.o_proj.bias", "o_bias"),
+    "attn_q_norm.weight": ("self_attn.q_norm.weight", "qk_norm"),
+    "attn_k_norm.weight": ("self_attn.k_norm.weight", "qk_norm"),
+    "ffn_gate.weight": ("mlp.gate_proj.weight", None),
+    "ffn_up.weight": ("mlp.up_proj.weight", None),
+    "ffn_down.weight": ("mlp.down_proj.weight", None),
 }
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
-}
-_REQUIRED_LAYER_TENSORS = (
-    "attn_norm.weight", "ffn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
-    "attn_output.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight",
-)
-_ARCH_LAYER_TENSORS = {
-    "llama": set(_REQUIRED_LAYER_TENSORS) | {
-        "attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias"},
-    "qwen2": set(_REQUIRED_LAYER_TENSORS) | {"attn_q.bias", "attn_k.bias", "attn_v.bias"},
-    "qwen3": set(_REQUIRED_LAYER_TENSORS) | {"attn_q_norm.weight", "attn_k_norm.weight"},
-}
-_ARCH_REQUIRED_LAYER_TENSORS = {
-    "llama": set(_REQUIRED_LAYER_TENSORS),
-    "qwen2": set(_REQUIRED_LAYER_TENSORS) | {"attn_q.bias", "attn_k.bias", "attn_v.bias"},
-    "qwen3": set(_REQUIRED_LAYER_TENSORS) | {"attn_q_norm.weight", "attn_k_norm.weight"},
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
@@ -127,10 +113,6 @@ class GGUFModel:
     config: dict[str, Any]
     _reader: GGUFReader = field(repr=False)
     _plan: list[_TensorPlan] = field(repr=False)
-
-    def metadata(self, key: str, default: Any = _MISSING) -> Any:
-        """Value of one GGUF metadata key (``default`` if absent, else ``KeyError``)."""
-        return _meta(self._reader, key, default)
 
     def tensor_names(self) -> list[str]:
         """HF names of the tensors ``tensors()`` yields, in order."""
@@ -186,7 +168,7 @@ def _clean_float(x: float) -> float:
 
 def _build_config(path: Path, reader: GGUFReader) -> dict[str, Any]:
     arch = _meta(reader, "general.architecture", None)
-    if arch not in _HF_ARCH:
+    if arch not in _MODEL_TYPE:
         raise ValueError(
             f"{path}: unsupported general.architecture={arch!r} "
             f"(supported: {', '.join(SUPPORTED_ARCHS)})"
@@ -245,10 +227,10 @@ def _build_config(path: Path, reader: GGUFReader) -> dict[str, Any]:
             f"token_embd.weight rows {vocab_size}"
         )
 
-    model_type, hf_arch = _HF_ARCH[arch]
+    model_type = _MODEL_TYPE[arch]
     config: dict[str, Any] = {
         "model_type": model_type,
-        "architectures": [hf_arch],
+        "architectures": [MODEL_TYPES[model_type].hf_class],
         "vocab_size": vocab_size,
         "hidden_size": hidden,
         "intermediate_size": int(req("feed_forward_length")),
@@ -265,10 +247,10 @@ def _build_config(path: Path, reader: GGUFReader) -> dict[str, Any]:
         "pad_token_id": _meta(reader, "tokenizer.ggml.padding_token_id", None),
         "hidden_act": "silu",
     }
-    if arch == "llama":
+    if model_type == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
         config["mlp_bias"] = False
-    elif arch == "qwen2":
+    elif model_type == "qwen2":
         config["use_sliding_window"] = False
     else:
         config["attention_bias"] = False
@@ -280,66 +262,47 @@ def _build_config(path: Path, reader: GGUFReader) -> dict[str, Any]:
 
 def _plan_tensors(path: Path, reader: GGUFReader, config: dict[str, Any]) -> list[_TensorPlan]:
     arch = _meta(reader, "general.architecture")
-    n_layers = config["num_hidden_layers"]
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    hd, nh, nkv = config["head_dim"], config["num_attention_heads"], config["num_key_value_heads"]
-    q_out, kv_out = nh * hd, nkv * hd
-    layer_shapes = {
-        "attn_norm.weight": (hidden,), "ffn_norm.weight": (hidden,),
-        "attn_q.weight": (q_out, hidden), "attn_k.weight": (kv_out, hidden),
-        "attn_v.weight": (kv_out, hidden), "attn_output.weight": (hidden, q_out),
-        "attn_q.bias": (q_out,), "attn_k.bias": (kv_out,), "attn_v.bias": (kv_out,),
-        "attn_output.bias": (hidden,),
-        "attn_q_norm.weight": (hd,), "attn_k_norm.weight": (hd,),
-        "ffn_gate.weight": (inter, hidden), "ffn_up.weight": (inter, hidden),
-        "ffn_down.weight": (hidden, inter),
-    }
-    global_shapes = {
-        "token_embd.weight": (config["vocab_size"], hidden),
-        "output_norm.weight": (hidden,),
-        "output.weight": (config["vocab_size"], hidden),
-    }
-    allowed = _ARCH_LAYER_TENSORS[arch]
-    seen: dict[int, set[str]] = {i: set() for i in range(n_layers)}
+    try:
+        model = ModelConfig.from_hf_dict(config, source=str(path))
+    except ValueError as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: {e}") from e
+    n_layers = model.num_hidden_layers
+    nh, nkv = model.num_attention_heads, model.num_key_value_heads
+    # HF key -> (GGUF name, HF shape) of every tensor this config has
+    expected = {e.hf_key: e.hf_shape for e in entries(model) if not e.diffusion}
+    want: dict[str, tuple[str, tuple[int, ...]]] = {
+        hf: (name, expected[hf]) for name, hf in _GLOBAL_TENSORS.items() if hf in expected}
+    for i in range(n_layers):
+        for suffix, (hf_suffix, flag) in _LAYER_TENSORS.items():
+            if flag is None or getattr(model, flag):
+                hf = f"model.layers.{i}.{hf_suffix}"
+                want[hf] = (f"blk.{i}.{suffix}", expected[hf])
+    by_name = {name: hf for hf, (name, _) in want.items()}
     plan: list[_TensorPlan] = []
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        permute: int | None = None
-        if t.name in _GLOBAL_TENSORS:
-            hf_key, want = _GLOBAL_TENSORS[t.name], global_shapes[t.name]
-        else:
-            m = _LAYER_RE.fullmatch(t.name)
-            if m is None or m.group(2) not in allowed:
-                raise ValueError(f"{path}: unknown tensor {t.name!r} for architecture {arch!r}")
-            layer, suffix = int(m.group(1)), m.group(2)
-            if layer >= n_layers:
+        hf_key = by_name.get(t.name)
+        m = _LAYER_RE.fullmatch(t.name)
+        if hf_key is None:
+            if m is not None and m.group(2) in _LAYER_TENSORS and int(m.group(1)) >= n_layers:
                 raise ValueError(
                     f"{path}: tensor {t.name!r} is beyond {arch}.block_count={n_layers}"
                 )
-            seen[layer].add(suffix)
-            hf_key = f"model.layers.{layer}.{_LAYER_TENSORS[suffix]}"
-            want = layer_shapes[suffix]
-            if arch == "llama" and suffix.startswith(("attn_q.", "attn_k.")):
-                permute = nh if suffix.startswith("attn_q.") else nkv
-        if shape != want:
+            raise ValueError(f"{path}: unknown tensor {t.name!r} for architecture {arch!r}")
+        permute: int | None = None
+        if arch == "llama" and m is not None and m.group(2).startswith(("attn_q.", "attn_k.")):
+            permute = nh if m.group(2).startswith("attn_q.") else nkv
+        if shape != want[hf_key][1]:
             raise ValueError(
                 f"{path}: tensor {t.name!r} has shape {list(shape)} (HF layout), expected "
-                f"{list(want)} from the metadata"
+                f"{list(want[hf_key][1])} from the metadata"
             )
         plan.append(_TensorPlan(hf_key, t, shape, permute))
-    names = {t.name for t in reader.tensors}
-    for name in ("token_embd.weight", "output_norm.weight"):
-        if name not in names:
-            raise ValueError(f"{path}: tensor {name!r} is missing")
-    required = _ARCH_REQUIRED_LAYER_TENSORS[arch]
-    for layer, have in seen.items():
-        if missing := sorted(required - have):
-            raise ValueError(f"{path}: tensor blk.{layer}.{missing[0]} is missing")
-    biases = {"attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias"}
-    if arch == "llama" and config["attention_bias"]:
-        for layer, have in seen.items():
-            if missing := sorted(biases - have):
-                raise ValueError(f"{path}: tensor blk.{layer}.{missing[0]} is missing")
+    planned = {p.hf_key for p in plan}
+    if missing := [name for hf, (name, _) in want.items() if hf not in planned]:
+        raise ValueError(f"{path}: tensor {missing[0]} is missing")
     return plan
 
 
@@ -513,7 +476,7 @@ def convert(src: str | Path, dst: str | Path, **kwargs: Any) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     """Returns the exit status: 0, or 2 after a one-line error (bad input, DST exists)."""
     return model_cli(convert, argv, prog="python -m convert.from_gguf", doc=__doc__,
-                     src_help="source .gguf file")
+                     src_help="source .gguf file", dtype_default="float32")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import jax
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import SafetensorError
@@ -40,13 +39,12 @@ from convert.io import run_cli
 from convert.keymap import entries, get_path
 from orthrus_jax.checkpoint import (
     ACCEPTANCE_FILE,
-    copy_tokenizer_files,
     load_model,
     model_from_params,
     save_model,
-    staging_dir,
 )
-from orthrus_jax.config import ModelConfig
+from orthrus_jax.config import ModelConfig, numpy_dtype
+from orthrus_jax.folders import copy_tokenizer_files, staging_dir
 from orthrus_jax.model import OrthrusLM
 
 HEAD_FORMAT = "orthrus-head/1"
@@ -93,7 +91,7 @@ def save_head(model: OrthrusLM, path: str | Path, *, dtype: str = "int8",
         if dtype == "int8" and w.ndim == 2:
             tensors[key], tensors[key + SCALE_SUFFIX] = quantize_int8(w)
         elif dtype == "bfloat16":
-            tensors[key] = w.astype(ml_dtypes.bfloat16)
+            tensors[key] = w.astype(numpy_dtype("bfloat16"))
         else:
             tensors[key] = w
     meta = {"format": HEAD_FORMAT, "dtype": dtype, "block_size": c.block_size,

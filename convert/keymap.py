@@ -13,11 +13,12 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from orthrus_jax.config import ModelConfig
+from orthrus_jax.model import AR_VIEW, DIFFUSION_VIEW
 
 Path = tuple[str, ...]
 
-# The diffusion view's HF key suffix and parameter subtree.
-VIEWS = (("", "attn"), ("_diff", "diff_attn"))
+# Each attention view's HF key suffix and parameter subtree.
+VIEWS = (("", AR_VIEW), ("_diff", DIFFUSION_VIEW))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +32,7 @@ class Entry:
 
     @property
     def diffusion(self) -> bool:
-        return "diff_attn" in self.path
+        return DIFFUSION_VIEW in self.path
 
 
 def _same(x: np.ndarray) -> np.ndarray:
@@ -97,7 +98,7 @@ def entries(config: ModelConfig) -> list[Entry]:
 
 def ar_twin(entry: Entry) -> Path:
     """The AR parameter path whose values a fresh diffusion tensor copies."""
-    return tuple("attn" if p == "diff_attn" else p for p in entry.path)
+    return tuple(AR_VIEW if p == DIFFUSION_VIEW else p for p in entry.path)
 
 
 def get_path(tree: dict, path: Path):

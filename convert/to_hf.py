@@ -18,10 +18,11 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from convert.from_hf import NP_DTYPES
 from convert.io import add_output_args, run_cli
 from convert.keymap import to_hf_tensors
-from orthrus_jax.checkpoint import copy_tokenizer_files, load_model, staging_dir
+from orthrus_jax.checkpoint import load_model
+from orthrus_jax.config import numpy_dtype
+from orthrus_jax.folders import copy_tokenizer_files, staging_dir
 
 
 def _parse_size(text: str) -> int:
@@ -45,7 +46,7 @@ def export(src: str | Path, dst: str | Path, *, dtype: str | None = None,
     model = load_model(src, param_dtype=dtype)
     config = model.config
     params = nnx.to_pure_dict(nnx.state(model))
-    out_dtype = NP_DTYPES[config.param_dtype]
+    out_dtype = numpy_dtype(config.param_dtype)
 
     current: dict[str, np.ndarray] = {}
     size = 0
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert.to_hf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="model folder written by convert.from_hf / from_gguf")
-    add_output_args(parser, None)
+    add_output_args(parser, None, "as stored in SRC")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="largest safetensors file before sharding (default: 5GB)")
     args = parser.parse_args(argv)

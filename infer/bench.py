@@ -44,6 +44,7 @@ from infer.engine import MODES, Generator, summarize
 from infer.generate import add_decoding_args, block_size_arg
 from infer.prompts import read_prompts_file
 from infer.sampling import SamplingParams
+from orthrus_jax.cli import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,16 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         report = run_bench(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(format_report(report))
-    return 0
+        print(json.dumps(report) if args.json else format_report(report))
+
+    return run_command(body)
 
 
 def _check_args(args: argparse.Namespace) -> None:

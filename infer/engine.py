@@ -2,7 +2,7 @@
 decode programs, used by every caller (``infer.generate``, ``infer.bench``, training
 evaluation, self-distillation).
 
-Shapes are bucketed (batch, prompt length, cache length, output room), so prompts of
+Shapes are bucketed (batch, prompt length, cache length, output length), so prompts of
 different lengths inside one bucket reuse one compiled program, and sampling parameters
 are traced values, never recompiled.
 """
@@ -25,17 +25,26 @@ from infer.decode import FINISH_REASONS, DecodeInputs, run, start
 from infer.prompts import load_tokenizer
 from infer.sampling import SamplingParams
 from orthrus_jax.checkpoint import load_model
-from orthrus_jax.model import OrthrusLM, unstack_layers
+from orthrus_jax.model import OrthrusLM, copy_diffusion, unstack_layers
 from orthrus_jax.sharding import Rules
 
 MODES = ("orthrus", "ar")
 MIN_PROMPT_BUCKET = 16
+# Default rows per batch: the prompts rounded up to 2^n, at most this many (each row holds
+# a whole KV cache: 1000 rows of an 8B model would need ~77 GB).
+DEFAULT_MAX_BATCH = 8
 NO_LIMIT = np.iinfo(np.int32).max
 
 
 def _bucket(n: int, minimum: int = 1) -> int:
     """Next power of two >= max(n, minimum)."""
     return 1 << (max(n, minimum) - 1).bit_length()
+
+
+def default_batch_size(n_prompts: int) -> int:
+    """Rows per batch when none is given: ``n_prompts`` rounded up to a power of two, at
+    most :data:`DEFAULT_MAX_BATCH`."""
+    return min(_bucket(n_prompts), DEFAULT_MAX_BATCH)
 
 
 @dataclasses.dataclass
@@ -124,6 +133,18 @@ class Generator:
         self._model = unstack_layers(self._model)
         return self._model
 
+    def update_diffusion(self, source: OrthrusLM) -> None:
+        """Swap in the diffusion tensors of ``source`` (same config; stacked or per-layer
+        form), keeping every compiled program: training evaluates each checkpoint this way
+        without recompiling. The acceptance profile, which belonged to the old tensors,
+        is dropped."""
+        if source.config.block_size != self.config.block_size:
+            raise ValueError(f"block size {source.config.block_size} differs from the "
+                             f"engine's {self.config.block_size}")
+        copy_diffusion(source, self.model)
+        self.profile = None
+        self.plans.clear()
+
     # ----------------------------------------------------------------- prompts
     def encode(self, prompt: str | Sequence[dict], chat: bool = False) -> list[int]:
         """Token ids of a text prompt (or of chat ``messages``) with the model's tokenizer."""
@@ -169,19 +190,19 @@ class Generator:
                              f"{self.max_len} tokens (at least one position must stay free)")
 
     # ----------------------------------------------------------------- compile
-    def _room(self, mode: str) -> int:
+    def _max_block(self, mode: str) -> int:
         """The most tokens one iteration may commit: the head's trained block (whatever
         size decodes) for Orthrus, 1 for AR. It sizes the cache and the histograms."""
         return self.config.block_size if mode == "orthrus" else 1
 
     def _max_len(self, mode: str, prompt_len: int, out_len: int) -> int:
-        return min(_bucket(prompt_len + out_len + self._room(mode)), self.max_len)
+        return min(_bucket(prompt_len + out_len + self._max_block(mode)), self.max_len)
 
     def _programs(self, mode: str, blocks: tuple[int, ...], greedy: bool, batch: int,
                   prompt_len: int, out_len: int, n_eos: int):
         """Compiled (start, run) for one bucketed shape and block plan; compile time is
         recorded."""
-        room = self._room(mode)
+        max_block = self._max_block(mode)
         chunk = self.chunk_size if prompt_len > self.chunk_size else None
         max_len = self._max_len(mode, prompt_len, out_len)
         key = (mode, blocks, greedy, batch, prompt_len, out_len, max_len, n_eos)
@@ -190,13 +211,13 @@ class Generator:
             adaptive = len(blocks) > 1
             inputs = DecodeInputs(jnp.zeros((batch,), jnp.int32), jnp.zeros((n_eos,), jnp.int32),
                                   SamplingParams.make(1.0),
-                                  jnp.zeros((room,), jnp.float32) if adaptive else None,
-                                  jnp.ones((room,), jnp.float32) if adaptive else None)
+                                  jnp.zeros((max_block,), jnp.float32) if adaptive else None,
+                                  jnp.ones((max_block,), jnp.float32) if adaptive else None)
             prompts = jnp.zeros((batch, prompt_len), jnp.int32)
             lengths = jnp.ones((batch,), jnp.int32)
             start_fn = jax.jit(
                 lambda m, p, n, i, k: start(m, p, n, i, k, max_len=max_len, out_len=out_len,
-                                            greedy=greedy, block=room, chunk_size=chunk,
+                                            greedy=greedy, max_block=max_block, chunk_size=chunk,
                                             mesh=self.mesh, rules=self.rules))
             start_c = start_fn.lower(self.model, prompts, lengths, inputs,
                                      jax.random.key(0)).compile()
@@ -246,7 +267,7 @@ class Generator:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
         sampling = SamplingParams.make(temperature, top_k, top_p)
         greedy = temperature == 0.0
-        room = self._room(mode)
+        max_block = self._max_block(mode)
         if mode == "ar" and block_size not in (None, 1):
             raise ValueError(f"block_size={block_size!r} applies to mode 'orthrus' only")
         self._check_block_size(block_size)
@@ -254,8 +275,8 @@ class Generator:
             self._check_ids(ids)
         eos = [int(t) for t in (self.config.eos_token_id if eos_ids is None else eos_ids)]
         eos_arr = jnp.asarray(eos + [-1] * (_bucket(len(eos), 8) - len(eos)), jnp.int32)
-        batch_size = batch_size or _bucket(len(prompts))
-        out_len = _bucket(max_new_tokens + room)
+        batch_size = batch_size or default_batch_size(len(prompts))
+        out_len = _bucket(max_new_tokens + max_block)
         key = jax.random.key(seed)
         results: list[GenerationResult] = []
         for lo in range(0, len(prompts), batch_size):
@@ -278,7 +299,7 @@ class Generator:
 
         Returns the results of the prompts it ran, by index into ``prompts``.
         """
-        batch_size = batch_size or _bucket(len(prompts))
+        batch_size = batch_size or default_batch_size(len(prompts))
         first: dict[int, int] = {}  # prompt bucket -> offset of its first batch
         for lo in range(0, len(prompts), batch_size):
             first.setdefault(self._prompt_bucket(prompts[lo:lo + batch_size]), lo)
@@ -347,7 +368,7 @@ class Generator:
         budget[n:] = 1  # padding rows finish with their first token
         prior = costs = None
         if block_plan.adaptive:
-            prior, costs = (np.ones((self._room(mode),), np.float32) for _ in range(2))
+            prior, costs = (np.ones((self._max_block(mode),), np.float32) for _ in range(2))
             prior[:len(block_plan.prior)] = block_plan.prior
             costs[:len(block_plan.costs)] = block_plan.costs
             prior, costs = jnp.asarray(prior), jnp.asarray(costs)

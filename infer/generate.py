@@ -14,9 +14,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from infer.default_model import default_model_dir
-from infer.engine import MODES, Generator, summarize
+from infer.engine import DEFAULT_MAX_BATCH, MODES, Generator, summarize
 from infer.prompts import read_prompts_file
 from infer.sampling import SamplingParams
+from orthrus_jax.cli import run_command
+from orthrus_jax.config import DTYPE_NAMES
 from orthrus_jax.sharding import make_mesh
 
 
@@ -35,7 +37,7 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eos-id", type=int, action="append", default=None,
                    help="end-of-sequence id (repeatable; overrides the config's)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="parameter and compute dtype (default: as stored)")
     p.add_argument("--max-len", type=int, default=None,
                    help="KV cache capacity (default: the model's max_position_embeddings)")
@@ -88,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     add_decoding_args(p)
     p.add_argument("--batch-size", type=int, default=None,
-                   help="rows per compiled batch (default: all prompts, rounded up to 2^n)")
+                   help="rows per compiled batch (default: the prompts rounded up to 2^n, "
+                        f"at most {DEFAULT_MAX_BATCH})")
     p.add_argument("--mesh", default=None,
                    help="shard the model over devices, e.g. tensor=2 (axes data, fsdp, tensor)")
     p.add_argument("--stream", action="store_true",
@@ -102,11 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return _main(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _main(args))
 
 
 def _main(args: argparse.Namespace) -> int:

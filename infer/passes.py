@@ -34,8 +34,9 @@ from flax import nnx
 
 from orthrus_jax.cache import KVCache, init_cache
 from orthrus_jax.checkpoint import load_model
-from orthrus_jax.config import ModelConfig
-from orthrus_jax.model import OrthrusLM, unstack_layers
+from orthrus_jax.cli import run_command
+from orthrus_jax.config import DTYPE_NAMES, ModelConfig
+from orthrus_jax.model import AR_VIEW, DIFFUSION_VIEW, OrthrusLM, unstack_layers
 
 
 def _median_seconds(call: Callable[[], Any], repeats: int) -> float:
@@ -70,7 +71,7 @@ def _bytes(tree) -> int:
 
 
 def bytes_read(model: OrthrusLM, view: str, cache: KVCache, context: int) -> int:
-    """Least bytes one pass of ``view`` (``attn`` or ``diff_attn``) reads: the layer weights
+    """Least bytes one pass of ``view`` (``AR_VIEW`` or ``DIFFUSION_VIEW``) reads: the layer weights
     of that view and the MLPs and norms, the final norm, the LM head (the embedding when
     tied), and ``context`` positions of every layer's cached K and V."""
     layers = model.layers
@@ -105,11 +106,11 @@ def time_passes(model: OrthrusLM, *, blocks: Sequence[int], batch_size: int = 1,
     mask = c.mask_token_id if c.mask_token_id is not None else 0
 
     def ar(m, t, k, v):  # lengths stay at `context`: every call writes the same positions
-        hidden, cache = m.forward(t, KVCache(k, v, lengths))
+        hidden, cache = m.ar_hidden(t, KVCache(k, v, lengths))
         return m.logits(hidden), cache.k, cache.v
 
     ar_fn = jax.jit(ar, donate_argnums=(2, 3))  # the K/V write is in place, as in decoding
-    diffusion_fn = jax.jit(lambda m, b, cache: m.logits(m.diffusion_forward(b, cache)[:, :-1]))
+    diffusion_fn = jax.jit(lambda m, b, cache: m.logits(m.diffusion_hidden(b, cache)[:, :-1]))
     held = [cache]
 
     def ar_call(t: jax.Array) -> Callable[[], jax.Array]:
@@ -146,9 +147,9 @@ def measure(model: OrthrusLM, *, batch_size: int = 1, context: int = 2048, repea
            "batch_size": batch_size, "context": context, "backend": jax.default_backend(),
            "device": str(jax.devices()[0]), "copy_bandwidth_gb_s": bandwidth / 1e9,
            "passes": {}}
-    for name, view, t in (("ar_step", "attn", seconds["ar_step"]),
-                          ("diffusion_pass", "diff_attn", seconds["diffusion_pass"][K]),
-                          ("verify_pass", "attn", seconds["verify_pass"][K])):
+    for name, view, t in (("ar_step", AR_VIEW, seconds["ar_step"]),
+                          ("diffusion_pass", DIFFUSION_VIEW, seconds["diffusion_pass"][K]),
+                          ("verify_pass", AR_VIEW, seconds["verify_pass"][K])):
         floor = bytes_read(model, view, cache, context) / bandwidth
         out["passes"][name] = {"seconds": t, "floor_seconds": floor,
                                "ratio_to_floor": t / floor}
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="model folder (convert.from_hf / from_gguf)")
     src.add_argument("--config", help="HF config.json: random weights of that shape")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="parameter and compute dtype (default: as stored / in the config)")
     p.add_argument("--block-size", type=int, default=None,
                    help="with --config: the block size K (default: the config's, or 32)")
@@ -197,14 +198,13 @@ def _model(args: argparse.Namespace) -> OrthrusLM:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         r = measure(_model(args), batch_size=args.batch_size, context=args.context,
                     repeats=args.repeats, copy_mib=args.copy_mib)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(r) if args.json else format_report(r))
-    return 0
+        print(json.dumps(r) if args.json else format_report(r))
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

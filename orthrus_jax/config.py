@@ -1,6 +1,6 @@
 """Model configuration, read from and written to a Hugging Face ``config.json``.
 
-One dataclass covers the Qwen3 family this project supports:
+One dataclass covers the Qwen3 family this project supports (the table :data:`MODEL_TYPES`):
 
 - ``qwen3`` / ``orthrus``: per-head q/k RMSNorm, no biases (``attention_bias`` adds them);
 - ``llama``: no q/k norm (e.g. SmolLM2);
@@ -19,16 +19,48 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "orthrus", "llama", "qwen2")
-ARCHITECTURES = {
-    "qwen3": "Qwen3ForCausalLM",
-    "orthrus": "Qwen3ForCausalLM",
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """What one supported ``model_type`` computes, and its names elsewhere."""
+
+    hf_class: str  # the HF ``architectures`` entry transformers loads it with
+    qk_norm: bool  # per-head RMSNorm on q and k
+    qkv_bias: bool = False  # q/k/v biases whatever ``attention_bias`` says (and none on o)
+    export_as: str | None = None  # the model_type written to config.json (default: its own)
+    gguf: str | None = None  # llama.cpp's ``general.architecture`` for it, if it has one
+
+
+# The one table of supported architectures, by HF ``model_type``.
+MODEL_TYPES: dict[str, Architecture] = {
+    "qwen3": Architecture("Qwen3ForCausalLM", qk_norm=True, gguf="qwen3"),
+    "orthrus": Architecture("Qwen3ForCausalLM", qk_norm=True, export_as="qwen3"),
+    "llama": Architecture("LlamaForCausalLM", qk_norm=False, gguf="llama"),
+    "qwen2": Architecture("Qwen2ForCausalLM", qk_norm=False, qkv_bias=True, gguf="qwen2"),
 }
+SUPPORTED_MODEL_TYPES = tuple(MODEL_TYPES)
+
+# The one table of parameter/compute dtypes: name -> jnp dtype (jnp.bfloat16 is
+# ml_dtypes' bfloat16 as a numpy dtype). ``DTYPE_NAMES`` are the ``--dtype`` choices.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPE_NAMES: tuple[str, ...] = tuple(DTYPES)
+NP_DTYPES: dict[str, np.dtype] = {name: np.dtype(t) for name, t in DTYPES.items()}
 DEFAULT_BLOCK_SIZE = 32
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a dtype name (``bfloat16`` is ml_dtypes')."""
+    if name not in NP_DTYPES:
+        raise ValueError(f"dtype {name!r}: choose one of {list(DTYPE_NAMES)}")
+    return NP_DTYPES[name]
+
+
+def dtype_name(dtype: Any) -> str | None:
+    """The name in :data:`DTYPES` of a numpy/jnp dtype, or None if it is not one of them."""
+    d = np.dtype(dtype)
+    return next((name for name, t in NP_DTYPES.items() if t == d), None)
 
 
 class UnsupportedConfigError(ValueError):
@@ -81,7 +113,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {list(DTYPES)}")
+                raise ValueError(f"{name}={getattr(self, name)!r}; "
+                                 f"choose one of {list(DTYPE_NAMES)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -132,7 +165,7 @@ class ModelConfig:
         head_dim = d.get("head_dim") or d["hidden_size"] // n_heads
         rope_theta = _rope_theta(d, source)
         attention_bias = bool(d.get("attention_bias", False))
-        qwen2 = model_type == "qwen2"
+        arch = MODEL_TYPES[model_type]
         fields = dict(
             vocab_size=int(d["vocab_size"]),
             hidden_size=int(d["hidden_size"]),
@@ -145,9 +178,9 @@ class ModelConfig:
             rope_theta=rope_theta,
             max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            qk_norm=model_type in ("qwen3", "orthrus"),
-            qkv_bias=qwen2 or attention_bias,
-            o_bias=attention_bias and not qwen2,
+            qk_norm=arch.qk_norm,
+            qkv_bias=arch.qkv_bias or attention_bias,
+            o_bias=attention_bias and not arch.qkv_bias,
             model_type=model_type,
             block_size=int(d.get("block_size") or DEFAULT_BLOCK_SIZE),
             mask_token_id=d.get("mask_token_id"),
@@ -176,10 +209,11 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """An HF ``config.json`` dict that transformers and :meth:`from_hf_dict` both read."""
-        model_type = "qwen3" if self.model_type == "orthrus" else self.model_type
+        arch = MODEL_TYPES[self.model_type]
+        model_type = arch.export_as or self.model_type
         eos = list(self.eos_token_id)
         d: dict[str, Any] = {
-            "architectures": [ARCHITECTURES[model_type]],
+            "architectures": [arch.hf_class],
             "model_type": model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,

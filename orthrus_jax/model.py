@@ -29,6 +29,10 @@ from orthrus_jax.layers import (
     rms_norm,
 )
 
+# The two attention views, by the name of their projections in ``DecoderLayers``.
+AR_VIEW = "attn"
+DIFFUSION_VIEW = "diff_attn"
+
 
 class DecoderLayers(nnx.Module):
     """All decoder layers, weights stacked on a leading ``layers`` axis."""
@@ -85,7 +89,7 @@ class OrthrusLM(nnx.Module):
                 "attn": layers[view], "mlp": layers["mlp"]}
 
     # ---------------------------------------------------------------- views
-    def forward(self, tokens: jax.Array, cache: KVCache, num_valid: jax.Array | None = None,
+    def ar_hidden(self, tokens: jax.Array, cache: KVCache, num_valid: jax.Array | None = None,
                 remat: bool = False) -> tuple[jax.Array, KVCache]:
         """AR view over a chunk ``tokens [B, T]`` placed at each row's ``cache.lengths``.
 
@@ -104,12 +108,12 @@ class OrthrusLM(nnx.Module):
             return causal_cache_attention(q, k_all[layer], v_all[layer], positions), \
                 (k_all, v_all)
 
-        x, (k, v) = self._run_layers("attn", self.embed(tokens), positions, attention,
+        x, (k, v) = self._run_layers(AR_VIEW, self.embed(tokens), positions, attention,
                                      (cache.k, cache.v), remat)
         step = T if num_valid is None else num_valid.astype(jnp.int32)
         return rms_norm(x, self.norm[...], c.rms_norm_eps), KVCache(k, v, cache.lengths + step)
 
-    def diffusion_forward(self, block: jax.Array, cache: KVCache) -> jax.Array:
+    def diffusion_hidden(self, block: jax.Array, cache: KVCache) -> jax.Array:
         """Diffusion view over one block per row, ``block [B, K]`` (``[anchor, MASK, ...]``)
         at positions ``cache.lengths[b] + i``: it attends to the cached prefix
         ``[0, lengths[b])`` and to its whole block, and writes nothing. Returns the
@@ -134,14 +138,14 @@ class OrthrusLM(nnx.Module):
                                 anchors)
             return o.reshape(B, m * K, *o.shape[3:]), state
 
-        x, _ = self._run_layers("diff_attn", self.embed(blocks.reshape(B, m * K)), positions,
+        x, _ = self._run_layers(DIFFUSION_VIEW, self.embed(blocks.reshape(B, m * K)), positions,
                                 attention, (), remat)
         return rms_norm(x, self.norm[...], c.rms_norm_eps).reshape(B, m, K, -1)
 
     def __call__(self, tokens: jax.Array, cache: KVCache,
                  num_valid: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """AR forward returning float32 logits ``[B, T, V]`` and the updated cache."""
-        hidden, cache = self.forward(tokens, cache, num_valid)
+        hidden, cache = self.ar_hidden(tokens, cache, num_valid)
         return self.logits(hidden), cache
 
     def _run_layers(self, view: str, x: jax.Array, positions: jax.Array,
@@ -173,8 +177,9 @@ class OrthrusLM(nnx.Module):
             return x, state
 
         def scan_body(carry, layer):
-            # Index the stacked weights in place: scanning over them as ``xs`` would copy
-            # every layer's slice (measured 2.8x slower on CPU for a decode step).
+            # Each layer reads its weights as a dynamic slice of the stack. XLA copies that
+            # slice before the layer's products (why decoding uses ``unstack_layers``);
+            # scanning over the stacks as ``xs`` measured 2.8x slower still on CPU.
             p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False),
                              params)
             return body(carry, layer, p), None
@@ -184,6 +189,12 @@ class OrthrusLM(nnx.Module):
         layers = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
         (x, state), _ = jax.lax.scan(scan_body, (x, state), layers)
         return x, state
+
+
+def split_trainable(model: OrthrusLM) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """``(graphdef, diffusion, backbone)``: the trainable :class:`DiffusionParam` subtree
+    and the frozen rest, separated by variable type; ``nnx.merge`` joins them."""
+    return nnx.split(model, DiffusionParam, ...)
 
 
 def is_unstacked(value) -> bool:
@@ -207,21 +218,54 @@ def unstack_layers(model: OrthrusLM) -> OrthrusLM:
     if is_unstacked(model.layers.input_norm.get_value()):
         return model
     graphdef, state = nnx.split(model)
-
-    def split(var: nnx.Variable) -> nnx.Variable:
-        a = var.get_value()
-        sharding = a.sharding
-        if isinstance(sharding, NamedSharding):
-            sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
-        else:
-            sharding = None
-        parts = tuple(a[i] if sharding is None else jax.device_put(a[i], sharding)
-                      for i in range(a.shape[0]))
-        return var.replace(value=parts)
-
-    state["layers"] = jax.tree.map(split, state["layers"],
+    state["layers"] = jax.tree.map(lambda var: var.replace(value=_per_layer(var.get_value())),
+                                   state["layers"],
                                    is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.merge(graphdef, state)
+
+
+def _per_layer(a: jax.Array) -> tuple[jax.Array, ...]:
+    """A stacked ``[L, ...]`` weight as ``L`` arrays, each sharded like ``a`` minus its
+    ``layers`` axis."""
+    sharding = a.sharding
+    if isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+        return tuple(jax.device_put(a[i], sharding) for i in range(a.shape[0]))
+    return tuple(a[i] for i in range(a.shape[0]))
+
+
+def copy_diffusion(source: OrthrusLM, target: OrthrusLM) -> None:
+    """Set ``target``'s diffusion tensors to ``source``'s, in place, in ``target``'s form
+    (stacked or per layer) and dtype; every other tensor of ``target`` stays.
+
+    Shapes must match (same config); a compiled program that takes ``target`` runs on the
+    new values without recompiling.
+    """
+    for name, var in vars(target.layers.diff_attn).items():
+        if not isinstance(var, nnx.Variable):
+            continue
+        src = getattr(source.layers.diff_attn, name, None)
+        if not isinstance(src, nnx.Variable):
+            raise ValueError(f"diffusion tensor {name} missing from the source model")
+        value, old = src.get_value(), var.get_value()
+        if is_unstacked(value) and not is_unstacked(old):
+            value = jnp.stack(value)
+        elif is_unstacked(old) and not is_unstacked(value):
+            value = _per_layer(value)
+        new_parts = value if is_unstacked(value) else (value,)
+        old_parts = old if is_unstacked(old) else (old,)
+        if len(new_parts) != len(old_parts) or any(
+                n.shape != o.shape for n, o in zip(new_parts, old_parts, strict=True)):
+            raise ValueError(f"diffusion tensor {name}: shape {_shape(value)} does not match "
+                             f"the model's {_shape(old)}")
+        cast = tuple(n.astype(o.dtype) for n, o in zip(new_parts, old_parts, strict=True))
+        var.set_value(cast if is_unstacked(old) else cast[0])
+
+
+def _shape(value) -> str:
+    if is_unstacked(value):
+        return f"{len(value)} x {tuple(value[0].shape)}"
+    return str(tuple(value.shape))
 
 
 def prefill(model: OrthrusLM, tokens: jax.Array, cache: KVCache, prompt_lengths: jax.Array,
@@ -246,7 +290,7 @@ def prefill(model: OrthrusLM, tokens: jax.Array, cache: KVCache, prompt_lengths:
         chunk, i = xs
         remaining = prompt_lengths - i * C
         num_valid = jnp.clip(remaining, 0, C)
-        hidden, cache = model.forward(chunk, cache, num_valid)
+        hidden, cache = model.ar_hidden(chunk, cache, num_valid)
         idx = jnp.clip(num_valid - 1, 0, C - 1)
         here = jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
         ends_here = (remaining > 0) & (remaining <= C)

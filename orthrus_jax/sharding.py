@@ -4,21 +4,26 @@ Every weight and cache dimension carries a logical name (``vocab``, ``embed``, `
 ...). A rules table maps each name to zero, one or several mesh axes (``data``, ``fsdp``,
 ``tensor``); :func:`logical_to_spec` turns a tuple of names into a ``PartitionSpec`` and
 rejects a spec that would use one mesh axis twice or split a dimension unevenly.
+:func:`state_shardings` / :func:`shard_model` apply it to every variable of a model state
+(each ``nnx.Variable`` carries its ``logical_axes`` as metadata).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = Mapping[str, MeshAxes]
+ModuleT = TypeVar("ModuleT", bound=nnx.Module)
 
 # Logical axis -> mesh axes. Weights shard their "embed" dimension over fsdp and their
 # head / MLP / vocab dimension over tensor; activations and caches shard batch over data
@@ -88,6 +93,44 @@ def named_sharding(
     name: str = "array",
 ) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(logical_axes, mesh, rules, shape, name))
+
+
+def _is_var(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _path_name(path) -> str:
+    return ".".join(str(getattr(k, "key", k)) for k in path)
+
+
+def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules | None = None,
+                      name: str = "parameter") -> NamedSharding:
+    """The ``NamedSharding`` of one variable, from its ``logical_axes`` and ``rules``."""
+    spec = logical_to_spec(var.get_metadata()["logical_axes"], mesh, rules,
+                           var.get_value().shape, name)
+    return NamedSharding(mesh, spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules | None = None) -> nnx.State:
+    """A ``NamedSharding`` in place of every variable of ``state`` (a prefix tree of it,
+    usable with ``jax.device_put`` and as ``jax.jit`` shardings)."""
+    return jax.tree.map_with_path(
+        lambda path, var: variable_sharding(var, mesh, rules, _path_name(path)),
+        state, is_leaf=_is_var)
+
+
+def param_shardings(model: nnx.Module, mesh: Mesh, rules: Rules | None = None) -> nnx.State:
+    """A state of ``NamedSharding`` per parameter of ``model``."""
+    return state_shardings(nnx.state(model), mesh, rules)
+
+
+def shard_model(model: ModuleT, mesh: Mesh, rules: Rules | None = None) -> ModuleT:
+    """Place every parameter of ``model`` on ``mesh`` (in place) and return it."""
+    shardings = param_shardings(model, mesh, rules)
+    state = nnx.state(model)
+    nnx.update(model, jax.tree.map(lambda v, s: jax.device_put(v, s), state, shardings,
+                                   is_leaf=_is_var))
+    return model
 
 
 def parse_mesh_shape(text: str) -> dict[str, int]:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import transformers
 
-from convert.from_hf import build_params
+from convert.model_folder import build_params
 from orthrus_jax.checkpoint import model_from_params
 from orthrus_jax.config import ModelConfig
 

@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from orthrus_jax.cli import run_command
+
 
 def read_metrics(path: str | Path) -> list[dict]:
     """The records of a ``metrics.jsonl``; a line cut off by a kill is skipped."""
@@ -84,11 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= len(args) <= 2:
         print("usage: python -m train.curves METRICS.jsonl [OUT.png]", file=sys.stderr)
         return 2
-    if not Path(args[0]).is_file():
-        print(f"error: {args[0]}: no such file", file=sys.stderr)
-        return 2
-    print(plot_curves(*args))
-    return 0
+
+    def body() -> None:
+        if not Path(args[0]).is_file():
+            raise FileNotFoundError(f"{args[0]}: no such file")
+        print(plot_curves(*args))
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ The frozen model answers a prompt set, and its answers are written as chat JSONL
 records included); ``line`` is the line of the file where it starts. ANSWER is the decoded
 text of the generated ids, end-of-sequence token excluded.
 
-Prompt files (read with ``train.data``'s readers): GSM8K-style JSONL (``question``; the
+Prompt files (read with ``train.records``' readers): GSM8K-style JSONL (``question``; the
 ``answer`` is ignored), chat JSONL (``messages``), ShareGPT (``conversations``), one object
 per line or a JSON array that may be cut off at the end. The prompt is the conversation up to
 its first answer (an assistant message after the first non-assistant one): system prompt and
@@ -51,15 +51,17 @@ from typing import Any
 
 import numpy as np
 
-from train.data import (
+from orthrus_jax.cli import run_command
+from orthrus_jax.config import DTYPE_NAMES
+from train.records import (
+    BadRecord,
     Message,
     ReadStats,
-    _Bad,
-    _file_kind,
-    _parse_messages,
-    _Scanner,
+    RecordScanner,
     answer_turns,
     expand_paths,
+    file_kind,
+    parse_messages,
 )
 
 PROMPT_KEYS = ("question", "messages", "conversations")
@@ -86,29 +88,30 @@ class Prompt:
 
 
 def prompt_messages(obj: Any) -> list[Message]:
-    """The prompt of one JSON record (raises ``_Bad``): GSM8K ``question``, or the
+    """The prompt of one JSON record (raises ``BadRecord``): GSM8K ``question``, or the
     ``messages`` / ``conversations`` up to the first answer (all of them if none)."""
     if not isinstance(obj, dict):
-        raise _Bad(f"expected a JSON object, got {type(obj).__name__}")
+        raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
     if not any(k in obj for k in PROMPT_KEYS):
-        raise _Bad("no 'question', 'messages' or 'conversations' field")
+        raise BadRecord("no 'question', 'messages' or 'conversations' field")
     if "question" in obj and "messages" not in obj and "conversations" not in obj:
         if not isinstance(obj["question"], str):
-            raise _Bad("'question' must be a string")
+            raise BadRecord("'question' must be a string")
         msgs = [{"role": "user", "content": obj["question"]}]
     else:
-        msgs, _ = _parse_messages(obj, "error")
+        msgs, _ = parse_messages(obj, "error")
     turns = answer_turns(msgs)
     prompt = msgs[:turns[0]] if turns else msgs
     if not prompt or prompt[-1]["role"] != "user":
-        raise _Bad("empty prompt: the conversation has no user message before its first answer")
+        raise BadRecord("empty prompt: the conversation has no user message before its "
+                        "first answer")
     if not prompt[-1]["content"].strip():
-        raise _Bad("empty prompt: the user message is blank")
+        raise BadRecord("empty prompt: the user message is blank")
     return prompt
 
 
-class _PromptScanner(_Scanner):
-    """``train.data``'s file reader, yielding every record in order, bad ones included:
+class _PromptScanner(RecordScanner):
+    """``train.records``' file reader, yielding every record in order, bad ones included:
     ``(line, messages, None)`` or ``(line, None, reason)``."""
 
     def __init__(self, path: Path, stats: ReadStats):
@@ -122,7 +125,7 @@ class _PromptScanner(_Scanner):
     def convert(self, obj: Any, line: int) -> tuple[int, list[Message] | None, str | None]:
         try:
             return line, prompt_messages(obj), None
-        except _Bad as e:
+        except BadRecord as e:
             return line, None, str(e)
 
     def items(self) -> Iterator[tuple[int, list[Message] | None, str | None]]:
@@ -145,7 +148,7 @@ def read_prompts(paths: str | Path | Iterable[str | Path],
     out: list[Prompt] = []
     for path in expand_paths(paths):
         try:
-            if _file_kind(path) == "text":
+            if file_kind(path) == "text":
                 raise ValueError(f"{path}: not a prompt file (expected .jsonl, .ndjson or "
                                  ".json records)")
             for line, msgs, error in _PromptScanner(path, stats).items():
@@ -345,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (>= 0)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="parameter and compute dtype (default: as stored)")
     p.add_argument("--start", type=int, default=0, help="first source_index to answer")
     p.add_argument("--end", type=int, default=None, help="source_index to stop before")
@@ -369,11 +372,7 @@ def load_generator(model_dir: str, max_len: int | None, dtype: str | None):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return _main(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _main(args))
 
 
 def _main(args: argparse.Namespace) -> int:

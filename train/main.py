@@ -38,6 +38,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from orthrus_jax.cli import CommandError, run_command
+from orthrus_jax.config import DTYPE_NAMES
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.main", description=__doc__,
@@ -65,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--mesh", default="data=-1", help="e.g. data=2,fsdp=2,tensor=2")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="backbone dtype (default: as stored); diffusion weights train in f32")
     p.add_argument("--remat", action="store_true", help="recompute each layer in backward")
     p.add_argument("--loss-chunk", type=int, default=16, help="anchor blocks per logits chunk")
@@ -94,14 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: run(args))
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(CommandError):
     """A non-finite loss: the run stops and the last good checkpoint stays."""
 
 
@@ -134,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     from infer.prompts import load_tokenizer, read_prompts_file
     from orthrus_jax.checkpoint import load_model
     from orthrus_jax.sharding import make_mesh
-    from train.data import BatchIterator, Corpus
+    from train.batches import BatchIterator
+    from train.records import Corpus
     from train.step import TrainConfig, Trainer
 
     mesh = make_mesh(args.mesh)
@@ -201,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
     eval_prompts = []
     if args.eval_prompts:  # text prompts go through the chat template when there is one
         chat = bool(getattr(tokenizer, "chat_template", None))
+        # One engine for the whole run: each evaluation swaps in the current diffusion
+        # tensors and reuses the programs compiled for the first.
         gen = Generator(model, tokenizer)
         eval_prompts = [gen.encode_item(item, chat)
                         for item in read_prompts_file(args.eval_prompts)]
@@ -211,14 +213,16 @@ def run(args: argparse.Namespace) -> int:
         if not eval_prompts:
             return
         t0 = time.perf_counter()
-        results = Generator(trainer.model(state), tokenizer).generate(
-            eval_prompts, max_new_tokens=args.eval_max_new_tokens, batch_size=8)
+        gen.update_diffusion(trainer.model(state))
+        results = gen.generate(eval_prompts, max_new_tokens=args.eval_max_new_tokens,
+                               batch_size=8)
         totals = summarize(results)
         last_eval.update(step=step, accepted_hist=totals["accepted_hist"])
         _log(out, {"event": "eval", "step": step,
                    "tokens_per_iteration": totals["tokens_per_iteration"],
                    "accepted_hist": totals["accepted_hist"],
-                   "prompts": len(results), "seconds": time.perf_counter() - t0})
+                   "prompts": len(results), "seconds": time.perf_counter() - t0,
+                   "programs_compiled": len(gen.compile_seconds)})
 
     def save(state, step: int) -> None:
         _draw_curves(out)
@@ -356,7 +360,8 @@ def _save_final(model, dst: Path, src_model: str, profile=None) -> None:
 
     from jax.experimental import multihost_utils
 
-    from orthrus_jax.checkpoint import copy_tokenizer_files, replace_dir, save_model
+    from orthrus_jax.checkpoint import save_model
+    from orthrus_jax.folders import copy_tokenizer_files, replace_dir
 
     tmp = dst.with_name(f".{dst.name}.partial")
     primary = jax.process_index() == 0

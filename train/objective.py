@@ -23,7 +23,7 @@ def teacher_pass(model: OrthrusLM, tokens: jax.Array):
     """Frozen AR pass over ``tokens [B, L]``: final hidden ``[B, L, D]`` and the cache
     holding every layer's K/V, both without gradient."""
     B, L = tokens.shape
-    hidden, cache = model.forward(tokens, init_cache(model.config, B, L))
+    hidden, cache = model.ar_hidden(tokens, init_cache(model.config, B, L))
     return jax.lax.stop_gradient(hidden), jax.tree.map(jax.lax.stop_gradient, cache)
 
 

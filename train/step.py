@@ -17,10 +17,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from orthrus_jax.checkpoint import state_shardings, variable_sharding
-from orthrus_jax.layers import DiffusionParam
-from orthrus_jax.model import OrthrusLM
-from orthrus_jax.sharding import Rules, logical_to_spec
+from orthrus_jax.model import OrthrusLM, split_trainable
+from orthrus_jax.sharding import Rules, logical_to_spec, state_shardings, variable_sharding
 from train.objective import LOSSES, training_loss
 
 BATCH_KEYS = ("tokens", "anchors", "anchor_mask")
@@ -89,7 +87,7 @@ class Trainer:
                  rules: Rules | None = None):
         self.config, self.mesh, self.rules = config, mesh, rules
         self.optimizer = config.optimizer()
-        self.graphdef, diffusion, backbone = nnx.split(model, DiffusionParam, ...)
+        self.graphdef, diffusion, backbone = split_trainable(model)
         diff_sh = state_shardings(diffusion, mesh, rules)
         self.backbone = jax.device_put(backbone, state_shardings(backbone, mesh, rules))
         # A float32 copy: the step donates it, and must not delete the model's arrays.

@@ -18,8 +18,8 @@ from flax import nnx
 
 from convert.from_gguf import main
 from orthrus_jax.cache import init_cache
-from orthrus_jax.checkpoint import load_model, split_trainable
-from orthrus_jax.model import prefill
+from orthrus_jax.checkpoint import load_model
+from orthrus_jax.model import prefill, split_trainable
 from tests.convert.gguf_fixtures import (
     CHATML_TEMPLATE,
     Q,
@@ -106,6 +106,7 @@ def converted(request, tmp_path_factory):
     return config, _dequantized_state(state, qtype, embed_qtype), dst, model, status
 
 
+@pytest.mark.slow
 def test_logits_match_transformers(converted) -> None:
     config, state, _, model, status = converted
     assert status == 0
@@ -122,6 +123,7 @@ def test_logits_match_transformers(converted) -> None:
         assert diff <= TOL, f"prompt length {len(tokens)}: max |logit diff| {diff:.3g}"
 
 
+@pytest.mark.slow
 def test_chunked_prefill_then_step_matches_transformers(converted) -> None:
     """Right-padded batch through ``prefill`` (chunks of 8), then one cached decode step."""
     config, state, _, model, _ = converted

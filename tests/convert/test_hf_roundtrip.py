@@ -14,7 +14,8 @@ from safetensors.numpy import save_file
 
 from convert import from_hf, to_hf
 from orthrus_jax.cache import init_cache
-from orthrus_jax.checkpoint import load_model, split_trainable
+from orthrus_jax.checkpoint import load_model
+from orthrus_jax.model import split_trainable
 from tests.hf_reference import hf_config_dict, hf_logits, hf_model, hf_state
 
 DIFF_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
@@ -89,6 +90,7 @@ def test_orthrus_layout_round_trip_is_bit_exact(tmp_path, tied):
     assert (tmp_path / "out" / "tokenizer_config.json").is_file()
 
 
+@pytest.mark.slow
 def test_plain_checkpoint_gets_diffusion_copies_and_transformers_reads_export(tmp_path):
     hf = hf_model("qwen3", tied=False, seed=2)
     hf.save_pretrained(tmp_path / "src", max_shard_size="100KB")
@@ -127,6 +129,42 @@ def test_bfloat16_conversion_and_export(tmp_path):
     np.testing.assert_array_equal(out[key], tensors[key].astype(ml_dtypes.bfloat16))
     # float32 compute on bfloat16 storage, chosen at load time
     assert load_model(tmp_path / "dst", param_dtype="float32").config.dtype == "float32"
+
+
+@pytest.mark.parametrize("config_dtype", ["bfloat16", None])
+def test_bfloat16_checkpoint_stays_bfloat16_unless_dtype_given(tmp_path, config_dtype):
+    """The default keeps the stored dtype: config.json's, else the tensors' own."""
+    _, src, tensors = orthrus_checkpoint(tmp_path, shards=1)
+    config = json.loads((src / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    config.pop("dtype", None)
+    if config_dtype:
+        config["dtype"] = config_dtype
+    (src / "model.safetensors").unlink()
+    bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
+    write_checkpoint(src, config, bf16)
+
+    assert from_hf.main([str(src), str(tmp_path / "dst")]) == 0
+    model = load_model(tmp_path / "dst")
+    assert model.config.param_dtype == "bfloat16" and model.config.dtype == "bfloat16"
+    assert model.embed_tokens[...].dtype == jnp.bfloat16
+    assert json.loads((tmp_path / "dst" / "config.json").read_text())["dtype"] == "bfloat16"
+
+    assert from_hf.main([str(src), str(tmp_path / "f32"), "--dtype", "float32"]) == 0
+    model = load_model(tmp_path / "f32")
+    assert model.config.param_dtype == "float32"
+    assert model.embed_tokens[...].dtype == jnp.float32
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert to_hf.main([str(tmp_path / "f32"), str(tmp_path / "out")]) == 0
+    out = read_dir(tmp_path / "out")
+    assert out[key].dtype == np.float32
+    np.testing.assert_array_equal(out[key], bf16[key].astype(np.float32))
+
+
+def test_help_says_the_default_dtype_is_as_stored(capsys):
+    with pytest.raises(SystemExit):
+        from_hf.main(["--help"])
+    assert "as stored" in " ".join(capsys.readouterr().out.split())
 
 
 def test_llama_tied_round_trip(tmp_path):
@@ -215,6 +253,7 @@ def test_existing_destination_is_kept_unless_forced_and_survives_a_failed_force(
     assert load_model(dst).config.block_size == 16 and no_leftovers(tmp_path, "dst")
 
 
+@pytest.mark.slow
 def test_cli_reports_errors_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "convert.from_hf", str(tmp_path / "nope"),
                              str(tmp_path / "dst")], capture_output=True, text=True)

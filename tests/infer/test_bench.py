@@ -46,6 +46,7 @@ def greedy_report(model_dir, prompts_file):
                     12, "--repeats", 2, "--batch-size", 2, "--eos-id", -5)  # -5: no EOS
 
 
+@pytest.mark.slow
 def test_bench_json_greedy(greedy_report):
     r = greedy_report
     assert r["num_prompts"] == len(PROMPTS) and r["block_size"] == BLOCK
@@ -74,6 +75,7 @@ def test_bench_json_greedy(greedy_report):
     assert all(p["first_divergence"] is None for p in r["prompts"])
 
 
+@pytest.mark.slow
 def test_bench_text_report(greedy_report):
     out = bench.format_report(greedy_report)
     for text in ("tokens / iteration", "tokens / s", "time to first token", "compile seconds",
@@ -87,6 +89,7 @@ def test_first_divergence():
     assert bench.first_divergence([1, 2], [1, 2, 3]) == 2
 
 
+@pytest.mark.slow
 def test_bench_sampling_and_limit(model_dir, prompts_file):
     r = run_json("--model", model_dir, "--prompts-file", prompts_file, "--limit", 1,
                  "--max-new-tokens", 5, "--temperature", 0.8, "--top-k", 20)

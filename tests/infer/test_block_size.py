@@ -26,6 +26,7 @@ from tests.infer.test_decode import SPECS, _gen, _prompts, _run, _summary
 K = SPECS["agree"][2]  # 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", [2, 3, 8, 1])
 def test_block_size_override_is_lossless(block):
     gen = _gen("agree")
@@ -41,6 +42,7 @@ def test_block_size_override_is_lossless(block):
         assert max(np.nonzero(np.sum([r.accepted_hist for r in res], 0))[0]) >= 2
 
 
+@pytest.mark.slow
 def test_sampling_with_a_shorter_block_runs_and_is_reproducible():
     gen = _gen("agree")
     prompts = _prompts(seed=22, n=4)
@@ -135,6 +137,7 @@ def _auto_generator(name, profile, seconds, root):
     return gen
 
 
+@pytest.mark.slow
 def test_adaptive_loop_switches_and_stays_lossless(tmp_path):
     # The prior promises many accepted drafts; this random model's drafts are seldom
     # accepted, so the loop falls back to AR steps, and later tries the block again.
@@ -162,6 +165,7 @@ def test_adaptive_loop_switches_and_stays_lossless(tmp_path):
 # --------------------------------------------------------------------------- CLIs
 
 
+@pytest.mark.slow
 def test_calibrate_then_generate_auto(tmp_path, monkeypatch, capsys):
     from tests.hf_reference import tiny_model_dir
 

@@ -19,8 +19,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from infer.engine import Generator
-from orthrus_jax.checkpoint import load_model, save_model, shard_model
-from orthrus_jax.sharding import make_mesh
+from orthrus_jax.checkpoint import load_model, save_model
+from orthrus_jax.sharding import make_mesh, shard_model
 from tests.hf_reference import hf_model, to_orthrus
 
 MAX_NEW = 24
@@ -168,6 +168,7 @@ CASES = [("qwen3-untied-K8", 4), ("qwen3-untied-K8", 1), ("qwen3-tied-K16", 4),
          ("llama-untied-K4", 4), ("llama-untied-K4", 1), ("llama-tied-K8", 4)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,batch_size", CASES, ids=[f"{n}-b{b}" for n, b in CASES])
 def test_greedy_orthrus_equals_ar(name, batch_size):
     gen = _gen(name)
@@ -196,6 +197,7 @@ def test_greedy_orthrus_equals_ar(name, batch_size):
 # --------------------------------------------------------------------------- 2
 
 
+@pytest.mark.slow
 def test_agreeing_model_accepts_several_drafts():
     gen = _gen("agree")
     K = SPECS["agree"][2]
@@ -223,6 +225,7 @@ def test_agreeing_model_accepts_several_drafts():
 # --------------------------------------------------------------------------- 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen3-untied-K8", "agree"])
 def test_batched_rows_equal_rows_alone(name):
     gen = _gen(name)
@@ -240,6 +243,7 @@ def test_batched_rows_equal_rows_alone(name):
 # --------------------------------------------------------------------------- 4
 
 
+@pytest.mark.slow
 def test_sharded_equals_unsharded(tmp_path):
     name = "qwen3-untied-K8"
     prompts = _prompts(seed=100 + SPECS[name][3])
@@ -278,6 +282,7 @@ def backend_compiles():
     jax.monitoring.unregister_event_duration_listener(listener)
 
 
+@pytest.mark.slow
 def test_one_compile_per_bucket_and_sampling_values_do_not_recompile(backend_compiles):
     gen = _gen("llama-tied-K8")
     B = 2  # a batch size no other greedy test uses: these programs are new here
@@ -319,6 +324,7 @@ def test_one_compile_per_bucket_and_sampling_values_do_not_recompile(backend_com
     assert len({tuple(o) for o in outputs}) > 1  # the values reach the program
 
 
+@pytest.mark.slow
 def test_warm_up_compiles_what_generate_needs_running_one_batch_per_bucket(backend_compiles):
     gen = _gen("llama-untied-K4")
     B = 3  # a batch size no other test uses: the warm-up must compile these programs
@@ -402,6 +408,7 @@ def test_bad_input_is_a_clear_error():
 # --------------------------------------------------------------------------- 8
 
 
+@pytest.mark.slow
 def test_cache_that_fills():
     name = "qwen3-untied-K8"
     K = SPECS[name][2]
@@ -418,3 +425,34 @@ def test_cache_that_fills():
         # Orthrus commits up to the last cache position too: the same tokens as AR
         assert o.token_ids == a.token_ids
         assert o.iterations < a.iterations or K == 1
+
+
+@pytest.mark.slow
+def test_update_diffusion_swaps_the_drafter_without_recompiling(backend_compiles):
+    """An engine given another model's diffusion tensors decodes exactly as an engine built
+    on that model (same outputs, same acceptance), reusing its compiled programs; a model
+    of another shape is refused, naming the tensor."""
+    prompts = _prompts(seed=23)
+    trained = _model("agree")  # stacked weights, as training holds them
+    fresh = _run(Generator(trained), prompts, "orthrus", 4)
+    engine = Generator(_model("agree"))
+    diff = engine.model.layers.diff_attn
+    diff.o_proj.set_value(tuple(-w for w in diff.o_proj.get_value()))  # another drafter
+    other = _run(engine, prompts, "orthrus", 4)  # compiles the engine's programs
+    n0 = backend_compiles()
+    engine.update_diffusion(trained)
+    swapped = _run(engine, prompts, "orthrus", 4)
+    assert backend_compiles() == n0
+    assert _summary(swapped) == _summary(fresh) == _summary(other)  # lossless either way
+    assert [r.accepted_hist for r in swapped] == [r.accepted_hist for r in fresh]
+    assert [r.accepted_hist for r in other] != [r.accepted_hist for r in fresh]
+    wider = to_orthrus(hf_model("qwen3", False, 0, num_attention_heads=8), block_size=8)
+    with pytest.raises(ValueError, match=r"diffusion tensor [qo]_proj: shape 2 x \(8, 16, "):
+        engine.update_diffusion(wider)
+
+
+def test_default_batch_is_bounded():
+    from infer.engine import DEFAULT_MAX_BATCH, default_batch_size
+
+    assert [default_batch_size(n) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    assert default_batch_size(1000) == DEFAULT_MAX_BATCH == 8

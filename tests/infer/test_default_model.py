@@ -321,6 +321,7 @@ def test_cli_prints_the_folder(copied, capsys) -> None:
     assert capsys.readouterr().err.startswith(f"error: {copied} is not a valid")
 
 
+@pytest.mark.slow
 def test_generate_without_model_uses_the_default(built, monkeypatch) -> None:
     asked = []
     monkeypatch.setattr(generate_cli, "default_model_dir",

@@ -43,6 +43,7 @@ def run_json(*args) -> list[dict]:
     return [json.loads(line) for line in out.strip().splitlines()]
 
 
+@pytest.mark.slow
 def test_json_rows_for_every_kind_of_prompt(chat_dir, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "hello"}) + "\n\n"
@@ -67,6 +68,7 @@ def test_json_rows_for_every_kind_of_prompt(chat_dir, tmp_path):
     assert api.token_ids == rows[0]["token_ids"] and api.prompt == "the cat"
 
 
+@pytest.mark.slow
 def test_chat_template_and_modes_agree(chat_dir):
     [plain] = run_json("--model", chat_dir, "--prompt", "hi", "--max-new-tokens", 6,
                        "--eos-id", -1, "--chat", "off")
@@ -92,6 +94,7 @@ def test_human_output_ends_with_one_summary_line(ids_dir):
     assert lines[-1].startswith("[ar] 10 tokens, 8 iterations, 1.00 tokens/iteration")
 
 
+@pytest.mark.slow
 def test_stream_prints_what_the_final_output_holds(chat_dir):
     status, out, err = run("--model", chat_dir, "--prompt", "a", "--prompt", "b", "--stream",
                            "--max-new-tokens", 7, "--eos-id", -1)
@@ -101,6 +104,7 @@ def test_stream_prints_what_the_final_output_holds(chat_dir):
     assert out == "\n\n".join(r["text"] for r in rows) + "\n"
 
 
+@pytest.mark.slow
 def test_sampling_flags_are_deterministic_for_a_seed(ids_dir):
     args = ("--model", ids_dir, "--prompt-ids", "4,5,6", "--max-new-tokens", 8,
             "--eos-id", -1, "--temperature", 1.5, "--top-k", 50, "--top-p", 0.9)

@@ -30,6 +30,7 @@ def run(*args) -> tuple[int, str, str]:
     return status, out.getvalue(), err.getvalue()
 
 
+@pytest.mark.slow
 def test_model_folder_and_random_config_give_every_pass(model_dir, tmp_path):
     status, out, err = run("--model", model_dir, "--context", 40, "--repeats", 2,
                            "--copy-mib", 8, "--json")

@@ -378,6 +378,7 @@ def ar_samples(tiny):
 
 @pytest.mark.parametrize("i", range(len(CONFIGS)),
                          ids=lambda i: "T{temperature}-k{top_k}-p{top_p}".format(**CONFIGS[i]))
+@pytest.mark.slow
 def test_orthrus_sampling_matches_ar(tiny, exact, ar_samples, i):
     cfg, want = CONFIGS[i], exact[i]
     rows, hist = sample_rows(tiny[2], "orthrus", 200 + i, **cfg)
@@ -403,6 +404,7 @@ def test_orthrus_sampling_matches_ar(tiny, exact, ar_samples, i):
                                N_ROWS) < 0.06
 
 
+@pytest.mark.slow
 def test_wrong_acceptance_rule_is_caught(tiny, exact, monkeypatch):
     """The same statistic, same seed, rejects Orthrus with a wrong rule patched into the
     decode loop: ``next_from_p`` (the subtler of the two wrong rules above; alone, as each

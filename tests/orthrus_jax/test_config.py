@@ -3,9 +3,20 @@ errors for what is not implemented."""
 
 import json
 
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 import pytest
 
-from orthrus_jax.config import ModelConfig, UnsupportedConfigError
+from orthrus_jax.config import (
+    DTYPE_NAMES,
+    DTYPES,
+    MODEL_TYPES,
+    ModelConfig,
+    UnsupportedConfigError,
+    dtype_name,
+    numpy_dtype,
+)
 
 BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2)
@@ -78,3 +89,24 @@ def test_missing_or_broken_config_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         ModelConfig.from_json_file(tmp_path)
+
+
+def test_one_dtype_table_for_jax_numpy_and_the_cli():
+    assert DTYPE_NAMES == ("float32", "bfloat16", "float16") == tuple(DTYPES)
+    assert numpy_dtype("bfloat16") == np.dtype(ml_dtypes.bfloat16) == np.dtype(jnp.bfloat16)
+    assert numpy_dtype("float16") == np.float16
+    assert [dtype_name(numpy_dtype(n)) for n in DTYPE_NAMES] == list(DTYPE_NAMES)
+    assert dtype_name(np.int8) is None
+    with pytest.raises(ValueError, match="'int8': choose one of"):
+        numpy_dtype("int8")
+
+
+@pytest.mark.parametrize("model_type", list(MODEL_TYPES))
+def test_architecture_table_drives_config_and_export(model_type):
+    arch = MODEL_TYPES[model_type]
+    c = ModelConfig.from_hf_dict(dict(BASE, model_type=model_type))
+    assert (c.qk_norm, c.qkv_bias, c.o_bias) == (arch.qk_norm, arch.qkv_bias, False)
+    d = c.to_hf_dict()
+    assert d["architectures"] == [arch.hf_class]
+    assert d["model_type"] == (arch.export_as or model_type)
+    assert ModelConfig.from_hf_dict(d).qk_norm == arch.qk_norm

@@ -66,6 +66,7 @@ def test_llama_attention_bias_matches_transformers():
     assert np.abs(full_logits(model, tokens) - hf_logits(hf, tokens)).max() <= TOL
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_stays_close_to_float32(pair):
     hf, model32 = pair
     model16 = to_orthrus(hf, dtype="bfloat16")
@@ -94,6 +95,7 @@ def test_prefill_then_single_steps_equals_full_forward(cache_pair):
     assert list(np.asarray(cache.lengths)) == [P + T, P + T]
 
 
+@pytest.mark.slow
 def test_chunked_prefill_equals_one_shot(cache_pair):
     _, model = cache_pair
     tokens = np.random.default_rng(4).integers(0, 512, (2, 24))
@@ -113,6 +115,7 @@ def test_chunked_prefill_equals_one_shot(cache_pair):
         np.testing.assert_allclose(np.asarray(ch_logits[row]), ref, atol=TOL)
 
 
+@pytest.mark.slow
 def test_rows_of_different_lengths_match_each_row_alone(cache_pair):
     _, model = cache_pair
     rng = np.random.default_rng(5)
@@ -132,6 +135,7 @@ def test_rows_of_different_lengths_match_each_row_alone(cache_pair):
     assert list(np.asarray(cache.lengths)) == [16, 7]
 
 
+@pytest.mark.slow
 def test_diffusion_pass_reads_the_prefix_and_writes_nothing(cache_pair):
     _, model = cache_pair
     rng = np.random.default_rng(6)
@@ -140,10 +144,10 @@ def test_diffusion_pass_reads_the_prefix_and_writes_nothing(cache_pair):
     _, cache = model(jnp.asarray(prefix), cache, num_valid=jnp.array([9, 5]))
     k_before = np.asarray(cache.k)
     block = rng.integers(0, 512, (2, 4))
-    hidden = model.diffusion_forward(jnp.asarray(block), cache)
+    hidden = model.diffusion_hidden(jnp.asarray(block), cache)
     np.testing.assert_array_equal(np.asarray(cache.k), k_before)
     # A one-token block through diffusion weights that equal the AR weights is an AR step.
-    one = model.logits(model.diffusion_forward(jnp.asarray(block[:, :1]), cache))
+    one = model.logits(model.diffusion_hidden(jnp.asarray(block[:, :1]), cache))
     for row, n in enumerate([9, 5]):
         seq = np.concatenate([prefix[row, :n], block[row, :1]])[None]
         np.testing.assert_allclose(np.asarray(one[row, 0]), full_logits(model, seq)[0, -1],
@@ -151,16 +155,17 @@ def test_diffusion_pass_reads_the_prefix_and_writes_nothing(cache_pair):
     # Inside the block attention is bidirectional: a later token changes earlier outputs.
     changed = block.copy()
     changed[:, -1] = (changed[:, -1] + 1) % 512
-    hidden2 = model.diffusion_forward(jnp.asarray(changed), cache)
+    hidden2 = model.diffusion_hidden(jnp.asarray(changed), cache)
     assert np.abs(np.asarray(hidden2[:, 0]) - np.asarray(hidden[:, 0])).max() > 1e-4
     # Each row depends only on its own prefix: batched equals row alone.
     for row, n in enumerate([9, 5]):
         c1 = init_cache(model.config, 1, 32)
         _, c1 = model(jnp.asarray(prefix[row:row + 1, :n]), c1)
-        alone = model.diffusion_forward(jnp.asarray(block[row:row + 1]), c1)
+        alone = model.diffusion_hidden(jnp.asarray(block[row:row + 1]), c1)
         np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(hidden[row]), atol=TOL)
 
 
+@pytest.mark.slow
 def test_many_blocks_at_once_equal_one_block_over_a_prefix_cache(cache_pair):
     """The training form (m blocks over the AR K/V of a whole sequence) gives, for each
     block, what the decoder's one-block pass gives over a cache holding its prefix."""
@@ -178,10 +183,11 @@ def test_many_blocks_at_once_equal_one_block_over_a_prefix_cache(cache_pair):
         for j, a in enumerate(anchors[row]):
             prefix = init_cache(model.config, 1, L)
             _, prefix = step(model, jnp.asarray(seq[row:row + 1, :a]), prefix)
-            one = model.diffusion_forward(jnp.asarray(blocks[row:row + 1, j]), prefix)
+            one = model.diffusion_hidden(jnp.asarray(blocks[row:row + 1, j]), prefix)
             np.testing.assert_allclose(np.asarray(many[row, j]), np.asarray(one[0]), atol=TOL)
 
 
+@pytest.mark.slow
 def test_unstacked_layers_compute_what_the_stacked_layers_compute(cache_pair):
     """The decoder's per-layer weights (an unrolled loop) against the stacked scan: the
     AR view with its cache writes, and the diffusion view."""
@@ -201,7 +207,7 @@ def test_unstacked_layers_compute_what_the_stacked_layers_compute(cache_pair):
     def run(m):
         cache = init_cache(m.config, 2, 32)
         logits, cache = prefill(m, tokens, cache, jnp.array([12, 7]), chunk_size=4)
-        return logits, cache.k, cache.lengths, m.logits(m.diffusion_forward(block, cache))
+        return logits, cache.k, cache.lengths, m.logits(m.diffusion_hidden(block, cache))
 
     for a, b in zip(run(model), run(unstacked), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=TOL)

@@ -8,7 +8,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from orthrus_jax.cache import init_cache
-from orthrus_jax.checkpoint import load_model, save_model, split_trainable
+from orthrus_jax.checkpoint import load_model, save_model
+from orthrus_jax.model import split_trainable
 from orthrus_jax.sharding import logical_to_spec, make_mesh, parse_mesh_shape
 from tests.hf_reference import hf_model, to_orthrus
 

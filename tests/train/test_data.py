@@ -1,4 +1,5 @@
-"""Training data pipeline: reading, assistant masks, packing, resume, process split, anchors."""
+"""Training data pipeline (``train.records``, ``train.chat``, ``train.batches``): reading,
+assistant masks, packing, resume, process split, anchors."""
 
 from __future__ import annotations
 
@@ -11,7 +12,18 @@ from transformers import PreTrainedTokenizerFast
 
 from tests.convert.gguf_fixtures import CHATML_TEMPLATE
 from tests.hf_reference import tiny_chat_tokenizer
-from train import data as D
+from train import records
+from train.batches import (
+    Batch,
+    BatchIterator,
+    DataPosition,
+    SequencePacker,
+    anchor_candidates,
+    epoch_order,
+    sample_anchors,
+)
+from train.chat import ChatEncoder, ChatTemplateError
+from train.records import Corpus, MalformedRecordError, Record
 
 # SmolLM2-style ChatML: injects a default system prompt when the first message is not one.
 SMOL_TEMPLATE = (
@@ -95,23 +107,27 @@ def runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
-def answers(rec: D.Record) -> list[str]:
+def answers(rec: Record) -> list[str]:
     assert rec.messages is not None
     return [m["content"] for m in rec.messages if m["role"] == "assistant"]
 
 
-def make_iter(corpus, tokenizer, **kw) -> D.BatchIterator:
+def all_records(corpus: Corpus) -> list[Record]:
+    return [corpus[i] for i in range(len(corpus))]
+
+
+def make_iter(corpus, tokenizer, **kw) -> BatchIterator:
     args = {"batch_size": 4, "seq_len": 24, "block_size": 4, "anchors_per_seq": 5, "seed": 0}
     args.update(kw)
-    return D.BatchIterator(corpus, tokenizer, **args)
+    return BatchIterator(corpus, tokenizer, **args)
 
 
 # ---------------------------------------------------------------------------- reading + masks
 
 
 def test_reads_every_format(files):
-    stats = D.ReadStats()
-    recs = list(D.read_records(list(files.values()), stats=stats))
+    corpus = Corpus(list(files.values()))
+    stats, recs = corpus.stats, all_records(corpus)
     assert stats.truncated == 1 and stats.malformed == 0
     assert stats.examples == len(recs) == 2 + 2 + 6 + 3 + 1
     assert stats.chat == 13 and stats.text == 1 and stats.files == 5
@@ -125,23 +141,23 @@ def test_reads_every_format(files):
     starts = [i for i, line in enumerate(files["array"].read_text().splitlines(), 1)
               if line == "  {"]  # each record's "{" (the last one is the truncated record)
     assert [r.line for r in array_recs] == starts[:-1]
+    assert [r.messages for r in array_recs] == [r.messages for r in recs[:3]]
     assert recs[-1].text == TEXT and recs[-1].source.endswith("f.py")
 
 
-def test_corpus_random_access_matches_stream(files, monkeypatch):
-    monkeypatch.setattr(D, "_CHUNK_CHARS", 7)  # records span many chunks
-    corpus = D.Corpus(list(files.values()))
-    recs = list(D.read_records(list(files.values())))
-    assert len(corpus) == len(recs)
-    assert [corpus[i] for i in range(len(corpus))] == recs
+def test_corpus_does_not_depend_on_read_chunks(files, monkeypatch):
+    want = all_records(Corpus(list(files.values())))
+    monkeypatch.setattr(records, "_CHUNK_CHARS", 7)  # records span many chunks
+    corpus = Corpus(list(files.values()))
+    assert all_records(corpus) == want
     with pytest.raises(IndexError):
         corpus[len(corpus)]
 
 
 @pytest.mark.parametrize("template", [CHATML_TEMPLATE, SMOL_TEMPLATE, THINK_TEMPLATE])
 def test_assistant_mask_is_exactly_the_answers(files, tokenizer, template):
-    enc = D.ChatEncoder(tokenizer, chat_template=template)
-    for rec in D.read_records(list(files.values())):
+    enc = ChatEncoder(tokenizer, chat_template=template)
+    for rec in all_records(Corpus(list(files.values()))):
         ex = enc.encode(rec)
         assert ex.tokens.dtype == np.int32 and ex.assistant_mask.dtype == bool
         pieces = [tokenizer.decode(ex.tokens[a:b]) for a, b in runs(ex.assistant_mask)]
@@ -158,8 +174,8 @@ def test_assistant_mask_is_exactly_the_answers(files, tokenizer, template):
 
 
 def test_encode_many_matches_single_and_apply_chat_template(files, tokenizer):
-    enc = D.ChatEncoder(tokenizer)
-    recs = list(D.read_records(list(files.values())))
+    enc = ChatEncoder(tokenizer)
+    recs = all_records(Corpus(list(files.values())))
     many = enc.encode_many(recs)
     for rec, ex in zip(recs, many, strict=True):
         one = enc.encode(rec)
@@ -174,12 +190,12 @@ def test_encode_many_matches_single_and_apply_chat_template(files, tokenizer):
 def test_template_errors(files, tokenizer):
     no_system = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system') }}"
                  "{% endif %}" + CHATML_TEMPLATE)
-    enc = D.ChatEncoder(tokenizer, chat_template=no_system)
-    corpus = D.Corpus(files["sharegpt"])  # record 1 (line 1) has a system message
-    with pytest.raises(D.MalformedRecordError, match=r"sharegpt\.jsonl:1: .*no system"):
-        list(D.SequencePacker(corpus, enc, seq_len=8, shuffle=False, num_epochs=1))
-    corpus = D.Corpus(files["sharegpt"], skip_malformed=True)
-    packer = D.SequencePacker(corpus, enc, seq_len=8, shuffle=False, num_epochs=1)
+    enc = ChatEncoder(tokenizer, chat_template=no_system)
+    corpus = Corpus(files["sharegpt"])  # record 1 (line 1) has a system message
+    with pytest.raises(MalformedRecordError, match=r"sharegpt\.jsonl:1: .*no system"):
+        list(SequencePacker(corpus, enc, seq_len=8, shuffle=False, num_epochs=1))
+    corpus = Corpus(files["sharegpt"], skip_malformed=True)
+    packer = SequencePacker(corpus, enc, seq_len=8, shuffle=False, num_epochs=1)
     got = np.concatenate([t for t, _ in packer])
     want = enc.encode(corpus[1]).tokens
     np.testing.assert_array_equal(got, want[:len(want) // 8 * 8])
@@ -187,7 +203,7 @@ def test_template_errors(files, tokenizer):
 
 
 def test_template_without_end_token_uses_turn_rendering(tokenizer):
-    enc = D.ChatEncoder(tokenizer, chat_template=PLAIN_TEMPLATE)
+    enc = ChatEncoder(tokenizer, chat_template=PLAIN_TEMPLATE)
     ex = enc.encode_messages([{"role": "user", "content": "Hello"},
                               {"role": "assistant", "content": "the cat"},
                               {"role": "user", "content": "apples"},
@@ -198,12 +214,12 @@ def test_template_without_end_token_uses_turn_rendering(tokenizer):
 
 def test_prefix_inconsistent_template_is_an_error(tokenizer):
     msgs = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "the world"}]
-    enc = D.ChatEncoder(tokenizer, chat_template=COUNTING_TEMPLATE)
-    with pytest.raises(D.ChatTemplateError, match="prefix-consistent"):
+    enc = ChatEncoder(tokenizer, chat_template=COUNTING_TEMPLATE)
+    with pytest.raises(ChatTemplateError, match="prefix-consistent"):
         enc.encode_messages(msgs)
     # The generation prompt's trailing space merges with the answer's first word ("Ġthe").
-    enc = D.ChatEncoder(tokenizer, chat_template=PLAIN_TEMPLATE.replace(":\n", ": "))
-    with pytest.raises(D.ChatTemplateError, match="prefix-consistent"):
+    enc = ChatEncoder(tokenizer, chat_template=PLAIN_TEMPLATE.replace(":\n", ": "))
+    with pytest.raises(ChatTemplateError, match="prefix-consistent"):
         enc.encode_messages(msgs)
 
 
@@ -212,8 +228,8 @@ def test_no_chat_template(files, tokenizer):
                                    eos_token="<|im_end|>")
     assert not bare.chat_template
     with pytest.raises(ValueError, match="no chat template"):
-        make_iter(D.Corpus(files["gsm8k"]), bare)
-    batch = next(make_iter(D.Corpus(files["code"]), bare, batch_size=1, seq_len=8))
+        make_iter(Corpus(files["gsm8k"]), bare)
+    batch = next(make_iter(Corpus(files["code"]), bare, batch_size=1, seq_len=8))
     assert batch.assistant_mask.all()
 
 
@@ -228,21 +244,21 @@ def test_roles_and_empty_conversations(tmp_path, tokenizer):
         {"text": "a document"},
     ]
     path = write_jsonl(tmp_path / "r.jsonl", rows)
-    with pytest.raises(D.MalformedRecordError, match=r"r\.jsonl:3: .*unknown role 'tool'"):
-        D.Corpus(path)
-    corpus = D.Corpus(path, unknown_roles="skip")
+    with pytest.raises(MalformedRecordError, match=r"r\.jsonl:3: .*unknown role 'tool'"):
+        Corpus(path)
+    corpus = Corpus(path, unknown_roles="skip")
     s = corpus.stats
     assert (s.examples, s.empty, s.dropped_messages, s.malformed) == (3, 2, 2, 0)
     assert corpus[0].messages == ({"role": "assistant", "content": "leading"},
                                   {"role": "user", "content": "q"},
                                   {"role": "assistant", "content": "a"})
     assert corpus[2].text == "a document"
-    ex = D.ChatEncoder(tokenizer).encode(corpus[0])  # the opening answer is context only
+    ex = ChatEncoder(tokenizer).encode(corpus[0])  # the opening answer is context only
     assert [tokenizer.decode(ex.tokens[a:b]) for a, b in runs(ex.assistant_mask)] == [
         "a<|im_end|>"]
     only_answers = write_jsonl(tmp_path / "o.jsonl", [
         {"conversations": [{"from": "gpt", "value": "x"}]}, GSM8K[0]])
-    assert D.Corpus(only_answers).stats.empty == 1
+    assert Corpus(only_answers).stats.empty == 1
 
 
 # ---------------------------------------------------------------------------- malformed input
@@ -254,62 +270,62 @@ def test_malformed_lines_name_file_and_line(tmp_path):
              json.dumps({"question": 3, "answer": "x"}), json.dumps(GSM8K[1]), "[1, 2]"]
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:3: malformed record: invalid JSON"):
-        D.Corpus(path)
-    corpus = D.Corpus(path, skip_malformed=True)
+        Corpus(path)
+    corpus = Corpus(path, skip_malformed=True)
     assert (len(corpus), corpus.stats.malformed) == (2, 4)
     assert corpus[1].messages[0]["content"] == GSM8K[1]["question"]
 
     path.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: .*not UTF-8"):
-        D.Corpus(path)
+        Corpus(path)
 
     txt = tmp_path / "bin.txt"
     txt.write_bytes(b"line one\nline two \xff\n")
     with pytest.raises(ValueError, match=r"bin\.txt:2: .*not UTF-8"):
-        D.Corpus(txt)
+        Corpus(txt)
 
 
 def test_malformed_json_array(tmp_path):
     path = tmp_path / "arr.json"
     path.write_text('[\n  {"text": "one"},\n  {"text": oops},\n  {"text": "three"}\n]\n')
     with pytest.raises(ValueError, match=r"arr\.json:3: malformed record: invalid JSON"):
-        D.Corpus(path)
-    corpus = D.Corpus(path, skip_malformed=True)  # no resync inside an array: file ends there
+        Corpus(path)
+    corpus = Corpus(path, skip_malformed=True)  # no resync inside an array: file ends there
     assert (len(corpus), corpus.stats.malformed, corpus.stats.truncated) == (1, 1, 0)
     path.write_text('[{"text": "one"}, {"messages": 5}, {"text": "three"}]')
-    corpus = D.Corpus(path, skip_malformed=True)  # valid JSON, bad schema: only it is skipped
+    corpus = Corpus(path, skip_malformed=True)  # valid JSON, bad schema: only it is skipped
     assert [corpus[i].text for i in range(len(corpus))] == ["one", "three"]
     path.write_text('[{"text": "one"}, 7]')
     with pytest.raises(ValueError, match=r"arr\.json:1: .*not a JSON object"):
-        D.Corpus(path)
+        Corpus(path)
 
 
 def test_missing_file_and_empty_data(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        D.Corpus(tmp_path / "nope.jsonl")
+        Corpus(tmp_path / "nope.jsonl")
     (tmp_path / "empty.txt").write_text("\n  \n")
     write_jsonl(tmp_path / "e.jsonl", [{"conversations": []}])
     with pytest.raises(ValueError, match="no usable examples"):
-        D.Corpus([tmp_path / "empty.txt", tmp_path / "e.jsonl"])
+        Corpus([tmp_path / "empty.txt", tmp_path / "e.jsonl"])
 
 
 # ---------------------------------------------------------------------------- packing
 
 
 def test_packing_is_the_shuffled_concatenation(files, tokenizer):
-    corpus = D.Corpus(list(files.values()))
-    enc = D.ChatEncoder(tokenizer)
+    corpus = Corpus(list(files.values()))
+    enc = ChatEncoder(tokenizer)
     L, seed = 24, 3
     stream = []
     for epoch in range(3):
-        order = D.epoch_order(len(corpus), seed, epoch)
+        order = epoch_order(len(corpus), seed, epoch)
         assert sorted(order.tolist()) == list(range(len(corpus)))
         stream += [enc.encode(corpus[int(i)]) for i in order]
     tokens = np.concatenate([e.tokens for e in stream])
     mask = np.concatenate([e.assistant_mask for e in stream])
     assert max(len(e) for e in stream) > L  # some examples span several sequences
     epoch_tokens = len(tokens) // 3
-    packer = D.SequencePacker(corpus, enc, seq_len=L, seed=seed, num_epochs=2)
+    packer = SequencePacker(corpus, enc, seq_len=L, seed=seed, num_epochs=2)
     seqs = list(packer)
     assert len(seqs) == 2 * epoch_tokens // L  # the last partial sequence is dropped
     assert all(t.shape == m.shape == (L,) and t.dtype == np.int32 for t, m in seqs)
@@ -319,14 +335,14 @@ def test_packing_is_the_shuffled_concatenation(files, tokenizer):
 
 
 def test_lookahead_does_not_change_output(files, tokenizer):
-    corpus = D.Corpus(list(files.values()))
+    corpus = Corpus(list(files.values()))
     a = [next(it) for it in [make_iter(corpus, tokenizer, lookahead=1)] for _ in range(6)]
     b = [next(it) for it in [make_iter(corpus, tokenizer, lookahead=5)] for _ in range(6)]
     assert_batches_equal(a, b)
 
 
 def test_determinism_and_seed(files, tokenizer):
-    corpus = D.Corpus(list(files.values()))
+    corpus = Corpus(list(files.values()))
 
     def first(seed, n=3):
         it = make_iter(corpus, tokenizer, seed=seed)
@@ -337,10 +353,10 @@ def test_determinism_and_seed(files, tokenizer):
         for f in ("tokens", "assistant_mask", "anchors", "anchor_mask"):
             np.testing.assert_array_equal(getattr(x, f), getattr(y, f))
     assert any(not np.array_equal(x.tokens, y.tokens) for x, y in zip(a, c, strict=True))
-    assert not np.array_equal(D.epoch_order(100, 0, 0), D.epoch_order(100, 0, 1))
+    assert not np.array_equal(epoch_order(100, 0, 0), epoch_order(100, 0, 1))
 
 
-def assert_batches_equal(xs: list[D.Batch], ys: list[D.Batch]) -> None:
+def assert_batches_equal(xs: list[Batch], ys: list[Batch]) -> None:
     assert len(xs) == len(ys)
     for x, y in zip(xs, ys, strict=True):
         for f in ("tokens", "assistant_mask", "anchors", "anchor_mask"):
@@ -349,7 +365,7 @@ def assert_batches_equal(xs: list[D.Batch], ys: list[D.Batch]) -> None:
 
 @pytest.mark.parametrize("k", [1, 4, 9])
 def test_resume_is_exact(files, tokenizer, k):
-    corpus = D.Corpus(list(files.values()))
+    corpus = Corpus(list(files.values()))
     kw = {"seq_len": 19, "anchors_on_assistant": True, "seed": 5}
     full = make_iter(corpus, tokenizer, **kw)
     ref = [next(full) for _ in range(k + 6)]  # crosses an epoch boundary
@@ -357,29 +373,29 @@ def test_resume_is_exact(files, tokenizer, k):
     head = [next(it) for _ in range(k)]
     state = json.loads(json.dumps(it.state()))
     assert state["position"]["sequence"] == 4 * k + it.skipped_sequences
-    resumed = D.BatchIterator.from_state(state, corpus, tokenizer)
+    resumed = BatchIterator.from_state(state, corpus, tokenizer)
     assert_batches_equal(head + [next(resumed) for _ in range(6)], ref)
     # Another batch size and process split resume the same sequence stream.
-    two = D.BatchIterator.from_state(state, corpus, tokenizer, batch_size=2)
-    assert_batches_equal([next(two)], [D.Batch(*(getattr(ref[k], f)[:2] for f in (
+    two = BatchIterator.from_state(state, corpus, tokenizer, batch_size=2)
+    assert_batches_equal([next(two)], [Batch(*(getattr(ref[k], f)[:2] for f in (
         "tokens", "assistant_mask", "anchors", "anchor_mask")))])
     with pytest.raises(ValueError, match="seed"):
-        D.BatchIterator.from_state(state, corpus, tokenizer, seed=6)
+        BatchIterator.from_state(state, corpus, tokenizer, seed=6)
     with pytest.raises(ValueError, match="num_examples"):
-        D.BatchIterator.from_state(state, D.Corpus(files["gsm8k"]), tokenizer)
+        BatchIterator.from_state(state, Corpus(files["gsm8k"]), tokenizer)
 
 
 def test_num_epochs_stops(files, tokenizer):
-    corpus = D.Corpus(files["gsm8k"])
+    corpus = Corpus(files["gsm8k"])
     it = make_iter(corpus, tokenizer, num_epochs=1, batch_size=2)
     batches = list(it)
-    total = sum(len(D.ChatEncoder(tokenizer).encode(corpus[i])) for i in range(len(corpus)))
+    total = sum(len(ChatEncoder(tokenizer).encode(corpus[i])) for i in range(len(corpus)))
     assert len(batches) == total // (24 * 2)
     assert it.state()["position"]["sequence"] == 2 * len(batches)
 
 
 def test_process_split(files, tokenizer):
-    corpus = D.Corpus(list(files.values()))
+    corpus = Corpus(list(files.values()))
     one = make_iter(corpus, tokenizer, anchors_on_assistant=True)
     parts = [make_iter(corpus, tokenizer, anchors_on_assistant=True, process_index=p,
                        process_count=2) for p in range(2)]
@@ -402,7 +418,7 @@ def test_process_split(files, tokenizer):
 
 @pytest.mark.parametrize("on_assistant", [False, True])
 def test_batch_anchors(files, tokenizer, on_assistant):
-    corpus = D.Corpus(list(files.values()))
+    corpus = Corpus(list(files.values()))
     L, K, m = 40, 6, 8
     it = make_iter(corpus, tokenizer, seq_len=L, block_size=K, anchors_per_seq=m,
                    anchors_on_assistant=on_assistant)
@@ -427,14 +443,14 @@ def test_sequences_without_a_possible_anchor_are_skipped(tmp_path, tokenizer):
     long_question = " ".join(["the world of apples"] * 12)
     rows = [{"messages": [{"role": "user", "content": long_question},
                           {"role": "assistant", "content": f"cat {i}"}]} for i in range(8)]
-    corpus = D.Corpus([write_jsonl(tmp_path / "q.jsonl", rows)])
+    corpus = Corpus([write_jsonl(tmp_path / "q.jsonl", rows)])
     kw = {"seq_len": 20, "block_size": 4, "anchors_per_seq": 3, "num_epochs": 1}
     it = make_iter(corpus, tokenizer, anchors_on_assistant=True, **kw)
     batches = list(it)
     assert it.skipped_sequences > 0
-    packed = list(D.SequencePacker(corpus, D.ChatEncoder(tokenizer), seq_len=20, seed=0,
+    packed = list(SequencePacker(corpus, ChatEncoder(tokenizer), seq_len=20, seed=0,
                                    num_epochs=1))
-    kept = [t for t, m in packed if len(D.anchor_candidates(m, 4, on_assistant=True))]
+    kept = [t for t, m in packed if len(anchor_candidates(m, 4, on_assistant=True))]
     assert len(kept) + it.skipped_sequences == len(packed)
     np.testing.assert_array_equal(np.concatenate([b.tokens for b in batches]),
                                   np.stack(kept[:4 * len(batches)]))
@@ -447,17 +463,17 @@ def test_sample_anchors():
     mask = np.zeros(32, bool)
     mask[10:14] = True  # eligible: a + 1 in [10, 14) -> a in 9..12
     kw = {"block_size": 4, "num_anchors": 6, "seed": 1, "on_assistant": True}
-    a, v = D.sample_anchors(mask, sequence_index=7, **kw)
+    a, v = sample_anchors(mask, sequence_index=7, **kw)
     assert a.tolist() == [9, 10, 11, 12, 0, 0] and v.tolist() == [True] * 4 + [False] * 2
-    a, v = D.sample_anchors(np.zeros(32, bool), sequence_index=7, **kw)
+    a, v = sample_anchors(np.zeros(32, bool), sequence_index=7, **kw)
     assert not v.any()
     kw.update(on_assistant=False, num_anchors=10)
-    a1, _ = D.sample_anchors(mask, sequence_index=7, **kw)
-    a2, _ = D.sample_anchors(mask, sequence_index=7, **kw)
-    a3, _ = D.sample_anchors(mask, sequence_index=8, **kw)
+    a1, _ = sample_anchors(mask, sequence_index=7, **kw)
+    a2, _ = sample_anchors(mask, sequence_index=7, **kw)
+    a3, _ = sample_anchors(mask, sequence_index=8, **kw)
     assert a1.tolist() == a2.tolist() != a3.tolist()
     assert len(set(a1.tolist())) == 10 and a1.min() >= 1 and a1.max() <= 28
-    a, v = D.sample_anchors(mask, sequence_index=0, block_size=4, num_anchors=40, seed=0)
+    a, v = sample_anchors(mask, sequence_index=0, block_size=4, num_anchors=40, seed=0)
     assert a[v].tolist() == list(range(1, 29)) and v.sum() == 28  # all positions, no repeats
 
 
@@ -465,7 +481,7 @@ def test_sample_anchors():
 
 
 def test_bad_arguments(files, tokenizer):
-    corpus = D.Corpus(files["gsm8k"])
+    corpus = Corpus(files["gsm8k"])
     with pytest.raises(ValueError, match="block_size"):
         make_iter(corpus, tokenizer, seq_len=4, block_size=4)
     make_iter(corpus, tokenizer, seq_len=5, block_size=4)  # one anchor position: fine
@@ -476,11 +492,11 @@ def test_bad_arguments(files, tokenizer):
     with pytest.raises(ValueError, match="batch_size"):
         make_iter(corpus, tokenizer, batch_size=0)
     with pytest.raises(ValueError, match="unknown_roles"):
-        D.Corpus(files["gsm8k"], unknown_roles="drop")
+        Corpus(files["gsm8k"], unknown_roles="drop")
     with pytest.raises(ValueError, match="beyond"):
         make_iter(corpus, tokenizer, position={"epoch": 0, "index": 99, "offset": 0,
                                                "sequence": 0})
     with pytest.raises(ValueError, match="bad data position"):
-        D.DataPosition.from_dict({"epoch": 0})
+        DataPosition.from_dict({"epoch": 0})
     with pytest.raises(ValueError, match="not in the vocabulary"):
-        D.ChatEncoder(tokenizer, end_of_turn_tokens=["<|eot_id|>"])
+        ChatEncoder(tokenizer, end_of_turn_tokens=["<|eot_id|>"])

@@ -10,7 +10,7 @@ import pytest
 
 from tests.hf_reference import tiny_model_dir
 from train import distill
-from train.data import Corpus
+from train.records import Corpus
 
 BATCH, NEW = "4", "5"
 GSM8K = [{"question": f"What is {i}+{i}?", "answer": f"{2 * i}\n#### {2 * i}"}
@@ -88,6 +88,7 @@ def engine_answers(gen, prompts: list[list[dict]], **kwargs) -> list:
                         **kwargs)
 
 
+@pytest.mark.slow
 def test_records_are_the_engines_answers_in_order(workdir, engines, run, tmp_path):
     out = tmp_path / "sub" / "out.jsonl"
     status, err = run(out)

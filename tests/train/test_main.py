@@ -49,17 +49,20 @@ def records(out, event):
     return [r for r in map(json.loads, lines) if r["event"] == event]
 
 
+@pytest.mark.slow
 def test_run_writes_metrics_checkpoints_and_a_usable_model(workdir, tmp_path):
     out = tmp_path / "run"
     assert main(args(workdir, out, "--steps", "4", "--save-every", "2", "--eval-prompts",
                      str(workdir / "eval.jsonl"), "--eval-max-new-tokens", "12",
-                     "--mesh", "data=2,tensor=2")) == 0
+                     "--eval-every", "2", "--mesh", "data=2,tensor=2")) == 0
     train = records(out, "train")
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and r["tokens_per_second"] > 0 and "lr" in r
                and r["positions"] > 0 and r["skipped_sequences"] >= 0 for r in train)
     evals = records(out, "eval")
-    assert [r["step"] for r in evals] == [0, 4]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    # one engine for the run: the later evaluations compile nothing new
+    assert [r["programs_compiled"] for r in evals] == [1, 1, 1]
     from infer.block_size import AcceptanceProfile
     profile = AcceptanceProfile.load(out / "model")  # the final evaluation's, for "auto"
     assert list(profile.accepted_hist) == evals[-1]["accepted_hist"]
@@ -85,6 +88,7 @@ def test_run_writes_metrics_checkpoints_and_a_usable_model(workdir, tmp_path):
         np.testing.assert_allclose(resumed[k], after[k], atol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(workdir, tmp_path):
     common = ("--steps", "5", "--save-every", "2", "--mesh", "data=4", "--grad-accum", "2")
     assert main(args(workdir, tmp_path / "straight", *common)) == 0
@@ -98,6 +102,7 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(workdir, tmp_p
         [r["loss"] for r in records(tmp_path / "split", "train")][3:]
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(workdir, tmp_path,
                                                                       capsys):
     out = tmp_path / "nan"
@@ -136,6 +141,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(workdir, tmp_path):
     """Two processes of 2 CPU devices each (gloo collectives) against one process of 4."""
     common = ["--steps", "3", "--mesh", "data=2,fsdp=2", "--save-every", "3"]

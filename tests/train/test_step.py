@@ -31,6 +31,7 @@ def place(trainer, batch):
     return {k: jax.device_put(v, trainer.batch_sharding(v.ndim)) for k, v in batch.items()}
 
 
+@pytest.mark.slow
 def test_training_logits_equal_the_decoders_diffusion_pass(model):
     """For one anchor, the training diffusion logits of a block equal the decoder's
     diffusion pass over a cache holding the same prefix."""
@@ -42,10 +43,11 @@ def test_training_logits_equal_the_decoders_diffusion_pass(model):
     train_logits = model.logits(model.diffusion_blocks(blocks, anchors, cache))[0, 0]
     prefix = init_cache(model.config, 1, 24)
     _, prefix = model(tokens[:, :11], prefix)
-    decode_logits = model.logits(model.diffusion_forward(blocks[:, 0], prefix))[0]
+    decode_logits = model.logits(model.diffusion_hidden(blocks[:, 0], prefix))[0]
     np.testing.assert_allclose(np.asarray(train_logits), np.asarray(decode_logits), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_loss_equals_a_reference_built_from_the_decoder_path(model):
     """KL(p_{a+i} || q_i) and CE summed over drafted positions, against numpy on the
     decoder's one-block pass and the full AR logits."""
@@ -65,7 +67,7 @@ def test_loss_equals_a_reference_built_from_the_decoder_path(model):
             _, prefix = model(jnp.asarray(tokens[r:r + 1, :a]), prefix)
             block = jnp.array([[tokens[r, a]] + [model.config.mask_token_id] * (K - 1)])
             logq = np.asarray(jax.nn.log_softmax(
-                model.logits(model.diffusion_forward(block, prefix))[0], -1))
+                model.logits(model.diffusion_hidden(block, prefix))[0], -1))
             for i in range(K - 1):
                 p = logp[r, a + i]
                 kl += float(np.sum(np.exp(p) * (p - logq[i])))
@@ -78,6 +80,7 @@ def test_loss_equals_a_reference_built_from_the_decoder_path(model):
     np.testing.assert_allclose(float(total_ce), ce, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_masked_anchors_and_chunking_do_not_change_the_loss(model):
     rng = np.random.default_rng(2)
     tokens = jnp.asarray(rng.integers(0, 512, (2, 32)))
@@ -93,6 +96,7 @@ def test_masked_anchors_and_chunking_do_not_change_the_loss(model):
     np.testing.assert_allclose(float(again), float(full), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_only_the_diffusion_subtree_trains(model):
     before = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model)))
     trainer = Trainer(model, TrainConfig(total_steps=4, lr=1e-3), make_mesh({"data": 1},
@@ -118,6 +122,7 @@ def test_only_the_diffusion_subtree_trains(model):
 
 @pytest.mark.parametrize("mesh_shape", [{"data": 8}, {"data": 2, "fsdp": 2, "tensor": 2},
                                         {"fsdp": 4, "tensor": 2}])
+@pytest.mark.slow
 def test_sharded_step_equals_one_device(model, mesh_shape):
     batch = random_batch(np.random.default_rng(5))
     results = []
@@ -139,6 +144,7 @@ def test_sharded_step_equals_one_device(model, mesh_shape):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), w8, w1)
 
 
+@pytest.mark.slow
 def test_loss_falls_and_the_decoder_accepts_more():
     """A few dozen steps on the model's own greedy continuations: the loss falls and the
     decoder's mean tokens per iteration on the training prompts rises. (Weights drawn

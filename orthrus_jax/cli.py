@@ -1,0 +1,29 @@
+"""What every command line of the project does with a failure it can name: one line on
+standard error, ``error: <the problem, naming the file, key, shape or flag>``, and exit
+status 2 (argparse's status for a bad flag), never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+class CommandError(RuntimeError):
+    """A failure that is not a bad input but that a command reports the same way (e.g. a
+    training run whose loss stopped being finite)."""
+
+
+# ValueError covers bad values, JSON and text decoding; OSError missing, existing or
+# unreadable paths.
+FAILURES = (ValueError, OSError, CommandError)
+
+
+def run_command(body: Callable[[], int | None]) -> int:
+    """Run a command's ``body``; its exit status (``None``: 0), or 2 after printing a
+    failure of :data:`FAILURES` in one line."""
+    try:
+        status = body()
+    except FAILURES as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if status is None else status

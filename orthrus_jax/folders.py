@@ -1,0 +1,61 @@
+"""Model-folder file handling: atomic replacement of a folder and the tokenizer files that
+travel with a model folder."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+# Files of an HF folder that travel with a model folder (tokenizer, chat template, ...).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+@contextlib.contextmanager
+def staging_dir(dst: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``dst``; on success it becomes ``dst``.
+
+    On any error the temporary folder is removed and an existing ``dst`` is untouched.
+    Without ``force`` an existing ``dst`` is an error before any work is done.
+    """
+    dst = Path(dst)
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst} already exists (pass --force to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(new: str | Path, dst: str | Path) -> None:
+    """Rename the complete folder ``new`` to ``dst``. An existing ``dst`` is moved aside
+    first and removed only after the rename, so some complete ``dst`` exists throughout."""
+    new, dst = Path(new), Path(dst)
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.rename(dst, old)
+    try:
+        os.rename(new, dst)
+    except BaseException:
+        if old is not None:
+            os.rename(old, dst)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the tokenizer files of folder ``src`` into ``dst``; returns their names."""
+    names = [n for n in TOKENIZER_FILES if (Path(src) / n).is_file()]
+    for name in names:
+        shutil.copyfile(Path(src) / name, Path(dst) / name)
+    return names
