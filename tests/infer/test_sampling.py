@@ -1,6 +1,7 @@
-"""Sampling: the temperature / top-k / top-p transform against numpy, the acceptance rules
-on hand-made distributions, and end to end: Orthrus sampling is distributed exactly as AR
-sampling (docs/decoding.md), with a test statistic shown to catch wrong acceptance rules.
+"""Sampling: the temperature / top-k / top-p transform against numpy and against the
+full-vocabulary sort it replaced, the acceptance rules on hand-made distributions, and end
+to end: Orthrus sampling is distributed exactly as AR sampling (docs/decoding.md), with a
+test statistic shown to catch wrong acceptance rules.
 
 All statistical checks use fixed seeds, so they are deterministic; their thresholds are
 p-values of 1e-4 (must pass) and 1e-6 (a wrong rule must fail).
@@ -12,6 +13,7 @@ import collections
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from scipy import stats
 from infer import decode
 from infer.engine import Generator
 from infer.sampling import (
+    MAX_TOP_K,
     SamplingParams,
     filtered_log_probs,
     greedy_accept,
@@ -175,6 +178,115 @@ def test_transform_is_traced_not_static():
 def test_sampling_params_reject_bad_values(kwargs):
     with pytest.raises(ValueError):
         SamplingParams.make(**kwargs)
+
+
+def test_top_k_above_the_limit_is_refused():
+    SamplingParams.make(1.0, top_k=MAX_TOP_K)
+    with pytest.raises(ValueError, match=rf"top_k={MAX_TOP_K + 1}.*MAX_TOP_K={MAX_TOP_K}"):
+        SamplingParams.make(1.0, top_k=MAX_TOP_K + 1)
+
+
+# ----------------------------------------------------------- against the full-sort version
+
+
+def sort_reference(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    """The transform as it was before ``lax.top_k``: sorts the whole vocabulary."""
+    x = logits.astype(jnp.float32) / params.temperature
+    V = x.shape[-1]
+    sorted_x = jnp.sort(x, axis=-1)[..., ::-1]  # descending
+    k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, V), V)
+    kth = jnp.take_along_axis(sorted_x, jnp.broadcast_to(k - 1, x.shape[:-1])[..., None], -1)
+    sorted_x = jnp.where(sorted_x >= kth, sorted_x, -1e30)
+    sorted_p = jax.nn.softmax(sorted_x, axis=-1)
+    before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
+    keep = ((before < params.top_p) | (params.top_p >= 1.0)) & (sorted_x > -1e30)
+    cutoff = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
+    x = jnp.where((x >= cutoff) & (x >= kth), x, -1e30)
+    return jax.nn.log_softmax(x, axis=-1)
+
+
+_new_jit = jax.jit(filtered_log_probs)
+_ref_jit = jax.jit(sort_reference)
+COMBOS = [(t, k, p) for t in (0.3, 1.0, 2.5) for k in (0, 1, 2, 7, 50, MAX_TOP_K)
+          for p in (0.05, 0.5, 0.9, 0.999, 1.0)]
+
+
+def _logits(kind: str, shape: tuple, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if kind == "ties":  # few distinct values: ties everywhere, at every cutoff
+        return (rng.integers(-6, 3, shape) * 0.75).astype(np.float32)
+    if kind == "flat":  # near uniform: top-p nuclei far larger than MAX_TOP_K
+        return rng.normal(0.0, 0.05, shape).astype(np.float32)
+    return rng.normal(0.0, 3.0, shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(3, 40), (2, 3, 40), (4, 700), (2, 2, 3000), (1, 4, 5000)],
+                         ids=str)
+@pytest.mark.parametrize("kind", ["normal", "ties", "flat"])
+def test_matches_full_sort(shape, kind):
+    """Same kept set and log-probabilities as sorting the vocabulary, whenever the kept set
+    fits in the ``MAX_TOP_K`` largest or nothing is filtered; otherwise exactly those
+    ``MAX_TOP_K`` (and ties with the last), renormalised."""
+    x = jnp.asarray(_logits(kind, shape, seed=len(shape) * shape[-1]))
+    m = min(MAX_TOP_K, shape[-1])
+    fits = cut = 0
+    for t, k, p in COMBOS:
+        params = SamplingParams.make(t, k, p)
+        got, want = np.asarray(_new_jit(x, params)), np.asarray(_ref_jit(x, params))
+        kept_want = want > -1e29
+        mth = np.sort(np.asarray(x), -1)[..., -m:][..., :1]  # the m-th largest logit
+        row_fits = (np.where(kept_want, np.asarray(x), np.inf).min(-1, keepdims=True) >= mth)
+        row_fits |= k == 0 and p == 1.0  # no filtering: everything is kept
+        fits += row_fits.sum()
+        cut += (~row_fits).sum()
+        # rows that fit: the reference; the others: exactly the m largest (with ties)
+        kept = np.where(row_fits, kept_want, np.asarray(x) >= mth)
+        np.testing.assert_array_equal(got > -1e29, kept, err_msg=str((t, k, p)))
+        assert (got[~kept] <= -1e29).all()
+        ref_cut = np.asarray(jax.nn.log_softmax(jnp.where(kept, x / t, -1e30), axis=-1))
+        np.testing.assert_allclose(np.where(kept, got, 0), np.where(kept, ref_cut, 0),
+                                   rtol=1e-6, atol=1e-5, err_msg=str((t, k, p)))
+        np.testing.assert_allclose(np.where(row_fits, got, 0), np.where(row_fits, want, 0),
+                                   rtol=1e-6, atol=1e-5, err_msg=str((t, k, p)))
+    assert fits > 0
+    if kind == "flat" and shape[-1] > MAX_TOP_K:
+        assert cut > 0  # the cut-off case is exercised
+
+
+@pytest.mark.parametrize("shape", [(3, 40), (2, 3, 40), (1, 4, 5000)], ids=str)
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5])
+def test_filters_off_is_log_softmax(shape, temperature):
+    x = jnp.asarray(_logits("normal", shape, seed=1))
+    got = _new_jit(x, SamplingParams.make(temperature))
+    np.testing.assert_allclose(got, jax.nn.log_softmax(x / temperature, axis=-1),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_filters_off_skips_the_filtering():
+    """One ``cond``: the branch taken with both filters off has no top_k nor sort."""
+    jaxpr = jax.make_jaxpr(filtered_log_probs)(jnp.zeros((2, 3, 5000)), SamplingParams.make(1.0))
+
+    def prims(jx):
+        for eqn in jx.eqns:
+            yield eqn.primitive.name
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from prims(sub)
+
+    conds = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
+    assert len(conds) == 1
+    # branches: (predicate false, predicate true); the predicate is "both filters off"
+    filtered, unfiltered = [set(prims(b.jaxpr)) for b in conds[0].params["branches"]]
+    assert not unfiltered & {"top_k", "sort", "cumsum"}
+    assert "top_k" in filtered and "sort" not in filtered
+
+
+def test_no_full_sort_when_compiled():
+    """XLA on CPU keeps ``top_k`` a top-k, not a sort of the vocabulary."""
+    cpu = jax.devices("cpu")[0]
+    x = jax.device_put(jnp.zeros((2, 3, 5000)), cpu)
+    params = jax.device_put(SamplingParams.make(1.0, 5, 0.9), cpu)
+    hlo = jax.jit(filtered_log_probs).lower(x, params).compile().as_text()
+    assert not [line for line in hlo.splitlines() if " sort(" in line and "5000]" in line]
 
 
 # --------------------------------------------------------------------------- acceptance
