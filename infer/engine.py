@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from infer.block_size import CANDIDATE_BLOCKS, AcceptanceProfile, BlockPlan, CostTable, plan
 from infer.decode import FINISH_REASONS, DecodeInputs, run, start
-from infer.prompts import load_tokenizer
+from infer.prompts import check_messages, check_prompt_item, load_tokenizer
 from infer.sampling import SamplingParams
 from orthrus_jax.checkpoint import load_model
 from orthrus_jax.model import OrthrusLM, copy_diffusion, unstack_layers
@@ -151,6 +151,8 @@ class Generator:
         if self.tokenizer is None:
             raise ValueError("this model folder has no tokenizer: give token ids "
                              "(--prompt-ids, or prompt_ids in --prompts-file)")
+        if not isinstance(prompt, str):
+            check_messages(prompt)
         if not isinstance(prompt, str) or chat:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
                 list(prompt)
@@ -164,6 +166,7 @@ class Generator:
     def encode_item(self, item: dict, chat: bool = False) -> list[int]:
         """Token ids of one prompts-file record: ``{"prompt_ids": [...]}``, ``{"messages":
         [...]}`` (always through the chat template) or ``{"prompt": text}``."""
+        check_prompt_item(item)
         if "prompt_ids" in item:
             return [int(t) for t in item["prompt_ids"]]
         if "messages" in item:

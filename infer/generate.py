@@ -111,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     SamplingParams.make(args.temperature, args.top_k, args.top_p)  # fail before loading
     mesh = make_mesh(args.mesh) if args.mesh else None
+    items = read_prompts_file(args.prompts_file) if args.prompts_file else []  # checked first
     if args.model is None:
         args.model = default_model_dir()
     gen = Generator.load(args.model, dtype=args.dtype, mesh=mesh, max_len=args.max_len)
@@ -124,8 +125,8 @@ def _main(args: argparse.Namespace) -> int:
     for text in args.prompt_ids:
         labels.append(_parse_ids(text))
         ids.append(labels[-1])
-    if args.prompts_file:
-        for item in read_prompts_file(args.prompts_file):
+    if items:
+        for item in items:
             labels.append(next(item[k] for k in ("prompt_ids", "messages", "prompt")
                                if k in item))
             ids.append(gen.encode_item(item, chat))

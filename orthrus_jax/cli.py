@@ -8,6 +8,11 @@ import sys
 from collections.abc import Callable
 
 
+class InputError(ValueError):
+    """Bad input, with the place it was found (file and line, record, field or flag) in its
+    message. A ``ValueError``, so callers that catch those keep working."""
+
+
 class CommandError(RuntimeError):
     """A failure that is not a bad input but that a command reports the same way (e.g. a
     training run whose loss stopped being finite)."""

@@ -100,7 +100,7 @@ def test_bench_sampling_and_limit(model_dir, prompts_file):
 @pytest.mark.parametrize("lines,message", [
     (None, "not found"),
     (['{"prompt_ids": [1, 2]}', "{not json"], ":2: not valid JSON"),
-    (['{"text": "hi"}'], "expected an object"),
+    (['{"text": "hi"}'], "expected exactly one of"),
     (['{"prompt": "hello"}'], "no tokenizer"),
     (['{"prompt_ids": [1, 99999]}'], "outside the vocabulary"),
     ([""], "no prompts"),
