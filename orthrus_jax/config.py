@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+
+from orthrus_jax.cli import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +52,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 DTYPE_NAMES: tuple[str, ...] = tuple(DTYPES)
 NP_DTYPES: dict[str, np.dtype] = {name: np.dtype(t) for name, t in DTYPES.items()}
 DEFAULT_BLOCK_SIZE = 32
+# Largest size a config may give any dimension (sizes index int32 arrays).
+MAX_DIM = 2**31 - 1
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -63,7 +69,7 @@ def dtype_name(dtype: Any) -> str | None:
     return next((name for name, t in NP_DTYPES.items() if t == d), None)
 
 
-class UnsupportedConfigError(ValueError):
+class UnsupportedConfigError(InputError):
     """A ``config.json`` field whose value this implementation does not compute."""
 
 
@@ -72,11 +78,45 @@ def _unsupported(field: str, value: Any, source: str, why: str = "is not support
 
 
 def _int_tuple(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
+    """``eos_token_id``: null, one id or a list of ids."""
+    values = [] if value is None else value if isinstance(value, list) else [value]
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+        raise ValueError(f"eos_token_id={value!r:.60} must be a token id or a list of them")
+    return tuple(values)
+
+
+def _int(d: dict[str, Any], key: str, default: int | None = None) -> int:
+    """``d[key]`` as an integer in ``[1, MAX_DIM]`` (a float with an integer value, as some
+    exporters write, is accepted)."""
+    value = d.get(key, default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DIM:
+        raise ValueError(f"{key}={value!r:.60} must be an integer in [1, {MAX_DIM}]")
+    return value
+
+
+def _float(d: dict[str, Any], key: str, default: float) -> float:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not 0 < value < math.inf:
+        raise ValueError(f"{key}={value!r:.60} must be a positive finite number")
+    return float(value)
+
+
+def _bool(d: dict[str, Any], key: str, default: bool) -> bool:
+    value = d.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}={value!r:.60} must be true or false")
+    return value
+
+
+def _token_id(d: dict[str, Any], key: str) -> int | None:
+    value = d.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < 0):
+        raise ValueError(f"{key}={value!r:.60} must be a token id (an integer >= 0) or null")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +151,22 @@ class ModelConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "max_position_embeddings", "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or \
+                    not 1 <= value <= MAX_DIM:
+                raise ValueError(f"{name}={value!r} must be an integer in [1, {MAX_DIM}]")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+                raise ValueError(f"{name}={value!r} must be a positive finite number")
+        for name in ("mask_token_id", "bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, numbers.Integral) or value < 0):
+                raise ValueError(f"{name}={value!r} must be a token id (an integer >= 0)")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r}; "
@@ -149,7 +205,21 @@ class ModelConfig:
     # ------------------------------------------------------------------ HF I/O
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides: Any):
-        """Build from a parsed HF ``config.json``; ``overrides`` replace fields afterwards."""
+        """Build from a parsed HF ``config.json``; ``overrides`` replace fields afterwards.
+
+        A field of the wrong type or out of range is an :class:`InputError` naming
+        ``source`` and the field."""
+        if not isinstance(d, dict):
+            raise InputError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        try:
+            return cls._from_hf_dict(d, source, overrides)
+        except InputError:
+            raise
+        except (ValueError, TypeError, OverflowError) as e:
+            raise InputError(f"{source}: {e}") from e
+
+    @classmethod
+    def _from_hf_dict(cls, d: dict[str, Any], source: str, overrides: dict[str, Any]):
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             _unsupported("model_type", model_type, source,
@@ -161,32 +231,35 @@ class ModelConfig:
             raise ValueError(f"{source}: missing required field(s) {missing}")
         _check_unsupported(d, source)
 
-        n_heads = int(d["num_attention_heads"])
-        head_dim = d.get("head_dim") or d["hidden_size"] // n_heads
+        n_heads = _int(d, "num_attention_heads")
+        head_dim = _int(d, "head_dim") if d.get("head_dim") is not None else \
+            _int(d, "hidden_size") // n_heads
         rope_theta = _rope_theta(d, source)
-        attention_bias = bool(d.get("attention_bias", False))
+        attention_bias = _bool(d, "attention_bias", False)
         arch = MODEL_TYPES[model_type]
         fields = dict(
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=int(d["hidden_size"]),
-            intermediate_size=int(d["intermediate_size"]),
-            num_hidden_layers=int(d["num_hidden_layers"]),
+            vocab_size=_int(d, "vocab_size"),
+            hidden_size=_int(d, "hidden_size"),
+            intermediate_size=_int(d, "intermediate_size"),
+            num_hidden_layers=_int(d, "num_hidden_layers"),
             num_attention_heads=n_heads,
-            num_key_value_heads=int(d.get("num_key_value_heads") or n_heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            num_key_value_heads=_int(d, "num_key_value_heads")
+            if d.get("num_key_value_heads") is not None else n_heads,
+            head_dim=head_dim,
+            rms_norm_eps=_float(d, "rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
-            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_position_embeddings=_int(d, "max_position_embeddings", 32768),
+            tie_word_embeddings=_bool(d, "tie_word_embeddings", False),
             qk_norm=arch.qk_norm,
             qkv_bias=arch.qkv_bias or attention_bias,
             o_bias=attention_bias and not arch.qkv_bias,
             model_type=model_type,
-            block_size=int(d.get("block_size") or DEFAULT_BLOCK_SIZE),
-            mask_token_id=d.get("mask_token_id"),
-            bos_token_id=d.get("bos_token_id"),
+            block_size=_int(d, "block_size") if d.get("block_size") is not None
+            else DEFAULT_BLOCK_SIZE,
+            mask_token_id=_token_id(d, "mask_token_id"),
+            bos_token_id=_token_id(d, "bos_token_id"),
             eos_token_id=_int_tuple(d.get("eos_token_id")),
-            pad_token_id=d.get("pad_token_id"),
+            pad_token_id=_token_id(d, "pad_token_id"),
         )
         stored = d.get("dtype") or d.get("torch_dtype")
         if stored in DTYPES:  # the dtype the weights are stored in; compute in the same
@@ -202,9 +275,9 @@ class ModelConfig:
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
         try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise InputError(f"{path}: not valid JSON ({e})") from e
         return cls.from_hf_dict(d, source=str(path), **overrides)
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -262,9 +335,9 @@ def _rope_theta(d: dict[str, Any], source: str) -> float:
             _unsupported(f"{field}.rope_type", rope_type, source,
                          "is not implemented (only 'default' RoPE is)")
     if params and params.get("rope_theta") is not None:
-        return float(params["rope_theta"])
+        return _float(params, "rope_theta", 10_000.0)
     if d.get("rope_theta") is not None:
-        return float(d["rope_theta"])
+        return _float(d, "rope_theta", 10_000.0)
     return 10_000.0
 
 
@@ -275,6 +348,8 @@ def _check_unsupported(d: dict[str, Any], source: str) -> None:
         _unsupported("use_sliding_window", d["use_sliding_window"], source,
                      "is not supported (sliding-window attention)")
     layer_types = d.get("layer_types")
+    if layer_types is not None and not isinstance(layer_types, list):
+        _unsupported("layer_types", layer_types, source, "must be a list")
     if layer_types:
         for i, t in enumerate(layer_types):
             if t != "full_attention":
