@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from orthrus_jax.cli import run_command
+from orthrus_jax.cli import non_negative_int, positive_int, run_command
 from orthrus_jax.config import DTYPE_NAMES
 
 
@@ -25,9 +25,9 @@ def add_model_args(parser: argparse.ArgumentParser, dtype_default: str | None,
                    as_stored: str = "as stored") -> None:
     """DST, --dtype, --force and the Orthrus fields of a converter into a model folder."""
     add_output_args(parser, dtype_default, as_stored)
-    parser.add_argument("--block-size", type=int, default=None,
+    parser.add_argument("--block-size", type=positive_int, default=None,
                         help="diffusion block size K (default: the config's, else 32)")
-    parser.add_argument("--mask-token-id", type=int, default=None,
+    parser.add_argument("--mask-token-id", type=non_negative_int, default=None,
                         help="id of the MASK token (default: the config's mask_token_id)")
 
 

@@ -44,7 +44,7 @@ from infer.engine import MODES, Generator, summarize
 from infer.generate import add_decoding_args, block_size_arg
 from infer.prompts import read_prompts_file
 from infer.sampling import SamplingParams
-from orthrus_jax.cli import run_command
+from orthrus_jax.cli import positive_int, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,14 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "Instruct with the shipped head (python -m infer.default_model)")
     p.add_argument("--prompts-file", required=True,
                    help="JSONL of {prompt|messages|prompt_ids}, one per line")
-    p.add_argument("--limit", type=int, default=None, help="use the first N prompts only")
+    p.add_argument("--limit", type=positive_int, default=None, help="use the first N prompts only")
     p.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
                    help="chat template for text prompts: auto = when the tokenizer has one "
                         "(default); messages always use it")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--repeats", type=positive_int, default=1,
                    help="timed rounds after the warm-up; the best round is reported")
-    p.add_argument("--batch-size", type=int, default=1,
+    p.add_argument("--batch-size", type=positive_int, default=1,
                    help="rows per compiled batch (default 1: per-prompt latency)")
     add_decoding_args(p)  # the same --seed in every round and mode
     p.add_argument("--json", action="store_true", help="print one JSON object")

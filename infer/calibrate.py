@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from infer.block_size import AcceptanceProfile
 from infer.engine import Generator, summarize
 from infer.prompts import read_prompts_file
-from orthrus_jax.cli import run_command
+from orthrus_jax.cli import positive_int, run_command
 
 
 def calibrate(gen: Generator, prompts: Sequence[Sequence[int]], *, block_size: int | None = None,
@@ -38,11 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prompts-file", required=True,
                    help="JSONL of {prompt|messages|prompt_ids} (text prompts use the chat "
                         "template when the tokenizer has one)")
-    p.add_argument("--limit", type=int, default=None, help="use the first N prompts only")
-    p.add_argument("--block-size", type=int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None, help="use the first N prompts only")
+    p.add_argument("--block-size", type=positive_int, default=None,
                    help="block size to measure at (default: the head's trained size)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--dry-run", action="store_true", help="print the profile, save nothing")
     args = p.parse_args(argv)
     return run_command(lambda: _calibrate(args))

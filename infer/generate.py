@@ -17,7 +17,7 @@ from infer.default_model import default_model_dir
 from infer.engine import DEFAULT_MAX_BATCH, MODES, Generator, summarize
 from infer.prompts import read_prompts_file
 from infer.sampling import SamplingParams
-from orthrus_jax.cli import run_command
+from orthrus_jax.cli import non_negative_int, positive_int, run_command
 from orthrus_jax.config import DTYPE_NAMES
 from orthrus_jax.sharding import make_mesh
 
@@ -32,14 +32,14 @@ def _parse_ids(text: str) -> list[int]:
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
     """Sampling, stopping, dtype and cache options shared by ``generate`` and ``bench``."""
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--eos-id", type=int, action="append", default=None,
                    help="end-of-sequence id (repeatable; overrides the config's)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="parameter and compute dtype (default: as stored)")
-    p.add_argument("--max-len", type=int, default=None,
+    p.add_argument("--max-len", type=positive_int, default=None,
                    help="KV cache capacity (default: the model's max_position_embeddings)")
     p.add_argument("--block-size", type=parse_block_size, default=None,
                    help="Orthrus block size: 'auto' (the fastest on this machine, from measured "
@@ -87,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wrap text prompts in the chat template: auto = when the tokenizer has "
                         "one (default), --chat = on; messages always use it")
     p.add_argument("--mode", choices=MODES, default="orthrus")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
     add_decoding_args(p)
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="rows per compiled batch (default: the prompts rounded up to 2^n, "
                         f"at most {DEFAULT_MAX_BATCH})")
     p.add_argument("--mesh", default=None,

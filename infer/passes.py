@@ -34,7 +34,7 @@ from flax import nnx
 
 from orthrus_jax.cache import KVCache, init_cache
 from orthrus_jax.checkpoint import load_model
-from orthrus_jax.cli import run_command
+from orthrus_jax.cli import positive_int, run_command
 from orthrus_jax.config import DTYPE_NAMES, ModelConfig
 from orthrus_jax.model import AR_VIEW, DIFFUSION_VIEW, OrthrusLM, unstack_layers
 
@@ -176,12 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", help="HF config.json: random weights of that shape")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="parameter and compute dtype (default: as stored / in the config)")
-    p.add_argument("--block-size", type=int, default=None,
+    p.add_argument("--block-size", type=positive_int, default=None,
                    help="with --config: the block size K (default: the config's, or 32)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--context", type=int, default=2048, help="cached positions per row")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--copy-mib", type=int, default=1024, help="size of the bandwidth probe")
+    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--context", type=positive_int, default=2048, help="cached positions per row")
+    p.add_argument("--repeats", type=positive_int, default=10)
+    p.add_argument("--copy-mib", type=positive_int, default=1024,
+                   help="size of the bandwidth probe")
     p.add_argument("--json", action="store_true")
     return p
 

@@ -4,6 +4,7 @@ status 2 (argparse's status for a bad flag), never a traceback."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 
@@ -32,3 +33,24 @@ def run_command(body: Callable[[], int | None]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if status is None else status
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count or size flag: an integer >= 1 (argparse names the flag in
+    its error, exit status 2)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of an index, seed or id flag: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+    return value

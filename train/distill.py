@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from orthrus_jax.cli import run_command
+from orthrus_jax.cli import non_negative_int, positive_int, run_command
 from orthrus_jax.config import DTYPE_NAMES
 from train.records import (
     BadRecord,
@@ -335,24 +335,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output JSONL (appended to when resuming)")
     p.add_argument("--mode", choices=("ar", "orthrus"), default="ar",
                    help="decoder (same output; ar is the faster exact path on a CPU)")
-    p.add_argument("--batch-size", type=int, default=32, help="rows per compiled batch")
-    p.add_argument("--sort-window", type=int, default=1,
+    p.add_argument("--batch-size", type=positive_int, default=32, help="rows per compiled batch")
+    p.add_argument("--sort-window", type=positive_int, default=1,
                    help="sort prompts by length within windows of this many batches "
                         "(1: no sorting)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--max-len", type=int, default=None,
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--max-len", type=positive_int, default=None,
                    help="context (KV cache) limit; default: the model's "
                         "max_position_embeddings. Each batch's cache is sized to its prompt "
                         "bucket plus --max-new-tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (>= 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (>= 0)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="parameter and compute dtype (default: as stored)")
-    p.add_argument("--start", type=int, default=0, help="first source_index to answer")
-    p.add_argument("--end", type=int, default=None, help="source_index to stop before")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--start", type=non_negative_int, default=0, help="first source_index to answer")
+    p.add_argument("--end", type=non_negative_int, default=None, help="source_index to stop before")
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="answer at most the first N records from --start")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

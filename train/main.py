@@ -38,7 +38,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from orthrus_jax.cli import CommandError, run_command
+from orthrus_jax.cli import CommandError, non_negative_int, positive_int, run_command
 from orthrus_jax.config import DTYPE_NAMES
 
 
@@ -49,17 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", required=True,
                    help="training files: JSONL chat/GSM8K, JSON arrays, or plain text")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=8, help="global sequences per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--block-size", type=int, default=None,
+    p.add_argument("--steps", type=positive_int, required=True, help="optimizer steps")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="global sequences per micro-batch")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step")
+    p.add_argument("--seq-len", type=positive_int, default=2048)
+    p.add_argument("--block-size", type=positive_int, default=None,
                    help="diffusion block size K (default: the model's, or --init-head's; "
                         "written to its config)")
     p.add_argument("--init-head", default=None,
                    help="start from this head file's diffusion tensors (python -m "
                         "convert.head export), e.g. to continue a shipped head")
-    p.add_argument("--anchors-per-seq", type=int, default=256)
+    p.add_argument("--anchors-per-seq", type=positive_int, default=256)
     p.add_argument("--anchors-on-assistant", action="store_true",
                    help="only anchors whose first drafted token is an assistant token")
     p.add_argument("--loss", choices=("kl", "ce"), default="kl")
@@ -71,18 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="backbone dtype (default: as stored); diffusion weights train in f32")
     p.add_argument("--remat", action="store_true", help="recompute each layer in backward")
-    p.add_argument("--loss-chunk", type=int, default=16, help="anchor blocks per logits chunk")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loss-chunk", type=positive_int, default=16,
+                   help="anchor blocks per logits chunk")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--skip-malformed", action="store_true",
                    help="skip and count malformed records instead of stopping")
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    p.add_argument("--eval-every", type=int, default=0, help="0: only before and after")
+    p.add_argument("--save-every", type=positive_int, default=500)
+    p.add_argument("--keep", type=positive_int, default=3, help="checkpoints to keep")
+    p.add_argument("--eval-every", type=non_negative_int, default=0,
+                   help="0: only before and after")
     p.add_argument("--eval-prompts", help="JSONL prompts for tokens-per-iteration evaluation")
-    p.add_argument("--eval-max-new-tokens", type=int, default=128)
-    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--eval-max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--log-every", type=positive_int, default=1)
     p.add_argument("--resume", action="store_true", help="continue from OUT's newest checkpoint")
-    p.add_argument("--stop-after", type=int, default=None,
+    p.add_argument("--stop-after", type=positive_int, default=None,
                    help="end this invocation after N more steps, with a checkpoint (for time "
                         "slots and preemptible jobs); continue later with --resume")
     p.add_argument("--coordinator", default=os.environ.get("ORTHRUS_COORDINATOR"),

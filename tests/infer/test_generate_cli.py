@@ -122,7 +122,6 @@ def test_sampling_flags_are_deterministic_for_a_seed(ids_dir):
     (("--prompt-ids", "1", "--temperature", "-1"), "temperature"),
     (("--prompt-ids", "1", "--top-p", "0"), "top_p"),
     (("--prompt-ids", "1", "--top-p", "1.5"), "top_p"),
-    (("--prompt-ids", "1", "--max-new-tokens", "0"), "max_new_tokens"),
     (("--prompt-ids", ",".join(["1"] * 40), "--max-len", "32"), "does not fit the context"),
     (("--prompts-file", "missing.jsonl"), "prompts file not found"),
     ((), "no prompts"),

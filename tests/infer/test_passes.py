@@ -65,7 +65,6 @@ def test_bytes_read_counts_one_view_the_head_and_the_cache(model_dir):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--context", "0"), "context=0"),
     (("--context", "100000"), "max_position_embeddings"),
 ])
 def test_bad_input(model_dir, args, message):

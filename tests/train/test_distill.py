@@ -210,7 +210,6 @@ def test_bad_records_are_counted_and_skipped(workdir, run, tmp_path):
     ("no params", "no parameter checkpoint"),
     ("text prompts", "not a prompt file"),
     ("damaged output", "not a distilled record"),
-    ("bad option", "--batch-size must be >= 1"),
 ])
 def test_bad_input_exits_2(workdir, tmp_path, capsys, case, message):
     out = tmp_path / "out.jsonl"
@@ -230,8 +229,6 @@ def test_bad_input_exits_2(workdir, tmp_path, capsys, case, message):
         prompts.write_text("hello\n")
     elif case == "damaged output":
         out.write_text("garbage\n{}\n")
-    else:
-        extra = ["--batch-size", "0"]
     status = distill.main(["--model", str(model), "--prompts", str(prompts), "--out", str(out),
                            "--no-progress", *extra])
     err = capsys.readouterr().err
