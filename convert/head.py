@@ -32,9 +32,9 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
-from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from convert.from_hf import check_safetensors, safe_read
 from convert.io import run_cli
 from convert.keymap import entries, get_path
 from orthrus_jax.checkpoint import (
@@ -43,11 +43,13 @@ from orthrus_jax.checkpoint import (
     model_from_params,
     save_model,
 )
+from orthrus_jax.cli import InputError
 from orthrus_jax.config import ModelConfig, numpy_dtype
 from orthrus_jax.folders import copy_tokenizer_files, staging_dir
 from orthrus_jax.model import OrthrusLM
 
 HEAD_FORMAT = "orthrus-head/1"
+NOT_READABLE = "not a readable safetensors file"
 HEAD_DTYPES = ("int8", "bfloat16", "float32")
 SCALE_SUFFIX = "_scale"
 # Config fields a head must agree with: the backbone it was trained on.
@@ -109,25 +111,31 @@ def save_head(model: OrthrusLM, path: str | Path, *, dtype: str = "int8",
 
 
 def read_head_metadata(path: str | Path) -> dict:
-    """The JSON fields of a head file's header; a clear error for anything else."""
-    from safetensors import safe_open
-
+    """The JSON fields of a head file's header; a clear error for anything else (the whole
+    header is checked first: :func:`convert.from_hf.check_safetensors`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"head file not found: {path}")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            raw = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    raw = check_safetensors(path, NOT_READABLE).get("__metadata__", {})
     try:
         meta = {k: json.loads(v) for k, v in raw.items()}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: header metadata is not JSON ({e})") from e
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise InputError(f"{path}: header metadata is not JSON ({e})") from e
     if meta.get("format") != HEAD_FORMAT:
-        raise ValueError(f"{path}: not an Orthrus head (format {meta.get('format')!r}, "
+        raise InputError(f"{path}: not an Orthrus head (format {meta.get('format')!r}, "
                          f"expected {HEAD_FORMAT!r})")
     return meta
+
+
+def _check_head_fields(path: Path, meta: dict) -> None:
+    if not isinstance(meta.get("backbone"), dict):
+        raise InputError(f"{path}: header field backbone must be an object, got "
+                         f"{meta.get('backbone')!r}")
+    for field, low in (("block_size", 1), ("mask_token_id", 0)):
+        value = meta.get(field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise InputError(f"{path}: header field {field}={value!r} must be an integer "
+                             f">= {low}")
 
 
 def read_head(path: str | Path, config: ModelConfig) -> tuple[dict[str, np.ndarray], dict]:
@@ -135,30 +143,42 @@ def read_head(path: str | Path, config: ModelConfig) -> tuple[dict[str, np.ndarr
     ``config`` (backbone shape, every key present once, shapes)."""
     path = Path(path)
     meta = read_head_metadata(path)
+    _check_head_fields(path, meta)
     want = backbone_shape(config)
     for k, v in want.items():
-        if meta.get("backbone", {}).get(k) != v:
-            raise ValueError(f"{path}: head was trained on a backbone with {k}="
-                             f"{meta.get('backbone', {}).get(k)!r}, this model has {v!r}")
-    raw = load_file(str(path))
+        if meta["backbone"].get(k) != v:
+            raise InputError(f"{path}: head was trained on a backbone with {k}="
+                             f"{meta['backbone'].get(k)!r}, this model has {v!r}")
+    raw = safe_read(path, NOT_READABLE, lambda: load_file(str(path)))
     out: dict[str, np.ndarray] = {}
     expected = {e.hf_key: e.hf_shape for e in entries(config) if e.diffusion}
     for key, shape in expected.items():
         if key not in raw:
-            raise ValueError(f"{path}: tensor {key} is missing")
+            raise InputError(f"{path}: tensor {key} is missing")
         w = raw.pop(key)
+        if tuple(w.shape) != tuple(shape):
+            raise InputError(f"{path}: tensor {key} has shape {tuple(w.shape)}, expected "
+                             f"{tuple(shape)}")
         if key + SCALE_SUFFIX in raw:
             scale = raw.pop(key + SCALE_SUFFIX)
-            if w.dtype != np.int8 or scale.shape != (shape[0],):
-                raise ValueError(f"{path}: {key}{SCALE_SUFFIX} has shape {scale.shape} for an "
-                                 f"{w.dtype} tensor; expected int8 with ({shape[0]},)")
-            w = w.astype(np.float32) * scale[:, None]
-        if tuple(w.shape) != tuple(shape):
-            raise ValueError(f"{path}: tensor {key} has shape {tuple(w.shape)}, expected "
-                             f"{tuple(shape)}")
-        out[key] = np.asarray(w, np.float32)
+            if w.dtype != np.int8 or scale.shape != (shape[0],) or \
+                    scale.dtype not in (np.float32, np.float16):
+                raise InputError(f"{path}: {key}{SCALE_SUFFIX} has shape {scale.shape} "
+                                 f"({scale.dtype}) for an {w.dtype} tensor; expected int8 with "
+                                 f"float32 ({shape[0]},)")
+            with np.errstate(over="ignore", invalid="ignore"):
+                w = w.astype(np.float32) * scale.astype(np.float32)[:, None]
+        if w.dtype == np.bool_ or np.iscomplexobj(w):
+            raise InputError(f"{path}: tensor {key} has dtype {w.dtype}, expected a float or "
+                             "int8 tensor")
+        with np.errstate(over="ignore", invalid="ignore"):
+            w = np.asarray(w, np.float32)
+        if not np.isfinite(w).all():
+            raise InputError(f"{path}: tensor {key} has {int((~np.isfinite(w)).sum())} "
+                             "non-finite value(s)")
+        out[key] = w
     if raw:
-        raise ValueError(f"{path}: unexpected tensor(s) {sorted(raw)[:5]}")
+        raise InputError(f"{path}: unexpected tensor(s) {sorted(raw)[:5]}")
     return out, meta
 
 

@@ -9,16 +9,85 @@ from typing import Any
 
 from orthrus_jax.cli import InputError
 
+# The JSON files of a saved HF tokenizer, checked before transformers reads them.
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                        "added_tokens.json", "vocab.json")
+
 
 def load_tokenizer(model_dir: str | Path):
-    """The HF tokenizer saved beside the model, or None if the folder has none."""
+    """The HF tokenizer saved beside the model, or None if the folder has none.
+
+    A damaged tokenizer file (not UTF-8 JSON, not an object, fields transformers or the
+    tokenizers library refuse) is an :class:`InputError` naming the file."""
     model_dir = Path(model_dir)
     if not (model_dir / "tokenizer.json").is_file() and \
             not (model_dir / "tokenizer_config.json").is_file():
         return None
+    for name in TOKENIZER_JSON_FILES:
+        path = model_dir / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise InputError(f"{path}: not valid JSON ({e})") from e
+        except OSError as e:
+            raise InputError(f"{path}: unreadable ({e})") from e
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: expected a JSON object, got {_kind(data)}")
+        if name == "tokenizer_config.json":
+            _check_tokenizer_config(path, data)
+    template = model_dir / "chat_template.jinja"
+    if template.is_file():
+        try:
+            template.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{template}: not UTF-8 text ({e.reason} at byte {e.start})") \
+                from e
     from transformers import AutoTokenizer  # reads the tokenizer files only
 
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 (transformers and tokenizers raise anything)
+        raise InputError(f"{_culprit(model_dir)}: not a usable tokenizer file "
+                         f"({type(e).__name__}: {_short(e)})") from e
+
+
+def _check_tokenizer_config(path: Path, config: dict) -> None:
+    """The fields transformers would take as they are and fail on later."""
+    length = config.get("model_max_length")
+    if length is not None and (not isinstance(length, int | float) or isinstance(length, bool)
+                               or not length > 0):
+        raise InputError(f"{path}: 'model_max_length' must be a positive number, got "
+                         f"{_kind(length)}")
+    template = config.get("chat_template")
+    if template is not None and not isinstance(template, str) and not (
+            isinstance(template, list) and all(
+                isinstance(t, dict) and isinstance(t.get("template"), str) for t in template)):
+        raise InputError(f"{path}: 'chat_template' must be a string (or a list of "
+                         f"{{\"name\", \"template\"}} objects), got {_kind(template)}")
+
+
+def _short(e: Exception, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _culprit(model_dir: Path) -> Path:
+    """The file a failed tokenizer load is most likely about: ``tokenizer.json`` when the
+    tokenizers library refuses it alone, else ``tokenizer_config.json`` (else the folder)."""
+    fast = model_dir / "tokenizer.json"
+    if fast.is_file():
+        try:
+            from tokenizers import Tokenizer
+
+            Tokenizer.from_file(str(fast))
+        except Exception:  # noqa: BLE001
+            return fast
+    config = model_dir / "tokenizer_config.json"
+    return config if config.is_file() else model_dir
 
 
 PROMPT_KEYS = ("prompt", "messages", "prompt_ids")

@@ -197,7 +197,9 @@ def run(args: argparse.Namespace) -> int:
         _log(out, {"event": "resume", "step": start_step})
     else:
         batches = BatchIterator(corpus, tokenizer, **data_kwargs)
-    if start_step >= args.steps:
+    # A run killed after its last checkpoint but before model/ was complete still owes
+    # the final model: it is written from that checkpoint, with no step taken.
+    if start_step > args.steps or (start_step == args.steps and (out / "model").is_dir()):
         print(f"nothing to do: checkpoint step {start_step} >= --steps {args.steps}")
         return 0
 

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from convert.from_gguf import convert, main, read_gguf
 from orthrus_jax.cli import InputError
 from tests.convert.gguf_fixtures import random_hf_state, tiny_config, write_tiny_gguf
+from tests.fuzzing import apply_mutations, byte_mutations
 
 FUZZ_EXAMPLES = int(os.environ.get("ORTHRUS_FUZZ_EXAMPLES", "100"))
 
@@ -157,28 +158,8 @@ def test_damaged_file_is_refused(tmp_path: Path, valid: _Valid, damage, needle: 
 
 
 def _mutations(size: int, header_end: int) -> st.SearchStrategy:
-    position = st.one_of(st.integers(0, header_end), st.integers(0, size - 1))
-    truncate = st.tuples(st.just("truncate"), position, st.just(b""))
-    flip = st.tuples(st.just("flip"), position, st.integers(1, 255).map(lambda b: bytes([b])))
-    overwrite = st.tuples(st.just("overwrite"), position, st.one_of(
-        st.binary(min_size=1, max_size=8),
-        st.sampled_from([_u32(0), _u32(2**32 - 1), _u64(2**63), _u64(2**40), _u64(1),
-                         b"\x00" * 8, b"\xff" * 8])))
-    return st.lists(st.one_of(truncate, flip, overwrite), min_size=1, max_size=4)
-
-
-def _mutate(data: bytes, ops) -> bytes:
-    buf = bytearray(data)
-    for kind, at, value in ops:
-        at = min(at, len(buf))
-        if kind == "truncate":
-            del buf[at:]
-        elif kind == "flip":
-            if at < len(buf):
-                buf[at] ^= value[0]
-        else:
-            buf[at:at + len(value)] = value[:max(0, len(buf) - at)]
-    return bytes(buf)
+    return byte_mutations(size, header_end, [_u32(0), _u32(2**32 - 1), _u64(2**63),
+                                             _u64(2**40), _u64(1), b"\x00" * 8, b"\xff" * 8])
 
 
 def test_fuzzed_files_convert_or_are_refused(valid: _Valid) -> None:
@@ -188,7 +169,7 @@ def test_fuzzed_files_convert_or_are_refused(valid: _Valid) -> None:
     def check(ops) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             src = Path(tmp) / "m.gguf"
-            src.write_bytes(_mutate(valid.data, ops))
+            src.write_bytes(apply_mutations(valid.data, ops))
             try:
                 convert(src, Path(tmp) / "out", mask_token_id=0)
             except InputError as e:

@@ -3,6 +3,7 @@ and bad input."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -100,6 +101,14 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(workdir, tmp_p
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert [r["loss"] for r in records(tmp_path / "straight", "train")][3:] == \
         [r["loss"] for r in records(tmp_path / "split", "train")][3:]
+    # killed after its last checkpoint, before model/ was complete: --resume writes model/
+    # from that checkpoint, taking no step
+    shutil.rmtree(tmp_path / "split" / "model")
+    assert main(args(workdir, tmp_path / "split", *common, "--resume")) == 0
+    c = diffusion(tmp_path / "split" / "model")
+    for k in a:
+        np.testing.assert_array_equal(a[k], c[k], err_msg=k)
+    assert len(records(tmp_path / "split", "train")) == 5  # no step taken again
 
 
 @pytest.mark.slow
