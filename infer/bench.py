@@ -79,15 +79,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(body)
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    SamplingParams.make(args.temperature, args.top_k, args.top_p)
-    for name in ("max_new_tokens", "repeats", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError("--limit must be >= 1")
-
-
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
     """Index of the first differing token (or the shorter length), None if equal."""
     for i, (x, y) in enumerate(zip(a, b, strict=False)):
@@ -97,12 +88,10 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
 
 
 def run_bench(args: argparse.Namespace) -> dict:
-    _check_args(args)
+    SamplingParams.make(args.temperature, args.top_k, args.top_p)  # fail before loading
     if args.model is None:
         args.model = str(default_model_dir())
-    items = read_prompts_file(args.prompts_file)[:args.limit]
-    if not items:
-        raise ValueError(f"{args.prompts_file}: no prompts")
+    items = read_prompts_file(args.prompts_file)[:args.limit]  # never empty: --limit >= 1
     gen = Generator.load(args.model, dtype=args.dtype, max_len=args.max_len)
     tokenizer = gen.tokenizer
     use_chat = args.chat == "on" or (

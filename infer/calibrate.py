@@ -50,8 +50,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _calibrate(args: argparse.Namespace) -> None:
     items = read_prompts_file(args.prompts_file)[:args.limit]  # checked before loading
-    if not items:
-        raise ValueError(f"{args.prompts_file}: no prompts")
     gen = Generator.load(args.model)
     chat = bool(getattr(gen.tokenizer, "chat_template", None))
     ids = [gen.encode_item(item, chat) for item in items]

@@ -379,12 +379,6 @@ def _main(args: argparse.Namespace) -> int:
     from infer.sampling import SamplingParams
 
     SamplingParams.make(args.temperature, args.top_k, args.top_p)  # fail before loading
-    for name in ("batch_size", "sort_window", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("seed", "start", "end", "limit"):
-        if (getattr(args, name) or 0) < 0:
-            raise ValueError(f"--{name} must be >= 0")
     if args.max_len is not None and args.max_len < 2:
         raise ValueError("--max-len must be >= 2")
 

@@ -108,12 +108,7 @@ class TrainingDiverged(CommandError):
 
 
 def _validate(args: argparse.Namespace) -> None:
-    if args.stop_after is not None and args.stop_after < 1:
-        raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
-    for name in ("steps", "batch_size", "grad_accum", "anchors_per_seq", "save_every",
-                 "keep", "log_every", "loss_chunk"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    """What the argparse types do not check (counts are ``positive_int`` already)."""
     if args.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
 
