@@ -117,9 +117,9 @@ class GGUFModel:
     _reader: GGUFReader = field(repr=False)
     _plan: list[_TensorPlan] = field(repr=False)
 
-    def tensor_names(self) -> list[str]:
-        """HF names of the tensors ``tensors()`` yields, in order."""
-        return [p.hf_key for p in self._plan]
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """HF name -> HF-layout shape of the tensors ``tensors()`` yields, in order."""
+        return {p.hf_key: p.shape for p in self._plan}
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """Yield ``(hf_key, float32 array in HF layout)`` one tensor at a time."""
@@ -719,7 +719,7 @@ def convert(src: str | Path, dst: str | Path, **kwargs: Any) -> Path:
     """Convert the GGUF file ``src`` into the model folder ``dst`` (see ``write_converted``)."""
     model = read_gguf(src)
     return write_converted(dst, model.config, model.tensors(), model.tokenizer_files(),
-                           source=str(src), **kwargs)
+                           keys=model.tensor_shapes(), source=str(src), **kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

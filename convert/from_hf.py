@@ -14,6 +14,7 @@ else the tensors' own) unless ``--dtype`` says otherwise.
 from __future__ import annotations
 
 import json
+import re
 import struct
 import sys
 from collections.abc import Iterable, Iterator
@@ -215,14 +216,42 @@ def safetensors_files(src: str | Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, np.ndarray]]:
-    """``(key, array)`` for every tensor, read one at a time."""
+def read_headers(files: Iterable[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Every tensor of the checkpoint: name -> (file, shape), from the checked headers
+    (no tensor data read). A name in two files is refused."""
     label = "unreadable safetensors file"
+    out: dict[str, tuple[Path, tuple[int, ...]]] = {}
     for path in files:
-        header = check_safetensors(path, label)
+        for key, info in check_safetensors(path, label).items():
+            if key == "__metadata__":
+                continue
+            if key in out:
+                raise InputError(f"tensor {key} is in both {out[key][0]} and {path}")
+            out[key] = (path, tuple(info["shape"]))
+    return out
+
+
+def _layer_order(key: str) -> tuple[int, str]:
+    """Sort key: non-layer tensors first, then layer by layer (numerically)."""
+    m = re.match(r"model\.layers\.(\d+)\.", key)
+    return (-1 if m is None else int(m.group(1)), key)
+
+
+def iter_safetensors(files: Iterable[Path],
+                     headers: dict[str, tuple[Path, tuple[int, ...]]] | None = None
+                     ) -> Iterator[tuple[str, np.ndarray]]:
+    """``(key, array)`` for every tensor, read one at a time, layer by layer.
+
+    Each tensor is read through its own ``safe_open`` (a memory map closed after the
+    tensor is copied out), so the process never keeps the file's pages mapped: the
+    resident memory is the tensors in hand, not the checkpoint."""
+    label = "unreadable safetensors file"
+    headers = read_headers(files) if headers is None else headers
+    for key in sorted(headers, key=_layer_order):
+        path = headers[key][0]
         with safe_read(path, label, lambda p=path: safe_open(str(p), framework="numpy")) as f:
-            for key in sorted(k for k in header if k != "__metadata__"):
-                yield key, safe_read(path, label, lambda k=key, f=f: f.get_tensor(k))
+            value = safe_read(path, label, lambda k=key, f=f: f.get_tensor(k))
+        yield key, value
 
 
 def convert(src: str | Path, dst: str | Path, **kwargs) -> Path:
@@ -232,9 +261,11 @@ def convert(src: str | Path, dst: str | Path, **kwargs) -> Path:
         raise FileNotFoundError(f"{src} is not a folder")
     hf_config = read_hf_config(src)
     files = safetensors_files(src)
+    headers = read_headers(files)
     extra = {name: (src / name).read_bytes() for name in TOKENIZER_FILES
              if (src / name).is_file()}
-    return write_converted(dst, hf_config, iter_safetensors(files), extra,
+    return write_converted(dst, hf_config, iter_safetensors(files, headers), extra,
+                           keys={k: shape for k, (_, shape) in headers.items()},
                            source=str(src / "config.json"), **kwargs)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from orthrus_jax.cli import non_negative_int, positive_int, run_command
 from orthrus_jax.config import DTYPE_NAMES
+from orthrus_jax.memory import format_bytes, host_peak_rss
 
 
 def add_output_args(parser: argparse.ArgumentParser, dtype_default: str | None,
@@ -46,12 +47,13 @@ def model_cli(convert_fn: Callable[..., Path], argv, *, prog: str, doc: str | No
 
 
 def run_cli(fn: Callable[[], Path]) -> int:
-    """Run a conversion and print what it wrote and its time (a failure: see
+    """Run a conversion and print what it wrote, its time and its peak memory (a failure: see
     :func:`orthrus_jax.cli.run_command`)."""
     start = time.perf_counter()
 
     def body() -> None:
         out = fn()
-        print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
+        print(f"wrote {out} in {time.perf_counter() - start:.1f} s; peak memory "
+              f"{format_bytes(host_peak_rss())} (host RSS)")
 
     return run_command(body)

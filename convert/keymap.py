@@ -8,7 +8,7 @@ table serves ``from_hf``, ``to_hf`` and ``from_gguf`` (after its own name mappin
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 
@@ -111,12 +111,3 @@ def set_path(tree: dict, path: Path, value) -> None:
     for p in path[:-1]:
         tree = tree.setdefault(p, {})
     tree[path[-1]] = value
-
-
-def to_hf_tensors(params: dict, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """HF-layout ``(key, array)`` pairs from a parameter pure dict, one at a time."""
-    for e in entries(config):
-        value = np.asarray(get_path(params, e.path))
-        if e.layer is not None:
-            value = value[e.layer]
-        yield e.hf_key, e.to_hf(value)

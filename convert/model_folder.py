@@ -1,22 +1,24 @@
 """Write a model folder from HF-named tensors: what ``from_hf`` and ``from_gguf`` share.
 
-:func:`build_params` maps ``(hf_key, array)`` pairs through :mod:`convert.keymap` with a
-shape check; :func:`write_converted` adds the config and extra files and writes the folder
-atomically (an Orbax checkpoint under ``params/`` and an HF-compatible ``config.json``).
+:func:`check_keys` checks a checkpoint's tensor names and shapes against its config before
+any tensor is read; :func:`stream_groups` maps ``(hf_key, array)`` pairs through
+:mod:`convert.keymap` and yields each layer's parameters as soon as the layer is complete;
+:func:`write_converted` writes them group by group (the peak is about one layer, not the
+model) with the config and extra files, into a folder that appears whole or not at all.
 """
 
 from __future__ import annotations
 
 import itertools
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
-import jax
 import numpy as np
+from flax.traverse_util import unflatten_dict
 
-from convert.keymap import Entry, ar_twin, entries, get_path, set_path
-from orthrus_jax.checkpoint import save_params
+from convert.keymap import Entry, ar_twin, entries
+from orthrus_jax.checkpoint import LAYERS, ParamWriter, save_config
 from orthrus_jax.config import DTYPE_NAMES, DTYPES, ModelConfig, dtype_name, numpy_dtype
 from orthrus_jax.folders import staging_dir
 
@@ -41,71 +43,111 @@ def stored_dtype(hf_config: dict,
     return dtype_name(first[1].dtype) or "float32", itertools.chain([first], it)
 
 
-def build_params(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]],
-                 dtype: str = "float32") -> tuple[dict, list[str]]:
-    """Map HF tensors onto a parameter pure dict (numpy, stacked over layers).
+def _listing(keys: list[str]) -> str:
+    return f"{', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
 
-    Every AR key is required; ``*_diff`` keys must be all present or all absent (then
-    the diffusion tensors are copies of the AR ones). Returns the params and the HF keys
-    the table does not know (unused).
-    """
-    np_dtype = numpy_dtype(dtype)
+
+def check_keys(config: ModelConfig, keys: Mapping[str, tuple[int, ...]]) -> tuple[bool, list[str]]:
+    """Check a checkpoint's tensor names -> shapes against ``config`` (no data read).
+
+    Every AR key is required; ``*_diff`` keys must be all present or all absent.
+    Returns whether the diffusion tensors are present and the keys the table does not
+    know (unused)."""
     table = {e.hf_key: e for e in entries(config)}
-    params: dict = {}
-    for e in table.values():
-        shape = e.to_param(np.empty(e.hf_shape, np.bool_)).shape
-        full = shape if e.layer is None else (config.num_hidden_layers, *shape)
-        try:
-            get_path(params, e.path)
-        except KeyError:
-            set_path(params, e.path, np.empty(full, np_dtype))
-    seen: set[str] = set()
-    unused: list[str] = []
-    for key, value in tensors:
+    for key, shape in keys.items():
         e = table.get(key)
+        if e is not None and tuple(shape) != e.hf_shape:
+            raise ConversionError(f"tensor {key} has shape {tuple(shape)}, "
+                                  f"expected {e.hf_shape} from config.json")
+    missing = [k for k, e in table.items() if not e.diffusion and k not in keys]
+    if missing:
+        raise ConversionError(f"{len(missing)} expected tensor(s) missing: {_listing(missing)}")
+    diff = [k for k, e in table.items() if e.diffusion]
+    present = [k for k in diff if k in keys]
+    if present and len(present) < len(diff):
+        absent = [k for k in diff if k not in keys]
+        raise ConversionError(f"partial diffusion view: {len(absent)} *_diff tensor(s) "
+                              f"missing: {_listing(absent)}")
+    return bool(present), [k for k in keys if k not in table]
+
+
+def stream_groups(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]],
+                  keys: Mapping[str, tuple[int, ...]], dtype: str = "float32"
+                  ) -> Iterator[dict]:
+    """Parameter groups of the model folder format (see :class:`ParamWriter`) from HF
+    tensors: each non-layer tensor at once, each layer as soon as its last tensor is read
+    (with diffusion tensors copied from the AR ones when the checkpoint has none).
+
+    ``keys`` (HF name -> shape, from the checkpoint's headers) is checked first
+    (:func:`check_keys`); ``tensors`` must then yield exactly those tensors, each once.
+    Only the layers not yet complete are held.
+    """
+    has_diff, _ = check_keys(config, keys)
+    np_dtype = numpy_dtype(dtype)
+    table = entries(config)
+    wanted = {e.hf_key: e for e in table if e.hf_key in keys}
+    copies: dict[int, list[Entry]] = {}  # diffusion tensors to copy from the AR ones
+    if not has_diff:
+        for e in table:
+            if e.diffusion:
+                copies.setdefault(e.layer, []).append(e)
+    remaining: dict[int | None, set[str]] = {}
+    for key, e in wanted.items():
+        remaining.setdefault(e.layer, set()).add(key)
+    pending: dict[int, dict[tuple[str, ...], np.ndarray]] = {}
+    for key, value in tensors:
+        e = wanted.get(key)
         if e is None:
-            unused.append(key)
             continue
-        if key in seen:
+        if key not in remaining.get(e.layer, ()):
             raise ConversionError(f"tensor {key} appears twice")
         if tuple(value.shape) != e.hf_shape:
             raise ConversionError(f"tensor {key} has shape {tuple(value.shape)}, "
                                   f"expected {e.hf_shape} from config.json")
-        _fill(params, e, e.to_param(value).astype(np_dtype))
-        seen.add(key)
-    diff = [k for k, e in table.items() if e.diffusion]
-    missing = [k for k, e in table.items() if not e.diffusion and k not in seen]
-    if missing:
-        raise ConversionError(f"{len(missing)} expected tensor(s) missing: "
-                              f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    present = [k for k in diff if k in seen]
-    if present and len(present) < len(diff):
-        absent = [k for k in diff if k not in seen]
-        raise ConversionError(f"partial diffusion view: {len(absent)} *_diff tensor(s) missing: "
-                              f"{', '.join(absent[:8])}{' ...' if len(absent) > 8 else ''}")
-    if not present:
-        for k in diff:
-            e = table[k]
-            source = get_path(params, ar_twin(e))
-            _fill(params, e, source[e.layer] if e.layer is not None else source)
+        param = e.to_param(value).astype(np_dtype)
+        del value
+        remaining[e.layer].discard(key)
+        if e.layer is None:
+            yield unflatten_dict({e.path: param})
+            continue
+        group = pending.setdefault(e.layer, {})
+        group[e.path[1:]] = param
+        if not remaining[e.layer]:
+            for d in copies.get(e.layer, ()):
+                group[d.path[1:]] = group[ar_twin(d)[1:]]
+            yield {LAYERS: {str(e.layer): unflatten_dict(pending.pop(e.layer))}}
+    unread = sorted(k for left in remaining.values() for k in left)
+    if unread:
+        raise ConversionError(f"{len(unread)} tensor(s) listed but never read: "
+                              f"{_listing(unread)}")
+
+
+def build_params(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]],
+                 dtype: str = "float32") -> tuple[dict, list[str]]:
+    """Map HF tensors onto a parameter pure dict in memory (numpy, stacked over layers),
+    with the checks of :func:`stream_groups`. Returns the params and the unused HF keys."""
+    tensors = list(tensors)
+    keys: dict[str, tuple[int, ...]] = {}
+    for key, value in tensors:
+        if key in keys:
+            raise ConversionError(f"tensor {key} appears twice")
+        keys[key] = tuple(value.shape)
+    _, unused = check_keys(config, keys)
+    params: dict = {}
+    layers: list[dict] = [{} for _ in range(config.num_hidden_layers)]
+    for group in stream_groups(config, tensors, keys, dtype):
+        if LAYERS in group:
+            (i, layer), = group[LAYERS].items()
+            layers[int(i)] = layer
+        else:
+            params |= group
+    params[LAYERS] = _stack_layers(layers)
     return params, unused
 
 
-def _to_device(tree: dict) -> dict:
-    """Move numpy leaves to JAX arrays in place, one at a time, dropping each numpy
-    buffer as it goes, so the model is never held twice (Orbax would copy them all)."""
-    for key, value in tree.items():
-        tree[key] = _to_device(value) if isinstance(value, dict) else jax.numpy.asarray(value)
-        del value
-    return tree
-
-
-def _fill(params: dict, e: Entry, value: np.ndarray) -> None:
-    target = get_path(params, e.path)
-    if e.layer is None:
-        target[...] = value
-    else:
-        target[e.layer] = value
+def _stack_layers(layers: list[dict]) -> dict:
+    return {k: _stack_layers([layer[k] for layer in layers]) if isinstance(v, dict)
+            else np.stack([layer[k] for layer in layers]) for k, v in layers[0].items()}
 
 
 def write_converted(
@@ -114,13 +156,18 @@ def write_converted(
     tensors: Iterable[tuple[str, np.ndarray]],
     extra_files: dict[str, str | bytes] | None = None,
     *,
+    keys: Mapping[str, tuple[int, ...]],
     dtype: str | None = None,
     block_size: int | None = None,
     mask_token_id: int | None = None,
     force: bool = False,
     source: str = "config.json",
 ) -> Path:
-    """Convert HF-named tensors and write the model folder ``dst`` atomically.
+    """Convert HF-named tensors and write the model folder ``dst`` atomically, one layer
+    at a time.
+
+    ``keys``: every tensor name ``tensors`` yields, with its shape (from the checkpoint's
+    headers): checked against the config before any tensor is read.
 
     ``dtype`` is the parameter dtype to write; None keeps the stored one (see
     :func:`stored_dtype`). ``block_size`` / ``mask_token_id`` override the config's; the
@@ -145,16 +192,18 @@ def write_converted(
     if dtype is None:  # the config is valid: only now look at the tensors for their dtype
         dtype, tensors = stored_dtype(hf_config, tensors)
         config = config.replace(param_dtype=dtype, dtype=dtype)
-    params, unused = build_params(config, tensors, dtype)
+    _, unused = check_keys(config, keys)
     if unused:
         print(f"warning: {len(unused)} unused tensor(s) in the checkpoint: "
-              f"{', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}", file=sys.stderr)
+              f"{_listing(unused)}", file=sys.stderr)
 
     with staging_dir(dst, force) as tmp:
-        config.save(tmp)
+        save_config(config, tmp)
         for name, content in (extra_files or {}).items():
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / name, mode) as f:
                 f.write(content)
-        save_params(tmp, _to_device(params))
+        with ParamWriter(tmp) as writer:
+            for group in stream_groups(config, tensors, keys, dtype):
+                writer.write(group)
     return dst

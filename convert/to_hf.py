@@ -12,16 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
 from safetensors.numpy import save_file
 
 from convert.io import add_output_args, run_cli
-from convert.keymap import to_hf_tensors
-from orthrus_jax.checkpoint import load_model
-from orthrus_jax.config import numpy_dtype
+from convert.keymap import entries
+from orthrus_jax.checkpoint import read_param_groups
+from orthrus_jax.config import ModelConfig, numpy_dtype
 from orthrus_jax.folders import copy_tokenizer_files, staging_dir
 
 
@@ -43,9 +43,8 @@ def export(src: str | Path, dst: str | Path, *, dtype: str | None = None,
     if Path(dst).exists() and not force:
         raise FileExistsError(f"{dst} already exists (pass --force to replace it)")
     limit = _parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
-    model = load_model(src, param_dtype=dtype)
-    config = model.config
-    params = nnx.to_pure_dict(nnx.state(model))
+    config = ModelConfig.from_json_file(src / "config.json")
+    config = config.replace(param_dtype=dtype or config.param_dtype)
     out_dtype = numpy_dtype(config.param_dtype)
 
     current: dict[str, np.ndarray] = {}
@@ -54,7 +53,7 @@ def export(src: str | Path, dst: str | Path, *, dtype: str | None = None,
         names: list[str] = []
         weight_map: dict[str, int] = {}
         total = 0
-        for key, value in to_hf_tensors(params, config):
+        for key, value in hf_tensors(src, config):
             value = np.ascontiguousarray(value, dtype=out_dtype)
             if current and size + value.nbytes > limit:
                 names.append(_write_shard(tmp, current, len(names)))
@@ -77,6 +76,16 @@ def export(src: str | Path, dst: str | Path, *, dtype: str | None = None,
         config.save(tmp)
         copy_tokenizer_files(src, tmp)
     return Path(dst)
+
+
+def hf_tensors(src: Path, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """HF-layout ``(key, array)`` pairs of model folder ``src``, read a layer at a time."""
+    by_layer: dict[int | None, list] = {}
+    for e in entries(config):
+        by_layer.setdefault(e.layer, []).append(e)
+    for layer, group in read_param_groups(src, config.param_dtype):
+        for e in by_layer[layer]:
+            yield e.hf_key, e.to_hf(np.asarray(group[e.path if layer is None else e.path[1:]]))
 
 
 def _write_shard(directory: Path, tensors: dict[str, np.ndarray], i: int) -> str:

@@ -45,6 +45,7 @@ from infer.generate import add_decoding_args, block_size_arg
 from infer.prompts import read_prompts_file
 from infer.sampling import SamplingParams
 from orthrus_jax.cli import positive_int, run_command
+from orthrus_jax.memory import format_bytes, format_peak
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +177,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                                   for m in MODES for i, r in warm[m].items())
                           if greedy else None),
         "prompts": prompts,
+        "memory": gen.memory_report(),
         "load_average": list(os.getloadavg()),
     }
 
@@ -228,6 +230,9 @@ def format_report(r: dict) -> str:
                          f"{d['first_divergence']}")
         if not r["deterministic"]:
             lines.append("warning: greedy outputs changed between the warm-up and timed rounds")
+    m = r["memory"]
+    lines.append(f"memory: weights {format_bytes(m['weight_bytes'])}, KV cache (largest) "
+                 f"{format_bytes(m['cache_bytes'])}; {format_peak(m)}")
     lines.append(f"load average: {' '.join(f'{x:.2f}' for x in r['load_average'])}")
     return "\n".join(lines)
 

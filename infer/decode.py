@@ -55,7 +55,7 @@ class DecodeState:
     tokens: jax.Array  # [B, N] generated tokens (the first from prefill)
     num_generated: jax.Array  # [B]
     finish: jax.Array  # [B] finish code, RUNNING while active
-    key: jax.Array  # PRNG key
+    key: jax.Array  # [B] PRNG key per row (a row's draws never depend on its neighbours)
     iterations: jax.Array  # [B] loop iterations the row was active in
     accepted_hist: jax.Array  # [B, K] iterations whose verify accepted j drafts, at j
     block_hist: jax.Array  # [B, K] iterations the row ran at block size k, at k - 1
@@ -92,10 +92,55 @@ def _is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
     return jnp.any(tokens[..., None] == eos_ids, axis=-1)
 
 
-def _pick(key: jax.Array, logits: jax.Array, sampling: SamplingParams, greedy: bool):
+def row_keys(base: jax.Array, rows: jax.Array) -> jax.Array:
+    """The PRNG key ``[B]`` of each row: ``fold_in(base, rows[b])`` (``base =
+    jax.random.key(seed)``), where ``rows`` are the rows' indices within their ``generate``
+    call (a server request is row 0)."""
+    return jax.vmap(lambda r: jax.random.fold_in(base, r))(rows)
+
+
+def _iteration_keys(state: DecodeState, n: int) -> jax.Array:
+    """``[n, B]`` keys for each row's next iteration: a row's key advances only with its own
+    iterations (``fold_in(row key, iterations + 1)``; the first token uses 0)."""
+    keys = jax.vmap(jax.random.fold_in)(state.key, state.iterations + 1)
+    return jax.vmap(lambda k: jax.random.split(k, n), out_axes=1)(keys)
+
+
+def _greedy_rows(sampling: SamplingParams, batch: int) -> jax.Array:
+    """``[B]`` rows decoded greedily inside a sampling program (temperature 0)."""
+    return jnp.broadcast_to(sampling.temperature == 0, (batch,))
+
+
+def _safe(sampling: SamplingParams) -> SamplingParams:
+    """Greedy rows get temperature 1 in the sampled computation (its result is discarded)."""
+    t = sampling.temperature
+    return dataclasses.replace(sampling, temperature=jnp.where(t > 0, t, 1.0))
+
+
+def _sample_rows(keys: jax.Array, log_probs: jax.Array) -> jax.Array:
+    """One draw per row with the row's own key: ``keys [B]``, ``log_probs [B, ..., V]``."""
+    return jax.vmap(sample)(keys, log_probs)
+
+
+def _accept_rows(keys, drafts, q_logp, p_logp) -> tuple[jax.Array, jax.Array]:
+    """:func:`speculative_accept` row by row, each with its own key ``keys [B]``."""
+    def one(k, d, q, p):
+        j, nxt = speculative_accept(k, d[None], q[None], p[None])
+        return j[0], nxt[0]
+    return jax.vmap(one)(keys, drafts, q_logp, p_logp)
+
+
+def _pick(keys: jax.Array, logits: jax.Array, sampling: SamplingParams, greedy: bool):
+    """Next token of each row from ``logits [B, V]``: argmax, or a draw with ``keys [B]``
+    (argmax for rows at temperature 0)."""
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return sample(key, filtered_log_probs(logits, sampling))
+        return best
+    greedy_rows = _greedy_rows(sampling, logits.shape[0])
+    drawn = jax.lax.cond(  # no draws at all when every row is greedy
+        jnp.all(greedy_rows), lambda: best,
+        lambda: _sample_rows(keys, filtered_log_probs(logits, _safe(sampling))))
+    return jnp.where(greedy_rows, best, drawn)
 
 
 def _commit(state: DecodeState, new: jax.Array, count: jax.Array, cache: KVCache,
@@ -168,46 +213,52 @@ def orthrus_step(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs,
     c = model.config
     K = block
     B = state.anchor.shape[0]
-    key, k_draft, k_accept = jax.random.split(state.key, 3)
     cache = state.cache
     block = jnp.concatenate(
         [state.anchor[:, None], jnp.full((B, K - 1), c.mask_token_id, jnp.int32)], axis=1)
     q_logits = model.logits(model.diffusion_hidden(block, cache)[:, :-1])  # [B, K-1, V]
-    if greedy:
-        drafts = jnp.argmax(q_logits, axis=-1).astype(jnp.int32)
-    else:
-        q_logp = filtered_log_probs(q_logits, inputs.sampling)
-        drafts = sample(k_draft, q_logp)
+    drafts = jnp.argmax(q_logits, axis=-1).astype(jnp.int32)
+    if not greedy:
+        k_draft, k_accept = _iteration_keys(state, 2)
+        sampling = _safe(inputs.sampling)
+        greedy_rows = _greedy_rows(inputs.sampling, B)
+        all_greedy = jnp.all(greedy_rows)  # then skip every draw (lax.cond)
+        q_logp = jax.lax.cond(all_greedy, lambda x: jnp.zeros(x.shape, jnp.float32),
+                              lambda x: filtered_log_probs(x, sampling), q_logits)
+        drawn = jax.lax.cond(all_greedy, lambda: drafts,
+                             lambda: _sample_rows(k_draft, q_logp))
+        drafts = jnp.where(greedy_rows[:, None], drafts, drawn)
     hidden, verified = model.ar_hidden(jnp.concatenate([state.anchor[:, None], drafts], 1), cache)
     p_logits = model.logits(hidden)  # [B, K, V]
-    if greedy:
-        j, nxt = greedy_accept(drafts, p_logits)
-    else:
-        j, nxt = speculative_accept(k_accept, drafts, q_logp,
-                                    filtered_log_probs(p_logits, inputs.sampling))
+    j, nxt = greedy_accept(drafts, p_logits)
+    if not greedy:
+        j_s, nxt_s = jax.lax.cond(
+            all_greedy, lambda: (j, nxt),
+            lambda: _accept_rows(k_accept, drafts, q_logp,
+                                 filtered_log_probs(p_logits, sampling)))
+        j, nxt = jnp.where(greedy_rows, j, j_s), jnp.where(greedy_rows, nxt, nxt_s)
     # New tokens d_1 .. d_j then the next anchor; j + 1 of them.
     new = jnp.where(jnp.arange(K)[None, :] == j[:, None], nxt[:, None],
                     jnp.concatenate([drafts, drafts[:, :1]], axis=1))
-    state = dataclasses.replace(state, key=key)
     return _commit(state, new, j + 1, verified, cache.lengths, inputs, K)
 
 
 def ar_step(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs,
             greedy: bool) -> DecodeState:
     """One plain AR step for every active row: the baseline in the same engine."""
-    key, k_pick = jax.random.split(state.key)
     hidden, cache = model.ar_hidden(state.anchor[:, None], state.cache)
-    nxt = _pick(k_pick, model.logits(hidden[:, 0]), inputs.sampling, greedy)
-    state = dataclasses.replace(state, key=key)
+    keys = None if greedy else _iteration_keys(state, 1)[0]
+    nxt = _pick(keys, model.logits(hidden[:, 0]), inputs.sampling, greedy)
     return _commit(state, nxt[:, None], jnp.ones_like(nxt), cache, state.cache.lengths, inputs,
                    1)
 
 
 def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array, inputs: DecodeInputs,
-          key: jax.Array, *, max_len: int, out_len: int, greedy: bool, max_block: int,
+          keys: jax.Array, *, max_len: int, out_len: int, greedy: bool, max_block: int,
           chunk_size: int | None = None, mesh: Mesh | None = None,
           rules: Rules | None = None) -> DecodeState:
-    """Prefill right-padded ``prompts [B, P]`` and pick each row's first token.
+    """Prefill right-padded ``prompts [B, P]`` and pick each row's first token; ``keys [B]``
+    are the rows' PRNG keys (:func:`row_keys`).
 
     ``max_block``: the most tokens one iteration commits (the head's trained block size
     ``K`` in Orthrus mode, 1 in AR mode), the size of the histograms.
@@ -219,11 +270,11 @@ def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array, input
     B = prompts.shape[0]
     cache = init_cache(c, B, max_len, mesh=mesh, rules=rules)
     logits, cache = prefill(model, prompts, cache, prompt_lengths, chunk_size)
-    key, k_first = jax.random.split(key)
-    first = _pick(k_first, logits, inputs.sampling, greedy)
+    first = _pick(jax.vmap(jax.random.fold_in)(keys, jnp.zeros((B,), jnp.int32)), logits,
+                  inputs.sampling, greedy)
     zeros = jnp.zeros((B,), jnp.int32)
     state = DecodeState(cache=cache, anchor=first, tokens=jnp.zeros((B, out_len), jnp.int32),
-                        num_generated=zeros, finish=zeros, key=key, iterations=zeros,
+                        num_generated=zeros, finish=zeros, key=keys, iterations=zeros,
                         accepted_hist=jnp.zeros((B, max_block), jnp.int32),
                         block_hist=jnp.zeros((B, max_block), jnp.int32),
                         accept_stats=jnp.zeros((2, max_block), jnp.float32),

@@ -55,7 +55,7 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MASK_TOKEN_ID = 3  # <repo_name>: an unused code-corpus special id (SmolLM2 has no spare row)
 HEAD_PATH = Path(__file__).parent / "heads" / f"{MODEL_NAME}.safetensors"
 # Bump when the way the folder is built changes: existing folders are then rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model folder format 2 (per-layer parameter groups)
 MARKER = "orthrus-default.json"
 
 CACHE_ENV = "ORTHRUS_CACHE"

@@ -21,10 +21,13 @@ import numpy as np
 from jax.sharding import Mesh
 
 from infer.block_size import CANDIDATE_BLOCKS, AcceptanceProfile, BlockPlan, CostTable, plan
-from infer.decode import FINISH_REASONS, DecodeInputs, run, start
+from infer.decode import FINISH_REASONS, DecodeInputs, row_keys, run, start
 from infer.prompts import check_messages, check_prompt_item, load_tokenizer
 from infer.sampling import SamplingParams
+from orthrus_jax.cache import init_cache
 from orthrus_jax.checkpoint import load_model
+from orthrus_jax.config import ModelConfig
+from orthrus_jax.memory import peak_memory, tree_bytes
 from orthrus_jax.model import OrthrusLM, copy_diffusion, unstack_layers
 from orthrus_jax.sharding import Rules
 
@@ -93,6 +96,16 @@ def summarize(results: Sequence[GenerationResult]) -> dict:
     }
 
 
+def decode_dtype(stored: str, backend: str | None = None) -> str:
+    """The dtype a model stored in ``stored`` decodes in on ``backend`` (default: JAX's):
+    as stored, except 16-bit floats on CPU, which decode in float32. XLA's CPU dots have no
+    16-bit kernels: it converts the weights to float32 inside the program and keeps those
+    copies for the whole decode loop, so 16-bit weights there cost more memory in all
+    (weights plus copies: 3x their bytes) and run about 3x slower than float32 ones."""
+    backend = backend or jax.default_backend()
+    return "float32" if backend == "cpu" and stored in ("bfloat16", "float16") else stored
+
+
 class Generator:
     """A model with its compiled decode programs, cached per bucketed shape.
 
@@ -105,8 +118,9 @@ class Generator:
     def __init__(self, model: OrthrusLM, tokenizer: Any = None, *, chunk_size: int = 512,
                  max_len: int | None = None, mesh: Mesh | None = None,
                  rules: Rules | None = None, profile: AcceptanceProfile | None = None,
-                 cost_root: str | Path | None = None):
+                 cost_root: str | Path | None = None, unstack: bool = True):
         self._model = model
+        self._unstack = unstack
         self.config = model.config
         self.tokenizer = tokenizer
         self.chunk_size = chunk_size
@@ -120,18 +134,35 @@ class Generator:
     @classmethod
     def load(cls, model_dir: str | Path, *, dtype: str | None = None, mesh: Mesh | None = None,
              **kwargs) -> Generator:
-        """The engine for a model folder: its weights (cast to ``dtype``, placed on
-        ``mesh``), tokenizer and acceptance profile. ``kwargs`` go to the constructor."""
-        return cls(load_model(model_dir, param_dtype=dtype, mesh=mesh),
+        """The engine for a model folder: its weights (cast to ``dtype``, default
+        :func:`decode_dtype`; placed on ``mesh``), tokenizer and acceptance profile.
+        ``kwargs`` go to the constructor."""
+        dtype = dtype or decode_dtype(ModelConfig.from_json_file(model_dir).param_dtype)
+        return cls(load_model(model_dir, param_dtype=dtype, mesh=mesh, per_layer=True),
                    load_tokenizer(model_dir), mesh=mesh,
                    profile=AcceptanceProfile.load(model_dir), **kwargs)
 
     @property
     def model(self) -> OrthrusLM:
-        """The model in its decoding form (per-layer weights, :func:`unstack_layers`), made
-        on first use; the stacked model given to the constructor is then let go."""
-        self._model = unstack_layers(self._model)
+        """The model in its decoding form: per-layer weights (:func:`unstack_layers`, made
+        on first use from a stacked model, which is then let go), or, with
+        ``unstack=False``, the model as given (a stacked one runs its layers as one
+        ``lax.scan``: slower decoding, but no second copy of weights a caller still
+        holds)."""
+        if self._unstack:
+            self._model = unstack_layers(self._model)
         return self._model
+
+    def memory_report(self) -> dict[str, Any]:
+        """What the engine holds, in bytes: ``weight_bytes`` (the model in its decoding
+        form), ``cache_bytes`` (the largest KV cache of the programs compiled so far) and
+        the process's peak (:func:`orthrus_jax.memory.peak_memory`: device statistics
+        where the backend keeps them, host peak RSS)."""
+        caches = [tree_bytes(jax.eval_shape(
+            lambda b=key[3], n=key[6]: init_cache(self.config, b, n)))  # (batch, max_len)
+            for key in self._compiled]
+        return {"weight_bytes": tree_bytes(self.model), "cache_bytes": max(caches, default=0),
+                **peak_memory()}
 
     def update_diffusion(self, source: OrthrusLM) -> None:
         """Swap in the diffusion tensors of ``source`` (same config; stacked or per-layer
@@ -219,13 +250,13 @@ class Generator:
             prompts = jnp.zeros((batch, prompt_len), jnp.int32)
             lengths = jnp.ones((batch,), jnp.int32)
             start_fn = jax.jit(
-                lambda m, p, n, i, k: start(m, p, n, i, k, max_len=max_len, out_len=out_len,
-                                            greedy=greedy, max_block=max_block, chunk_size=chunk,
-                                            mesh=self.mesh, rules=self.rules))
-            start_c = start_fn.lower(self.model, prompts, lengths, inputs,
-                                     jax.random.key(0)).compile()
-            state = jax.eval_shape(start_fn, self.model, prompts, lengths, inputs,
-                                   jax.random.key(0))
+                lambda m, p, n, i, k, r: start(
+                    m, p, n, i, row_keys(k, r), max_len=max_len, out_len=out_len,
+                    greedy=greedy, max_block=max_block, chunk_size=chunk, mesh=self.mesh,
+                    rules=self.rules))
+            args = (self.model, prompts, lengths, inputs, jax.random.key(0), lengths)
+            start_c = start_fn.lower(*args).compile()
+            state = jax.eval_shape(start_fn, *args)
             run_fn = jax.jit(lambda m, s, i, n: run(m, s, i, n, blocks=blocks, greedy=greedy),
                              donate_argnums=1)
             run_c = run_fn.lower(self.model, state, inputs, jnp.int32(0)).compile()
@@ -280,17 +311,16 @@ class Generator:
         eos_arr = jnp.asarray(eos + [-1] * (_bucket(len(eos), 8) - len(eos)), jnp.int32)
         batch_size = batch_size or default_batch_size(len(prompts))
         out_len = _bucket(max_new_tokens + max_block)
-        key = jax.random.key(seed)
+        key = jax.random.key(seed)  # row i draws with fold_in(key, i) (decode.row_keys)
         results: list[GenerationResult] = []
         for lo in range(0, len(prompts), batch_size):
-            key, sub = jax.random.split(key)
             rows = list(prompts[lo:lo + batch_size])
             prompt_len = self._prompt_bucket(rows)
             block_plan = BlockPlan((1,), 1) if mode == "ar" else self.block_plan(
                 block_size, greedy=greedy, batch_size=batch_size,
                 max_len=self._max_len(mode, prompt_len, out_len), adaptive=adaptive)
             results += self._batch(rows, lo, batch_size, out_len, mode, block_plan, greedy,
-                                   sampling, max_new_tokens, eos_arr, sub, stream, stream_every)
+                                   sampling, max_new_tokens, eos_arr, key, stream, stream_every)
         for r, label in zip(results, labels or [None] * len(results), strict=True):
             r.prompt = label if labels is not None else r.prompt_ids
         return results
@@ -378,7 +408,9 @@ class Generator:
         inputs = DecodeInputs(jnp.asarray(budget), eos, sampling, prior, costs)
 
         t0 = time.perf_counter()
-        state = start_c(self.model, jnp.asarray(padded), jnp.asarray(lengths), inputs, key)
+        row_ids = np.arange(offset, offset + batch_size, dtype=np.int32)
+        state = start_c(self.model, jnp.asarray(padded), jnp.asarray(lengths), inputs, key,
+                        row_ids)
         jax.block_until_ready(state.tokens)  # prefill + first token
         ttft = time.perf_counter() - t0
         shown = [0] * n

@@ -19,6 +19,7 @@ from infer.prompts import read_prompts_file
 from infer.sampling import SamplingParams
 from orthrus_jax.cli import non_negative_int, positive_int, run_command
 from orthrus_jax.config import DTYPE_NAMES
+from orthrus_jax.memory import format_bytes, format_peak
 from orthrus_jax.sharding import make_mesh
 
 
@@ -38,7 +39,8 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eos-id", type=int, action="append", default=None,
                    help="end-of-sequence id (repeatable; overrides the config's)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
-                   help="parameter and compute dtype (default: as stored)")
+                   help="parameter and compute dtype (default: as stored; bfloat16 and "
+                        "float16 decode in float32 on CPU)")
     p.add_argument("--max-len", type=positive_int, default=None,
                    help="KV cache capacity (default: the model's max_position_embeddings)")
     p.add_argument("--block-size", type=parse_block_size, default=None,
@@ -176,6 +178,13 @@ def _main(args: argparse.Namespace) -> int:
               f"compile {compile_s:.1f} s, total {wall:.1f} s)", file=sys.stderr)
         for plan in {p.describe() for p in gen.plans.values()}:
             print(f"[{args.mode}] {plan}", file=sys.stderr)
+    memory = gen.memory_report()
+    if args.json:
+        print(json.dumps({"memory": memory}), file=sys.stderr)
+    else:
+        print(f"[memory] weights {format_bytes(memory['weight_bytes'])} "
+              f"({gen.config.param_dtype}), KV cache {format_bytes(memory['cache_bytes'])}; "
+              f"{format_peak(memory)}", file=sys.stderr)
     if args.compare_ar and args.mode == "orthrus":
         ar = gen.generate(ids, mode="ar", **options)
         o_tps, a_tps = summarize(results)["tokens_per_second"], summarize(ar)["tokens_per_second"]

@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model(args: argparse.Namespace) -> OrthrusLM:
     if args.model:
-        return load_model(args.model, param_dtype=args.dtype)
+        return load_model(args.model, param_dtype=args.dtype, per_layer=True)
     overrides = {"block_size": args.block_size} if args.block_size else {}
     if args.dtype:
         overrides.update(dtype=args.dtype, param_dtype=args.dtype)

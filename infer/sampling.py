@@ -29,7 +29,8 @@ MAX_TOP_K = 1024
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SamplingParams:
-    """``temperature`` (0 = greedy), ``top_k`` (0 = off), ``top_p`` (1 = off): scalars."""
+    """``temperature`` (0 = greedy), ``top_k`` (0 = off), ``top_p`` (1 = off): scalars, or
+    ``[B]`` arrays of per-row values (the leading axis of the logits)."""
 
     temperature: jax.Array
     top_k: jax.Array
@@ -45,6 +46,12 @@ class SamplingParams:
             raise ValueError(f"top_k={top_k} must be in [0, MAX_TOP_K={MAX_TOP_K}] (0 = off)")
         return cls(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
 
+    def expand(self, ndim: int) -> SamplingParams:
+        """The values with trailing unit axes, to broadcast against ``ndim``-d logits."""
+        def ex(a: jax.Array) -> jax.Array:
+            return a.reshape(a.shape + (1,) * (ndim - a.ndim)) if a.ndim else a
+        return SamplingParams(ex(self.temperature), ex(self.top_k), ex(self.top_p))
+
 
 def filtered_log_probs(logits: jax.Array, params: SamplingParams) -> jax.Array:
     """Log-probabilities ``[..., V]`` after temperature, top-k and top-p (float32).
@@ -53,10 +60,17 @@ def filtered_log_probs(logits: jax.Array, params: SamplingParams) -> jax.Array:
     descending probability renormalised over those, the smallest prefix whose mass reaches
     ``top_p`` (again with ties), bounded by the ``MAX_TOP_K`` largest (module docstring).
     Filtered-out tokens get probability 0 (log-probability ``-1e30``). Requires
-    ``temperature > 0``.
+    ``temperature > 0``. Per-row params (``[B]``) filter each row by its own values; the
+    filtering work is skipped when no row filters.
     """
+    params = params.expand(logits.ndim)
     off = (params.top_k <= 0) & (params.top_p >= 1.0)
-    return jax.lax.cond(off, _unfiltered, _filtered, logits, params)
+    if off.ndim == 0:
+        return jax.lax.cond(off, _unfiltered, _filtered, logits, params)
+
+    def rows(x: jax.Array, p: SamplingParams) -> jax.Array:
+        return jnp.where(off, _unfiltered(x, p), _filtered(x, p))
+    return jax.lax.cond(jnp.all(off), _unfiltered, rows, logits, params)
 
 
 def _unfiltered(logits: jax.Array, params: SamplingParams) -> jax.Array:
@@ -73,7 +87,10 @@ def _filtered(logits: jax.Array, params: SamplingParams) -> jax.Array:
     cand = jax.lax.optimization_barrier(jax.lax.top_k(x, m)[0])  # [..., m]
     # top-k survivors: x >= kth (-inf when off: the whole vocabulary)
     k = jnp.clip(top_k, 1, m)
-    kth = jax.lax.dynamic_slice_in_dim(cand, k - 1, 1, axis=-1)
+    if k.ndim == 0:
+        kth = jax.lax.dynamic_slice_in_dim(cand, k - 1, 1, axis=-1)
+    else:  # per row: [B, 1, .., 1] -> [..., 1]
+        kth = jnp.take_along_axis(cand, jnp.broadcast_to(k - 1, cand.shape[:-1] + (1,)), -1)
     kth = jnp.where(top_k > 0, kth, -jnp.inf)
     # top-p over the survivors, normalised over all of them (also any past the m largest)
     top = cand[..., :1]

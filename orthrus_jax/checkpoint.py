@@ -1,26 +1,53 @@
 """Saving and loading a model folder: ``config.json`` plus an Orbax checkpoint of the
-parameters under ``params/``, optionally restored straight onto a mesh.
+parameters under ``params/``, restored straight onto a mesh and into the form its consumer
+runs (per-layer arrays for decoding, ``[L, ...]`` stacks for training).
 
-Also the split of a model into its frozen backbone and trainable diffusion subtree.
+The folder's format version is ``config.json``'s ``orthrus_format`` field:
+
+- **2** (written now): the layer weights are stored per layer, ``layers.<i>.<name>``, so
+  a writer emits a layer at a time (:class:`ParamWriter`, an Orbax partial save) and a
+  reader restores them without ever holding a second copy: the decoder takes the layers as
+  stored, training stacks one weight kind at a time.
+- **1** (absent field; folders of earlier versions): stacked ``[L, ...]`` weights, read
+  whole; still loaded.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import json
+import math
+import sys
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+import orbax.checkpoint.experimental.v1 as ocp_v1
 from flax import nnx
-from jax.sharding import Mesh, SingleDeviceSharding
+from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
+from orthrus_jax.cli import InputError
 from orthrus_jax.config import ModelConfig
-from orthrus_jax.model import OrthrusLM
+from orthrus_jax.model import OrthrusLM, is_unstacked, unstack_layers
 from orthrus_jax.sharding import Rules, param_shardings
 
 PARAMS_DIR = "params"
 # A head's measured acceptance (written by infer.calibrate and training evaluation).
 ACCEPTANCE_FILE = "acceptance.json"
+FORMAT_FIELD = "orthrus_format"
+FORMAT_VERSION = 2  # per-layer parameter groups (format 1: stacked, no field)
+LAYERS = "layers"
+# Bytes read from a checkpoint in one go: the memory a load needs beyond the weights.
+READ_BYTES = 64 * 2**20
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
+if _LIBC is not None and not hasattr(_LIBC, "malloc_trim"):  # not glibc (e.g. musl)
+    _LIBC = None
 
 
 def _is_var(x: Any) -> bool:
@@ -32,13 +59,73 @@ def abstract_model(config: ModelConfig) -> OrthrusLM:
     return nnx.eval_shape(lambda: OrthrusLM(config, rngs=nnx.Rngs(0)))
 
 
-def save_params(directory: str | Path, params: dict) -> Path:
-    """Write a parameter pure dict (nested dict of arrays) as an Orbax checkpoint."""
-    path = Path(directory).absolute() / PARAMS_DIR
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(path, params)
-        ckpt.wait_until_finished()
+def save_config(config: ModelConfig, directory: str | Path) -> Path:
+    """Write ``config.json`` of a model folder: the HF config plus ``orthrus_format``."""
+    path = Path(directory) / "config.json"
+    path.write_text(json.dumps(config.to_hf_dict() | {FORMAT_FIELD: FORMAT_VERSION}, indent=2)
+                    + "\n")
     return path
+
+
+def folder_format(directory: str | Path) -> int:
+    """The format version of model folder ``directory`` (1 when config.json has none)."""
+    path = Path(directory) / "config.json"
+    try:
+        version = json.loads(path.read_text(encoding="utf-8")).get(FORMAT_FIELD, 1)
+    except (OSError, ValueError, AttributeError) as e:
+        raise InputError(f"{path}: not a readable config.json ({e})") from e
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise InputError(f"{path}: {FORMAT_FIELD}={version!r} is not a format version")
+    if version > FORMAT_VERSION:
+        raise InputError(f"{path}: model folder format {version} is newer than this "
+                         f"orthrus-jax reads ({FORMAT_VERSION}): upgrade orthrus-jax")
+    return version
+
+
+class ParamWriter:
+    """Writes a parameter checkpoint ``DIR/params`` one group at a time.
+
+    Each :meth:`write` adds a pure-dict fragment (``{"embed_tokens": a}``,
+    ``{"layers": {"3": {...}}}``) to an Orbax partial save; :meth:`close` finalizes it.
+    Memory holds one group at a time (freed pages are handed back after each write). Use as
+    a context manager; an exception leaves only
+    Orbax's staging folder behind (inside the caller's staging folder).
+    """
+
+    def __init__(self, directory: str | Path):
+        self.path = Path(directory).absolute() / PARAMS_DIR
+        self._written = False
+
+    def write(self, group: dict) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ocp_v1.partial.save(self.path, group)
+        self._written = True
+        release_memory()
+
+    def close(self) -> None:
+        if not self._written:
+            raise ValueError("no parameters were written")
+        ocp_v1.partial.finalize(self.path)
+
+    def __enter__(self) -> ParamWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+
+
+def param_groups(model: OrthrusLM) -> Iterator[dict]:
+    """The parameters of ``model`` (stacked or per layer) as format-2 groups: the
+    non-layer tensors, then one group per layer (a stacked weight is sliced one layer at a
+    time, so at most one layer is copied)."""
+    params = nnx.to_pure_dict(nnx.state(model))
+    layers = params.pop(LAYERS)
+    yield params
+    for i in range(model.config.num_hidden_layers):
+        yield {LAYERS: {str(i): jax.tree.map(lambda a: a[i], layers,  # noqa: B023
+                                             is_leaf=is_unstacked)}}
 
 
 def save_model(model: OrthrusLM, directory: str | Path) -> Path:
@@ -48,8 +135,10 @@ def save_model(model: OrthrusLM, directory: str | Path) -> Path:
     process 0 writes ``config.json``."""
     directory = Path(directory)
     if jax.process_index() == 0:
-        model.config.save(directory)
-    save_params(directory, nnx.to_pure_dict(nnx.state(model)))
+        save_config(model.config, directory)
+    with ParamWriter(directory) as writer:
+        for group in param_groups(model):
+            writer.write(group)
     return directory
 
 
@@ -60,37 +149,190 @@ def load_model(
     rules: Rules | None = None,
     dtype: str | None = None,
     param_dtype: str | None = None,
+    per_layer: bool = False,
 ) -> OrthrusLM:
     """Load a model folder written by ``convert.from_hf`` / :func:`save_model`.
 
     Each tensor is read straight onto its shard of ``mesh`` (by the logical-axis
     ``rules``) or onto the default device, and cast to ``param_dtype`` (default: as
-    stored). ``dtype`` sets the compute dtype (default: ``param_dtype``).
+    stored). ``dtype`` sets the compute dtype (default: ``param_dtype``). ``per_layer``:
+    the layer weights as tuples of per-layer arrays (the decoder's form,
+    :func:`orthrus_jax.model.unstack_layers`) instead of ``[L, ...]`` stacks (training's).
     """
     directory = Path(directory)
     params_path = directory.absolute() / PARAMS_DIR
     if not params_path.is_dir():
         raise FileNotFoundError(f"no parameter checkpoint at {params_path}")
     config = ModelConfig.from_json_file(directory / "config.json")
+    version = folder_format(directory)
     param_dtype = param_dtype or config.param_dtype
     config = config.replace(param_dtype=param_dtype, dtype=dtype or param_dtype)
     model = abstract_model(config)
-    state = nnx.state(model)
+    graphdef, state = nnx.split(model)
     if mesh is None:
         device = SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, state, is_leaf=_is_var)
     else:
         shardings = param_shardings(model, mesh, rules)
-    target = nnx.to_pure_dict(jax.tree.map(
-        lambda v, s: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s),
-        state, shardings, is_leaf=_is_var))
+    target = {_key(path): jax.ShapeDtypeStruct(var.get_value().shape, var.get_value().dtype,
+                                               sharding=sharding)
+              for (path, var), sharding in zip(_flat_vars(state), jax.tree.leaves(shardings),
+                                               strict=True)}
+    if version == 1:
+        values = _restore_stacked(params_path, target)
+    else:
+        values = _restore_groups(params_path, target, config.num_hidden_layers, per_layer)
+    state = jax.tree.map_with_path(lambda path, var: var.replace(value=values[_key(path)]),
+                                   state, is_leaf=_is_var)
+    model = nnx.merge(graphdef, state)
+    return unstack_layers(model) if version == 1 and per_layer else model
+
+
+def read_param_groups(directory: str | Path, param_dtype: str | None = None
+                      ) -> Iterator[tuple[int | None, dict[tuple[str, ...], jax.Array]]]:
+    """The parameters of a model folder a group at a time, on the default device:
+    ``(None, {path: array})`` for the non-layer tensors, then ``(i, {path within the
+    layer: array})`` for each layer ``i``. Holds one group (format 1: the whole model)."""
+    directory = Path(directory)
+    config = ModelConfig.from_json_file(directory / "config.json")
+    param_dtype = param_dtype or config.param_dtype
+    if folder_format(directory) == 1:
+        model = load_model(directory, param_dtype=param_dtype)
+        params = flatten_dict(nnx.to_pure_dict(nnx.state(model)))
+        yield None, {p: a for p, a in params.items() if p[0] != LAYERS}
+        for i in range(config.num_hidden_layers):
+            yield i, {p[1:]: a[i] for p, a in params.items() if p[0] == LAYERS}
+        return
+    config = config.replace(param_dtype=param_dtype)
+    device = SingleDeviceSharding(jax.devices()[0])
+    target = {_key(path): jax.ShapeDtypeStruct(var.get_value().shape, config.jnp_param_dtype,
+                                               sharding=device)
+              for path, var in _flat_vars(nnx.state(abstract_model(config)))}
+    params_path = directory.absolute() / PARAMS_DIR
+    if not params_path.is_dir():
+        raise FileNotFoundError(f"no parameter checkpoint at {params_path}")
+    _check_stored(params_path, target, config.num_hidden_layers)
+    yield None, _load(params_path, {p: s for p, s in target.items() if p[0] != LAYERS})
+    kinds = {p[1:]: _drop_layer_axis(s) for p, s in target.items() if p[0] == LAYERS}
+    for i in range(config.num_hidden_layers):
+        loaded = _load(params_path, {(LAYERS, str(i), *k): s for k, s in kinds.items()})
+        yield i, {p[2:]: a for p, a in loaded.items()}
+
+
+def _flat_vars(state: nnx.State) -> list[tuple[tuple, nnx.Variable]]:
+    return jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_var)[0]
+
+
+def _key(path: tuple) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", k)) for k in path)
+
+
+def _restore_stacked(params_path: Path, target: dict) -> dict:
+    """A format-1 checkpoint (stacked ``[L, ...]`` leaves), restored whole."""
     with ocp.StandardCheckpointer() as ckpt:
-        stored = ckpt.metadata(params_path).item_metadata.tree
-        _check_tree(stored, target, params_path)
-        restored = ckpt.restore(params_path, target)
-    nnx.replace_by_pure_dict(state, restored)
-    nnx.update(model, state)
-    return model
+        stored = _read(params_path, lambda: ckpt.metadata(params_path).item_metadata.tree)
+        _check_tree(stored, unflatten_dict(target), params_path)
+        return flatten_dict(_read(params_path,
+                                  lambda: ckpt.restore(params_path, unflatten_dict(target))))
+
+
+def _read(params_path: Path, read: Callable[[], Any]) -> Any:
+    """``read()`` of the checkpoint at ``params_path``; its failures as one InputError
+    naming the folder. Orbax and TensorStore raise anything from ``ValueError`` to a bare
+    ``Exception`` for a damaged or partial checkpoint, so every exception of the read is
+    one of these; the original is chained."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return read()
+    except Exception as e:
+        detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise InputError(f"{params_path}: unreadable parameter checkpoint "
+                         f"({type(e).__name__}: {detail}); convert or save the model "
+                         "again") from e
+
+
+def _load(path: Path, target: dict[tuple[str, ...], Any]) -> dict[tuple[str, ...], Any]:
+    """Orbax partial load of the leaves named in ``target`` (path -> ShapeDtypeStruct)."""
+    ctx = ocp_v1.Context()
+    ctx.pytree.loading.partial_load = True
+    with ctx:
+        return flatten_dict(_read(path, lambda: ocp_v1.load_pytree(path, unflatten_dict(target))))
+
+
+def _restore_groups(params_path: Path, target: dict, num_layers: int,
+                    per_layer: bool) -> dict:
+    """A format-2 checkpoint: the non-layer leaves in one read, then the layer weights in
+    reads of about :data:`READ_BYTES` (each onto its per-layer sharding; the read buffers
+    released after each, so the peak is the weights plus one read's buffers); each weight
+    kind kept per layer or stacked over the layers."""
+    _check_stored(params_path, target, num_layers)
+    layer_kinds = {p[1:]: s for p, s in target.items() if p[0] == LAYERS}
+    values = _load(params_path, {p: s for p, s in target.items() if p[0] != LAYERS})
+    parts: dict[tuple[str, ...], list[jax.Array]] = {kind: [] for kind in layer_kinds}
+    reads = [{(LAYERS, str(i), *kind): _drop_layer_axis(s) for kind, s in layer_kinds.items()}
+             for i in range(num_layers)]
+    for read in _batched(reads):
+        for path, value in _load(params_path, read).items():
+            parts[path[2:]].append(value)
+        release_memory()
+    for kind, stacked in layer_kinds.items():
+        layer_parts = parts.pop(kind)
+        values[(LAYERS, *kind)] = (tuple(layer_parts) if per_layer
+                                   else _stack(layer_parts, stacked.sharding))
+    return values
+
+
+def _batched(groups: list[dict]) -> Iterator[dict]:
+    """The leaves of ``groups``, in order, as reads of at most :data:`READ_BYTES` each (a
+    leaf larger than that is a read of its own)."""
+    read: dict = {}
+    size = 0
+    for group in groups:
+        for path, s in group.items():
+            n = math.prod(s.shape) * s.dtype.itemsize
+            if read and size + n > READ_BYTES:
+                yield read
+                read, size = {}, 0
+            read[path] = s
+            size += n
+    if read:
+        yield read
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so the read buffers of
+    one group do not stay resident while the next is read."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _check_stored(params_path: Path, target: dict, num_layers: int) -> None:
+    """Check a format-2 checkpoint's names and shapes against the stacked ``target``."""
+    stored = _read(params_path, lambda: ocp_v1.pytree_metadata(params_path).metadata)
+    if not isinstance(stored, dict):
+        raise InputError(f"{params_path}: unreadable parameter checkpoint (its metadata "
+                         "holds no parameter tree); convert or save the model again")
+    expected = {p: s for p, s in target.items() if p[0] != LAYERS}
+    for i in range(num_layers):
+        expected |= {(LAYERS, str(i), *p[1:]): _drop_layer_axis(s)
+                     for p, s in target.items() if p[0] == LAYERS}
+    _check_tree(stored, unflatten_dict(expected), params_path)
+
+
+def _stack(parts: list[jax.Array], sharding: Sharding) -> jax.Array:
+    """``[L, ...]`` from ``L`` arrays, placed on ``sharding``; the parts are let go."""
+    out = jax.device_put(jnp.stack(parts), sharding)
+    parts.clear()
+    return out
+
+
+def _drop_layer_axis(s: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    """A stacked weight's per-layer ShapeDtypeStruct (its sharding minus the layers axis)."""
+    sharding = s.sharding
+    if isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+    return jax.ShapeDtypeStruct(s.shape[1:], s.dtype, sharding=sharding)
 
 
 def _check_tree(stored: Any, target: Any, where: Path, prefix: str = "") -> None:

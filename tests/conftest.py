@@ -11,3 +11,22 @@ if "--xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+import jax  # noqa: E402  (after the environment above)
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def backend_compiles():
+    """Number of XLA backend compilations so far (a ``jax.monitoring`` listener): tests
+    that must not recompile compare it before and after."""
+    count = [0]
+
+    def listener(event, duration_secs, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            count[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield lambda: count[0]
+    jax.monitoring.unregister_event_duration_listener(listener)

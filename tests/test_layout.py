@@ -14,7 +14,8 @@ FORBIDDEN = {"orthrus_jax": {"convert", "infer", "train"}, "convert": {"infer", 
              "infer": {"train"}, "train": set()}
 # Modules that are command lines only (the converters are functions with a command line
 # attached, and are imported as functions): no other package may import them.
-CLI_MODULES = {"infer.generate", "infer.bench", "infer.calibrate", "train.main"}
+CLI_MODULES = {"infer.generate", "infer.bench", "infer.calibrate", "infer.plan", "infer.serve",
+               "infer.loadtest", "train.main"}
 
 
 def imports(path: Path) -> list[tuple[int, str]]:

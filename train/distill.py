@@ -349,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (>= 0)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
-                   help="parameter and compute dtype (default: as stored)")
+                   help="parameter and compute dtype (default: as stored; bfloat16 and "
+                        "float16 decode in float32 on CPU)")
     p.add_argument("--start", type=non_negative_int, default=0, help="first source_index to answer")
     p.add_argument("--end", type=non_negative_int, default=None, help="source_index to stop before")
     p.add_argument("--limit", type=positive_int, default=None,

@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0: only before and after")
     p.add_argument("--eval-prompts", help="JSONL prompts for tokens-per-iteration evaluation")
     p.add_argument("--eval-max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--eval-shares-weights", action="store_true",
+                   help="evaluate on the training model's stacked weights (one lax.scan over "
+                        "the layers) instead of a per-layer copy: no second copy of the "
+                        "backbone in memory, slower evaluation decoding")
     p.add_argument("--log-every", type=positive_int, default=1)
     p.add_argument("--resume", action="store_true", help="continue from OUT's newest checkpoint")
     p.add_argument("--stop-after", type=positive_int, default=None,
@@ -203,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
         chat = bool(getattr(tokenizer, "chat_template", None))
         # One engine for the whole run: each evaluation swaps in the current diffusion
         # tensors and reuses the programs compiled for the first.
-        gen = Generator(model, tokenizer)
+        gen = Generator(model, tokenizer, unstack=not args.eval_shares_weights)
         eval_prompts = [gen.encode_item(item, chat)
                         for item in read_prompts_file(args.eval_prompts)]
 

@@ -195,6 +195,9 @@ class RecordScanner:
         self.stats.malformed += 1
 
     def convert(self, obj: Any, line: int) -> Record | None:
+        if _has_surrogates(obj):
+            self.bad(line, "not UTF-8 (an undecodable byte or a lone \\u surrogate escape)")
+            return None
         try:
             rec = _to_record(obj, self.source, line, self.roles, self.stats)
         except BadRecord as e:
@@ -259,9 +262,11 @@ class RecordScanner:
         yield 0, len(data), Record(self.source, 1, text=text)
 
     def _json_array(self) -> Iterator[_Scanned]:
-        """Record-by-record reader of a (possibly truncated) JSON array of objects."""
+        """Record-by-record reader of a (possibly truncated) JSON array of objects. Bytes
+        that are not UTF-8 are read as lone surrogates (``surrogateescape``): inside a
+        record's strings they make that record malformed, elsewhere invalid JSON."""
         dec = json.JSONDecoder()
-        with self.path.open("r", encoding="utf-8", newline="") as f:
+        with self.path.open("r", encoding="utf-8", errors="surrogateescape", newline="") as f:
             buf, pos, eof = "", 0, False
             byte_pos, line = 0, 1  # byte offset and line of buf[pos]
 
@@ -279,7 +284,7 @@ class RecordScanner:
             def advance(new_pos: int) -> None:
                 nonlocal pos, byte_pos, line
                 seg = buf[pos:new_pos]
-                byte_pos += len(seg.encode("utf-8"))
+                byte_pos += len(seg.encode("utf-8", "surrogateescape"))
                 line += seg.count("\n")
                 pos = new_pos
 
@@ -335,6 +340,22 @@ class RecordScanner:
                 rec = self.convert(obj, rec_line)
                 if rec is not None:
                     yield start, byte_pos - start, rec
+
+
+def _has_surrogates(obj: Any) -> bool:
+    """Whether a decoded JSON value holds a lone surrogate (an undecodable byte, or a
+    ``\\udXXX`` escape that is not a character) in any key or string."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(obj, dict):
+        return any(_has_surrogates(k) or _has_surrogates(v) for k, v in obj.items())
+    if isinstance(obj, list):
+        return any(_has_surrogates(v) for v in obj)
+    return False
 
 
 class Corpus:

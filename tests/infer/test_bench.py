@@ -73,13 +73,17 @@ def test_bench_json_greedy(greedy_report):
     assert r["speedup"] == pytest.approx(o["tokens_per_second"] / a["tokens_per_second"])
     assert [p["prompt_tokens"] for p in r["prompts"]] == [len(p) for p in PROMPTS]
     assert all(p["first_divergence"] is None for p in r["prompts"])
+    memory = r["memory"]
+    assert memory["weight_bytes"] > 0 and memory["cache_bytes"] > 0
+    assert memory["host_peak_rss_bytes"] > memory["weight_bytes"] + memory["cache_bytes"]
 
 
 @pytest.mark.slow
 def test_bench_text_report(greedy_report):
     out = bench.format_report(greedy_report)
     for text in ("tokens / iteration", "tokens / s", "time to first token", "compile seconds",
-                 "speedup", "orthrus acceptance", "greedy outputs differing: 0 of 4"):
+                 "speedup", "orthrus acceptance", "greedy outputs differing: 0 of 4",
+                 "memory: weights "):
         assert text in out, out
 
 

@@ -12,7 +12,6 @@ programs are cached per bucketed shape), and the tests reuse the same shapes.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -266,20 +265,6 @@ def test_sharded_equals_unsharded(tmp_path):
 
 
 # --------------------------------------------------------------------------- 5
-
-
-@pytest.fixture
-def backend_compiles():
-    """Number of XLA backend compilations so far (a ``jax.monitoring`` listener)."""
-    count = [0]
-
-    def listener(event, duration_secs, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            count[0] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    yield lambda: count[0]
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ import pytest
 
 from infer import engine
 from infer import generate as cli
-from orthrus_jax.checkpoint import save_model
+from orthrus_jax.checkpoint import load_model, save_model
+from orthrus_jax.memory import format_bytes, tree_bytes
 from tests.hf_reference import hf_model, tiny_chat_tokenizer, tiny_model_dir, to_orthrus
 
 JSON_KEYS = {"prompt", "text", "token_ids", "iterations", "tokens_per_iteration",
@@ -91,7 +92,24 @@ def test_human_output_ends_with_one_summary_line(ids_dir):
     blocks = [b for b in out.strip().split("\n\n") if b]
     assert len(blocks) == 2 and all(len(b.split()) == 5 for b in blocks)  # ids, no tokenizer
     lines = err.strip().splitlines()
-    assert lines[-1].startswith("[ar] 10 tokens, 8 iterations, 1.00 tokens/iteration")
+    assert lines[-2].startswith("[ar] 10 tokens, 8 iterations, 1.00 tokens/iteration")
+    weights = format_bytes(tree_bytes(load_model(ids_dir)))
+    assert lines[-1].startswith(f"[memory] weights {weights} (float32), KV cache "), lines
+    assert "host peak RSS" in lines[-1]
+
+
+def test_json_output_reports_memory_on_stderr(ids_dir):
+    status, out, err = run("--model", ids_dir, "--prompt-ids", "1,2,3", "--max-new-tokens", 3,
+                           "--mode", "ar", "--json", "--batch-size", 2)
+    assert status == 0, err
+    [memory] = [json.loads(line)["memory"] for line in err.splitlines() if "memory" in line]
+    config = load_model(ids_dir).config
+    assert memory["weight_bytes"] == tree_bytes(load_model(ids_dir))
+    # one program: 2 rows of 32 positions (the prompt bucket 16 + 3 new tokens + 1, bucketed)
+    per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * \
+        config.head_dim * 4
+    assert memory["cache_bytes"] == 2 * 32 * per_position + 2 * 4  # and the rows' lengths
+    assert memory["host_peak_rss_bytes"] > memory["weight_bytes"]
 
 
 @pytest.mark.slow

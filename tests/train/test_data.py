@@ -298,6 +298,15 @@ def test_malformed_json_array(tmp_path):
     path.write_text('[{"text": "one"}, 7]')
     with pytest.raises(ValueError, match=r"arr\.json:1: .*not a JSON object"):
         Corpus(path)
+    path.write_bytes(b'[\n  {"text": "one"},\n  {"text": "tw\xff"}\n]')  # found by fuzzing
+    with pytest.raises(ValueError, match=r"arr\.json:3: malformed record: not UTF-8"):
+        Corpus(path)
+    corpus = Corpus(path, skip_malformed=True)
+    assert (len(corpus), corpus.stats.malformed) == (1, 1)
+    lone = tmp_path / "lone.jsonl"  # valid JSON, but no string of Unicode characters
+    lone.write_text('{"text": "ok"}\n{"text": "a \\udc80 b"}\n')
+    with pytest.raises(ValueError, match=r"lone\.jsonl:2: malformed record: not UTF-8"):
+        Corpus(lone)
 
 
 def test_missing_file_and_empty_data(tmp_path):

@@ -1,0 +1,240 @@
+"""Continuous batching: a fixed number of slots decoding in ONE compiled loop.
+
+:class:`SlotEngine` holds one :class:`~infer.decode.DecodeState` of ``S`` rows over a static
+KV cache ``[layers, S, L, kv_heads, head_dim]`` (``L``: the Generator's ``max_len``) and
+three kinds of compiled programs, all built by :meth:`SlotEngine.warm_up`:
+
+- ``insert`` (one per prompt-length bucket ``P``): prefill one prompt ``[1, P]`` into a
+  fresh ``[1, L]`` cache row, pick its first token (exactly :func:`infer.decode.start` at
+  batch 1, as ``Generator.generate`` runs a single prompt), and write that row into slot
+  ``s`` of the state; the other slots are untouched;
+- ``step``: :func:`infer.decode.run` for at most ``n`` iterations over all slots (free and
+  finished slots ride along, masked), one fixed block size, sampling with per-row
+  temperature / top-k / top-p (temperature 0: that row is greedy) and per-row PRNG keys;
+- ``free``: mark a slot finished, so it stops decoding at once.
+
+No shape depends on the traffic, so after :meth:`warm_up` nothing compiles. The engine is
+not thread-safe: one thread (the server's scheduler) owns it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infer.decode import (
+    FINISH_LENGTH,
+    FINISH_REASONS,
+    RUNNING,
+    DecodeInputs,
+    DecodeState,
+    row_keys,
+    run,
+    start,
+)
+from infer.engine import MODES, Generator, _bucket
+from infer.sampling import SamplingParams
+from orthrus_jax.cache import init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotParams:
+    """One request's decoding settings (those of ``Generator.generate``)."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the bad field."""
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        SamplingParams.make(self.temperature, self.top_k, self.top_p)
+        if not 0 <= self.seed < 2**31:
+            raise ValueError(f"seed={self.seed} must be in [0, 2**31)")
+
+
+@dataclasses.dataclass
+class SlotUpdate:
+    """Tokens a slot committed since its last update; ``finish_reason`` ("eos", "length",
+    "cache_full") once the slot's row is done, else None."""
+
+    slot: int
+    new_ids: list[int]
+    finish_reason: str | None
+    iterations: int
+
+
+def prompt_buckets(gen: Generator, max_len: int) -> list[int]:
+    """Every padded prompt length a prompt of 1 .. ``max_len - 1`` tokens can get."""
+    return sorted({gen._prompt_bucket([[0] * n]) for n in range(1, max_len)})
+
+
+class SlotEngine:
+    """``slots`` rows decoding together over the Generator's model; see the module doc.
+
+    ``block_size``: Orthrus's block, one fixed size for every row (``"auto"`` is resolved
+    once here, non-adaptive); ``eos_ids``: default the model's.
+    """
+
+    def __init__(self, gen: Generator, *, slots: int, mode: str = "orthrus",
+                 block_size: int | str | None = None, eos_ids: Sequence[int] | None = None):
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}: choose one of {MODES}")
+        if slots < 1:
+            raise ValueError(f"slots={slots} must be >= 1")
+        if mode == "ar" and block_size not in (None, 1):
+            raise ValueError(f"block_size={block_size!r} applies to mode 'orthrus' only")
+        self.gen, self.slots, self.mode = gen, slots, mode
+        self.max_len = gen.max_len
+        self.max_block = gen._max_block(mode)
+        self.block = 1 if mode == "ar" else gen.block_plan(
+            block_size, greedy=False, batch_size=slots, max_len=self.max_len,
+            adaptive=False).blocks[0]
+        self.out_len = _bucket(self.max_len + self.max_block)
+        eos = [int(t) for t in (gen.config.eos_token_id if eos_ids is None else eos_ids)]
+        self.eos = jnp.asarray(eos + [-1] * (_bucket(len(eos), 8) - len(eos)), jnp.int32)
+        self.buckets = prompt_buckets(gen, self.max_len)
+        self._budget = np.ones((slots,), np.int32)
+        self._temperature = np.zeros((slots,), np.float32)
+        self._top_k = np.zeros((slots,), np.int32)
+        self._top_p = np.ones((slots,), np.float32)
+        self._inputs = self._make_inputs()
+        self.busy = [False] * slots  # host view: slot holds a request
+        self._shown = [0] * slots  # tokens of each slot already reported
+        self._inserts: dict[int, object] = {}
+        self._run = jax.jit(lambda m, s, i, n: run(m, s, i, n, blocks=(self.block,),
+                                                   greedy=False), donate_argnums=1)
+        self._free = jax.jit(lambda s, slot: dataclasses.replace(
+            s, finish=s.finish.at[slot].set(FINISH_LENGTH)), donate_argnums=0)
+        self.state = jax.jit(self._empty)()
+        self.compile_seconds = 0.0
+
+    # ------------------------------------------------------------------ programs
+    def _empty(self) -> DecodeState:
+        """All slots free (finished), over a zero cache."""
+        S, K = self.slots, self.max_block
+        zeros = jnp.zeros((S,), jnp.int32)
+        cache = init_cache(self.gen.config, S, self.max_len, mesh=self.gen.mesh,
+                           rules=self.gen.rules)
+        return DecodeState(cache=cache, anchor=zeros,
+                           tokens=jnp.zeros((S, self.out_len), jnp.int32), num_generated=zeros,
+                           finish=jnp.full((S,), FINISH_LENGTH, jnp.int32),
+                           key=row_keys(jax.random.key(0), zeros), iterations=zeros,
+                           accepted_hist=jnp.zeros((S, K), jnp.int32),
+                           block_hist=jnp.zeros((S, K), jnp.int32),
+                           accept_stats=jnp.zeros((2, K), jnp.float32), step=jnp.int32(0))
+
+    def _insert_fn(self, prompt_len: int):
+        gen = self.gen
+        chunk = gen.chunk_size if prompt_len > gen.chunk_size else None
+
+        def insert(model, state: DecodeState, slot, prompt, length, inputs, key):
+            row = start(model, prompt, length, inputs, row_keys(key, jnp.zeros((1,), jnp.int32)),
+                        max_len=self.max_len, out_len=self.out_len, greedy=False,
+                        max_block=self.max_block, chunk_size=chunk, mesh=gen.mesh,
+                        rules=gen.rules)
+
+            def put(big, one, axis=0):
+                return jax.lax.dynamic_update_index_in_dim(big, one.astype(big.dtype), slot,
+                                                           axis)
+            cache = dataclasses.replace(
+                state.cache, k=put(state.cache.k, row.cache.k, 1),
+                v=put(state.cache.v, row.cache.v, 1),
+                lengths=put(state.cache.lengths, row.cache.lengths))
+            fields = ("anchor", "tokens", "num_generated", "finish", "key", "iterations",
+                      "accepted_hist", "block_hist")
+            return dataclasses.replace(
+                state, cache=cache,
+                **{f: put(getattr(state, f), getattr(row, f)) for f in fields})
+        return jax.jit(insert, donate_argnums=1)
+
+    def _make_inputs(self) -> DecodeInputs:
+        return DecodeInputs(jnp.asarray(self._budget), self.eos, SamplingParams(
+            jnp.asarray(self._temperature), jnp.asarray(self._top_k),
+            jnp.asarray(self._top_p)))
+
+    def warm_up(self) -> float:
+        """Compile (and run once) every program: each prompt bucket's insert, the decode
+        step and free. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        for P in self.buckets:
+            n = min(P, self.max_len - 1)
+            self.insert(0, [0] * n, SlotParams(1, temperature=1.0, top_k=1, seed=1))
+            self.free(0)
+        self.insert(0, [0], SlotParams(2))
+        self.step(1)
+        self.free(0)
+        self.compile_seconds = time.perf_counter() - t0
+        return self.compile_seconds
+
+    # ------------------------------------------------------------------ API
+    def free_slots(self) -> list[int]:
+        return [i for i, b in enumerate(self.busy) if not b]
+
+    def insert(self, slot: int, prompt_ids: Sequence[int], params: SlotParams) -> SlotUpdate:
+        """Prefill ``prompt_ids`` into free ``slot`` and pick its first token (returned).
+        Raises ``ValueError`` for a bad prompt or settings."""
+        if self.busy[slot]:
+            raise ValueError(f"slot {slot} is busy")
+        self.gen._check_ids(prompt_ids)
+        params.check()
+        P = self.gen._prompt_bucket([prompt_ids])
+        if P not in self._inserts:
+            self._inserts[P] = self._insert_fn(P)
+        prompt = np.zeros((1, P), np.int32)
+        prompt[0, :len(prompt_ids)] = prompt_ids
+        self._budget[slot] = params.max_new_tokens
+        # greedy rows have no filters: they never pay for the filtering work
+        greedy = params.temperature == 0
+        self._temperature[slot] = params.temperature
+        self._top_k[slot] = 0 if greedy else params.top_k
+        self._top_p[slot] = 1.0 if greedy else params.top_p
+        self._inputs = self._make_inputs()
+        row_inputs = DecodeInputs(
+            jnp.asarray(self._budget[slot:slot + 1]), self.eos,
+            SamplingParams(*(jnp.asarray(a[slot:slot + 1]) for a in
+                             (self._temperature, self._top_k, self._top_p))))
+        self.state = self._inserts[P](
+            self.gen.model, self.state, np.int32(slot), jnp.asarray(prompt),
+            jnp.asarray([len(prompt_ids)], jnp.int32), row_inputs,
+            jax.random.key(params.seed))
+        self.busy[slot] = True
+        self._shown[slot] = 0
+        return self._updates([slot])[0]
+
+    def step(self, n_iterations: int = 1) -> list[SlotUpdate]:
+        """Run up to ``n_iterations`` loop iterations (fewer when every slot is done) and
+        return the busy slots' updates: new tokens, and a finish reason once done (the
+        slot stays busy until :meth:`free`)."""
+        busy = [i for i, b in enumerate(self.busy) if b]
+        if not busy:
+            return []
+        self.state = self._run(self.gen.model, self.state, self._inputs,
+                               np.int32(n_iterations))
+        return self._updates(busy)
+
+    def free(self, slot: int) -> None:
+        """Stop ``slot``'s row (if still running) and make the slot free."""
+        self.state = self._free(self.state, np.int32(slot))
+        self.busy[slot] = False
+
+    def _updates(self, slots: list[int]) -> list[SlotUpdate]:
+        tokens = np.asarray(self.state.tokens)
+        counts = np.asarray(self.state.num_generated)
+        finish = np.asarray(self.state.finish)
+        iterations = np.asarray(self.state.iterations)
+        out = []
+        for s in slots:
+            new = tokens[s, self._shown[s]:counts[s]].tolist()
+            self._shown[s] = int(counts[s])
+            reason = None if finish[s] == RUNNING else FINISH_REASONS[int(finish[s])]
+            out.append(SlotUpdate(s, new, reason, int(iterations[s])))
+        return out

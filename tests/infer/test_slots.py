@@ -1,0 +1,117 @@
+"""Continuous batching (:class:`infer.slots.SlotEngine`) on a tiny random model (CPU).
+
+Requests of mixed prompt and output lengths, greedy and sampled, arrive while others
+decode, some are freed early: each equals ``Generator.generate`` of its prompt alone (an
+early-freed one: a prefix of it), and nothing compiles after the warm-up.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from infer.engine import Generator
+from infer.slots import SlotEngine, SlotParams, prompt_buckets
+from tests.hf_reference import hf_model, to_orthrus
+
+MAX_LEN = 64
+EOS_PROMPT = [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def gen() -> Generator:
+    return Generator(to_orthrus(hf_model("qwen3", False, seed=0), block_size=8), max_len=MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def eos(gen) -> list[int]:
+    """An EOS id that the greedy answer to ``EOS_PROMPT`` reaches at its 4th token."""
+    return [gen.generate([EOS_PROMPT], max_new_tokens=8, eos_ids=[])[0].token_ids[3]]
+
+
+def _requests(seed: int, n: int, max_new: tuple[int, int]) -> list[tuple[list[int], SlotParams]]:
+    """Prompts of 1 .. 40 tokens and budgets in ``max_new``: offline, a few shape buckets
+    only (each compiles)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        length = int(rng.integers(1, 41))
+        sampled = i % 2 == 1
+        params = SlotParams(int(rng.integers(max_new[0], max_new[1] + 1)),
+                            temperature=0.9 if sampled else 0.0,
+                            top_k=5 if i % 3 == 0 and sampled else 0,
+                            top_p=0.8 if i % 5 == 1 else 1.0, seed=int(rng.integers(0, 1000)))
+        out.append((rng.integers(0, 512, length).tolist(), params))
+    out[0] = (EOS_PROMPT, SlotParams(8))  # stops at EOS
+    return out
+
+
+def _serve(engine: SlotEngine, reqs, cancel_after: dict[int, int]):
+    """Admit requests into free slots as they free up, one iteration at a time; request
+    ``i`` in ``cancel_after`` is freed after that many iterations. Returns outputs and
+    finish reasons (None: freed early)."""
+    out: dict[int, list[int]] = {i: [] for i in range(len(reqs))}
+    finish: dict[int, str | None] = {}
+    owner: dict[int, int] = {}
+    age: dict[int, int] = {}
+    pending = list(range(len(reqs)))
+
+    def take(u):
+        i = owner[u.slot]
+        out[i] += u.new_ids
+        if u.finish_reason or age[i] >= cancel_after.get(i, 1 << 30):
+            finish[i] = u.finish_reason
+            engine.free(u.slot)
+            del owner[u.slot]
+
+    while pending or owner:
+        for s in engine.free_slots():
+            if pending:
+                i = pending.pop(0)
+                owner[s], age[i] = i, 0
+                take(engine.insert(s, *reqs[i]))
+        for u in engine.step(1):
+            age[owner[u.slot]] += 1
+            take(u)
+    return out, finish
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["orthrus", "ar"])
+def test_slots_equal_offline_and_never_recompile(gen, eos, backend_compiles, mode):
+    engine = SlotEngine(gen, slots=4, mode=mode, eos_ids=eos)
+    assert engine.buckets == prompt_buckets(gen, MAX_LEN) == [16, 32, 64]
+    engine.warm_up()
+    # one output bucket offline: max_new + block <= 16
+    reqs = _requests(seed=1 if mode == "orthrus" else 2, n=12,
+                     max_new=(2, 8) if mode == "orthrus" else (8, 15))
+    cancel = {3: 1, 8: 0}
+    n0 = backend_compiles()
+    out, finish = _serve(engine, reqs, cancel)
+    assert backend_compiles() == n0  # no shape depends on the traffic
+    assert engine.free_slots() == [0, 1, 2, 3]
+    reasons = set()
+    for i, (prompt, p) in enumerate(reqs):
+        [r] = gen.generate([prompt], mode=mode, max_new_tokens=p.max_new_tokens,
+                           temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                           seed=p.seed, eos_ids=eos, block_size=engine.block)
+        if i in cancel and finish[i] is None:
+            assert out[i] == r.token_ids[:len(out[i])] and out[i], i
+        else:
+            assert (out[i], finish[i]) == (r.token_ids, r.finish_reason), i
+            reasons.add(r.finish_reason)
+    assert reasons == {"eos", "length"}
+    assert finish[8] is None  # freed right after its prefill
+
+
+def test_insert_refuses_bad_input(gen):
+    engine = SlotEngine(gen, slots=1)
+    with pytest.raises(ValueError, match="does not fit the context of 64"):
+        engine.insert(0, [1] * MAX_LEN, SlotParams(1))
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        engine.insert(0, [1], SlotParams(0))
+    with pytest.raises(ValueError, match="top_p"):
+        engine.insert(0, [1], SlotParams(1, temperature=1.0, top_p=0.0))
+    assert engine.free_slots() == [0]
+    with pytest.raises(ValueError, match="mode"):
+        SlotEngine(gen, slots=1, mode="beam")
