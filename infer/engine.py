@@ -39,15 +39,22 @@ DEFAULT_MAX_BATCH = 8
 NO_LIMIT = np.iinfo(np.int32).max
 
 
-def _bucket(n: int, minimum: int = 1) -> int:
-    """Next power of two >= max(n, minimum)."""
+def bucket(n: int, minimum: int = 1) -> int:
+    """Next power of two >= max(n, minimum): the engine's shape buckets."""
     return 1 << (max(n, minimum) - 1).bit_length()
+
+
+def eos_array(config_eos: Sequence[int], eos_ids: Sequence[int] | None) -> jax.Array:
+    """``int32 [E]``: ``eos_ids`` (default: the config's), padded with -1 to a power of two
+    of at least 8 (a bucket: a different number of ids compiles nothing new)."""
+    eos = [int(t) for t in (config_eos if eos_ids is None else eos_ids)]
+    return jnp.asarray(eos + [-1] * (bucket(len(eos), 8) - len(eos)), jnp.int32)
 
 
 def default_batch_size(n_prompts: int) -> int:
     """Rows per batch when none is given: ``n_prompts`` rounded up to a power of two, at
     most :data:`DEFAULT_MAX_BATCH`."""
-    return min(_bucket(n_prompts), DEFAULT_MAX_BATCH)
+    return min(bucket(n_prompts), DEFAULT_MAX_BATCH)
 
 
 @dataclasses.dataclass
@@ -230,7 +237,7 @@ class Generator:
         return self.config.block_size if mode == "orthrus" else 1
 
     def _max_len(self, mode: str, prompt_len: int, out_len: int) -> int:
-        return min(_bucket(prompt_len + out_len + self._max_block(mode)), self.max_len)
+        return min(bucket(prompt_len + out_len + self._max_block(mode)), self.max_len)
 
     def _programs(self, mode: str, blocks: tuple[int, ...], greedy: bool, batch: int,
                   prompt_len: int, out_len: int, n_eos: int):
@@ -307,10 +314,9 @@ class Generator:
         self._check_block_size(block_size)
         for ids in prompts:
             self._check_ids(ids)
-        eos = [int(t) for t in (self.config.eos_token_id if eos_ids is None else eos_ids)]
-        eos_arr = jnp.asarray(eos + [-1] * (_bucket(len(eos), 8) - len(eos)), jnp.int32)
+        eos_arr = eos_array(self.config.eos_token_id, eos_ids)
         batch_size = batch_size or default_batch_size(len(prompts))
-        out_len = _bucket(max_new_tokens + max_block)
+        out_len = bucket(max_new_tokens + max_block)
         key = jax.random.key(seed)  # row i draws with fold_in(key, i) (decode.row_keys)
         results: list[GenerationResult] = []
         for lo in range(0, len(prompts), batch_size):
@@ -346,7 +352,7 @@ class Generator:
     def _prompt_bucket(self, rows: Sequence[Sequence[int]]) -> int:
         """The padded prompt length of a batch: a power of two, or whole prefill chunks."""
         longest = max(len(r) for r in rows)
-        prompt_len = _bucket(longest, MIN_PROMPT_BUCKET)
+        prompt_len = bucket(longest, MIN_PROMPT_BUCKET)
         if prompt_len > self.chunk_size:
             prompt_len = -(-longest // self.chunk_size) * self.chunk_size
         return prompt_len

@@ -37,7 +37,7 @@ from infer.decode import (
     run,
     start,
 )
-from infer.engine import MODES, Generator, _bucket
+from infer.engine import MODES, Generator, bucket, eos_array
 from infer.sampling import SamplingParams
 from orthrus_jax.cache import init_cache
 
@@ -98,9 +98,8 @@ class SlotEngine:
         self.block = 1 if mode == "ar" else gen.block_plan(
             block_size, greedy=False, batch_size=slots, max_len=self.max_len,
             adaptive=False).blocks[0]
-        self.out_len = _bucket(self.max_len + self.max_block)
-        eos = [int(t) for t in (gen.config.eos_token_id if eos_ids is None else eos_ids)]
-        self.eos = jnp.asarray(eos + [-1] * (_bucket(len(eos), 8) - len(eos)), jnp.int32)
+        self.out_len = bucket(self.max_len + self.max_block)
+        self.eos = eos_array(gen.config.eos_token_id, eos_ids)
         self.buckets = prompt_buckets(gen, self.max_len)
         self._budget = np.ones((slots,), np.int32)
         self._temperature = np.zeros((slots,), np.float32)
