@@ -27,7 +27,13 @@ from typing import Any
 
 from infer.sampling import MAX_TOP_K
 from infer.slots import SlotEngine, SlotParams
-from orthrus_jax.cli import InputError, non_negative_int, positive_int, run_command
+from orthrus_jax.cli import (
+    CommandError,
+    InputError,
+    non_negative_int,
+    positive_int,
+    run_command,
+)
 
 log = logging.getLogger("infer.serve")
 
@@ -670,7 +676,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(lambda: _main(args))
 
 
+SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
+
+
+def check_serve_extra() -> None:
+    """Refuse, before loading anything, when the ``serve`` extra is not installed."""
+    import importlib.util
+
+    missing = [m for m in SERVE_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CommandError(f"python -m infer.serve needs the serve extra (missing: "
+                           f"{', '.join(missing)}): pip install 'orthrus-jax[serve]'")
+
+
 def _main(args: argparse.Namespace) -> int:
+    check_serve_extra()
     import uvicorn
 
     from infer.default_model import default_model_dir

@@ -371,3 +371,17 @@ def test_loadtest_against_the_server(server, backend_compiles):
     assert report["errors"] == 0 and report["requests"] == 4
     assert 4 <= report["tokens"] <= 24 and report["ttft_s"]["p50"] > 0
     assert backend_compiles() == n0  # new prompts, sampling values, slots: no compile
+
+
+def test_without_the_serve_extra_the_command_says_how_to_install_it(monkeypatch, capsys):
+    import importlib.util
+
+    from infer import serve
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    assert serve.main(["--model", "no-such-folder"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: python -m infer.serve needs the serve extra (missing: "
+                          "uvicorn): pip install 'orthrus-jax[serve]'"), err
