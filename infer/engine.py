@@ -24,7 +24,6 @@ from infer.block_size import CANDIDATE_BLOCKS, AcceptanceProfile, BlockPlan, Cos
 from infer.decode import FINISH_REASONS, DecodeInputs, row_keys, run, start
 from infer.prompts import check_messages, check_prompt_item, load_tokenizer
 from infer.sampling import SamplingParams
-from orthrus_jax.cache import init_cache
 from orthrus_jax.checkpoint import load_model
 from orthrus_jax.config import ModelConfig
 from orthrus_jax.memory import peak_memory, tree_bytes
@@ -165,9 +164,7 @@ class Generator:
         form), ``cache_bytes`` (the largest KV cache of the programs compiled so far) and
         the process's peak (:func:`orthrus_jax.memory.peak_memory`: device statistics
         where the backend keeps them, host peak RSS)."""
-        caches = [tree_bytes(jax.eval_shape(
-            lambda b=key[3], n=key[6]: init_cache(self.config, b, n)))  # (batch, max_len)
-            for key in self._compiled]
+        caches = [tree_bytes(start_c.out_info.cache) for start_c, _ in self._compiled.values()]
         return {"weight_bytes": tree_bytes(self.model), "cache_bytes": max(caches, default=0),
                 **peak_memory()}
 
