@@ -30,11 +30,11 @@ import orbax.checkpoint as ocp
 import orbax.checkpoint.experimental.v1 as ocp_v1
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
+from jax.sharding import Mesh, Sharding, SingleDeviceSharding
 
 from orthrus_jax.cli import InputError
 from orthrus_jax.config import ModelConfig
-from orthrus_jax.model import OrthrusLM, is_unstacked, unstack_layers
+from orthrus_jax.model import OrthrusLM, is_unstacked, layer_sharding, unstack_layers
 from orthrus_jax.sharding import Rules, param_shardings
 
 PARAMS_DIR = "params"
@@ -167,17 +167,7 @@ def load_model(
     version = folder_format(directory)
     param_dtype = param_dtype or config.param_dtype
     config = config.replace(param_dtype=param_dtype, dtype=dtype or param_dtype)
-    model = abstract_model(config)
-    graphdef, state = nnx.split(model)
-    if mesh is None:
-        device = SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, state, is_leaf=_is_var)
-    else:
-        shardings = param_shardings(model, mesh, rules)
-    target = {_key(path): jax.ShapeDtypeStruct(var.get_value().shape, var.get_value().dtype,
-                                               sharding=sharding)
-              for (path, var), sharding in zip(_flat_vars(state), jax.tree.leaves(shardings),
-                                               strict=True)}
+    graphdef, state, target = _targets(config, mesh, rules)
     if version == 1:
         values = _restore_stacked(params_path, target)
     else:
@@ -203,20 +193,43 @@ def read_param_groups(directory: str | Path, param_dtype: str | None = None
         for i in range(config.num_hidden_layers):
             yield i, {p[1:]: a[i] for p, a in params.items() if p[0] == LAYERS}
         return
-    config = config.replace(param_dtype=param_dtype)
-    device = SingleDeviceSharding(jax.devices()[0])
-    target = {_key(path): jax.ShapeDtypeStruct(var.get_value().shape, config.jnp_param_dtype,
-                                               sharding=device)
-              for path, var in _flat_vars(nnx.state(abstract_model(config)))}
+    _, _, target = _targets(config.replace(param_dtype=param_dtype))
     params_path = directory.absolute() / PARAMS_DIR
     if not params_path.is_dir():
         raise FileNotFoundError(f"no parameter checkpoint at {params_path}")
-    _check_stored(params_path, target, config.num_hidden_layers)
-    yield None, _load(params_path, {p: s for p, s in target.items() if p[0] != LAYERS})
-    kinds = {p[1:]: _drop_layer_axis(s) for p, s in target.items() if p[0] == LAYERS}
-    for i in range(config.num_hidden_layers):
-        loaded = _load(params_path, {(LAYERS, str(i), *k): s for k, s in kinds.items()})
-        yield i, {p[2:]: a for p, a in loaded.items()}
+    top, layers = _split_layers(target, config.num_hidden_layers)
+    _check_stored(params_path, top, layers)
+    yield None, _load(params_path, top)
+    for i, layer in enumerate(layers):
+        yield i, {p[2:]: a for p, a in _load(params_path, layer).items()}
+
+
+def _targets(config: ModelConfig, mesh: Mesh | None = None, rules: Rules | None = None
+             ) -> tuple[nnx.GraphDef, nnx.State, dict[tuple[str, ...], jax.ShapeDtypeStruct]]:
+    """The abstract model of ``config`` split as ``(graphdef, state)``, and each
+    parameter's ``ShapeDtypeStruct`` by path, placed on its shard of ``mesh`` (by
+    ``rules``) or on the default device."""
+    model = abstract_model(config)
+    graphdef, state = nnx.split(model)
+    if mesh is None:
+        device = SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, state, is_leaf=_is_var)
+    else:
+        shardings = param_shardings(model, mesh, rules)
+    target = {_key(path): jax.ShapeDtypeStruct(var.get_value().shape, var.get_value().dtype,
+                                               sharding=sharding)
+              for (path, var), sharding in zip(_flat_vars(state), jax.tree.leaves(shardings),
+                                               strict=True)}
+    return graphdef, state, target
+
+
+def _split_layers(target: dict, num_layers: int) -> tuple[dict, list[dict]]:
+    """The stacked ``target``'s non-layer leaves, and each layer's leaves at their stored
+    paths (``layers.<i>.<name>``, per-layer shapes and shardings)."""
+    top = {p: s for p, s in target.items() if p[0] != LAYERS}
+    layers = [{(LAYERS, str(i), *p[1:]): _drop_layer_axis(s)
+               for p, s in target.items() if p[0] == LAYERS} for i in range(num_layers)]
+    return top, layers
 
 
 def _flat_vars(state: nnx.State) -> list[tuple[tuple, nnx.Variable]]:
@@ -266,17 +279,16 @@ def _restore_groups(params_path: Path, target: dict, num_layers: int,
     reads of about :data:`READ_BYTES` (each onto its per-layer sharding; the read buffers
     released after each, so the peak is the weights plus one read's buffers); each weight
     kind kept per layer or stacked over the layers."""
-    _check_stored(params_path, target, num_layers)
-    layer_kinds = {p[1:]: s for p, s in target.items() if p[0] == LAYERS}
-    values = _load(params_path, {p: s for p, s in target.items() if p[0] != LAYERS})
-    parts: dict[tuple[str, ...], list[jax.Array]] = {kind: [] for kind in layer_kinds}
-    reads = [{(LAYERS, str(i), *kind): _drop_layer_axis(s) for kind, s in layer_kinds.items()}
-             for i in range(num_layers)]
-    for read in _batched(reads):
+    top, layers = _split_layers(target, num_layers)
+    _check_stored(params_path, top, layers)
+    values = _load(params_path, top)
+    kinds = {p[1:]: s for p, s in target.items() if p[0] == LAYERS}
+    parts: dict[tuple[str, ...], list[jax.Array]] = {kind: [] for kind in kinds}
+    for read in _batched(layers):
         for path, value in _load(params_path, read).items():
             parts[path[2:]].append(value)
         release_memory()
-    for kind, stacked in layer_kinds.items():
+    for kind, stacked in kinds.items():
         layer_parts = parts.pop(kind)
         values[(LAYERS, *kind)] = (tuple(layer_parts) if per_layer
                                    else _stack(layer_parts, stacked.sharding))
@@ -307,16 +319,16 @@ def release_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def _check_stored(params_path: Path, target: dict, num_layers: int) -> None:
-    """Check a format-2 checkpoint's names and shapes against the stacked ``target``."""
+def _check_stored(params_path: Path, top: dict, layers: list[dict]) -> None:
+    """Check a format-2 checkpoint's names and shapes against the expected leaves (see
+    :func:`_split_layers`)."""
     stored = _read(params_path, lambda: ocp_v1.pytree_metadata(params_path).metadata)
     if not isinstance(stored, dict):
         raise InputError(f"{params_path}: unreadable parameter checkpoint (its metadata "
                          "holds no parameter tree); convert or save the model again")
-    expected = {p: s for p, s in target.items() if p[0] != LAYERS}
-    for i in range(num_layers):
-        expected |= {(LAYERS, str(i), *p[1:]): _drop_layer_axis(s)
-                     for p, s in target.items() if p[0] == LAYERS}
+    expected = dict(top)
+    for layer in layers:
+        expected |= layer
     _check_tree(stored, unflatten_dict(expected), params_path)
 
 
@@ -329,10 +341,7 @@ def _stack(parts: list[jax.Array], sharding: Sharding) -> jax.Array:
 
 def _drop_layer_axis(s: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
     """A stacked weight's per-layer ShapeDtypeStruct (its sharding minus the layers axis)."""
-    sharding = s.sharding
-    if isinstance(sharding, NamedSharding):
-        sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
-    return jax.ShapeDtypeStruct(s.shape[1:], s.dtype, sharding=sharding)
+    return jax.ShapeDtypeStruct(s.shape[1:], s.dtype, sharding=layer_sharding(s.sharding))
 
 
 def _check_tree(stored: Any, target: Any, where: Path, prefix: str = "") -> None:

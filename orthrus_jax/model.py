@@ -224,12 +224,19 @@ def unstack_layers(model: OrthrusLM) -> OrthrusLM:
     return nnx.merge(graphdef, state)
 
 
+def layer_sharding(sharding):
+    """The sharding of one layer of a stacked ``[L, ...]`` array placed on ``sharding``:
+    a ``NamedSharding``'s spec minus its ``layers`` axis; any other sharding as is."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+    return sharding
+
+
 def _per_layer(a: jax.Array) -> tuple[jax.Array, ...]:
     """A stacked ``[L, ...]`` weight as ``L`` arrays, each sharded like ``a`` minus its
     ``layers`` axis."""
-    sharding = a.sharding
-    if isinstance(sharding, NamedSharding):
-        sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+    if isinstance(a.sharding, NamedSharding):
+        sharding = layer_sharding(a.sharding)
         return tuple(jax.device_put(a[i], sharding) for i in range(a.shape[0]))
     return tuple(a[i] for i in range(a.shape[0]))
 
