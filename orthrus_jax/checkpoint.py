@@ -32,12 +32,16 @@ from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, Sharding, SingleDeviceSharding
 
+from orthrus_jax.checksum import array_checksum
 from orthrus_jax.cli import InputError
 from orthrus_jax.config import ModelConfig
 from orthrus_jax.model import OrthrusLM, is_unstacked, layer_sharding, unstack_layers
 from orthrus_jax.sharding import Rules, param_shardings
 
 PARAMS_DIR = "params"
+# Each stored parameter's dtype and checksum (orthrus_jax.checksum), written beside params/:
+# Orbax reads a flipped byte inside array data back as a different number, silently.
+CHECKSUMS_FILE = "checksums.json"
 # A head's measured acceptance (written by infer.calibrate and training evaluation).
 ACCEPTANCE_FILE = "acceptance.json"
 FORMAT_FIELD = "orthrus_format"
@@ -94,19 +98,24 @@ class ParamWriter:
 
     def __init__(self, directory: str | Path):
         self.path = Path(directory).absolute() / PARAMS_DIR
-        self._written = False
+        self._checksums: dict[str, dict[str, str]] = {}
 
     def write(self, group: dict) -> None:
+        for path, value in flatten_dict(group).items():
+            self._checksums[".".join(path)] = {"dtype": str(value.dtype),
+                                                "checksum": array_checksum(value)}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             ocp_v1.partial.save(self.path, group)
-        self._written = True
         release_memory()
 
     def close(self) -> None:
-        if not self._written:
+        if not self._checksums:
             raise ValueError("no parameters were written")
         ocp_v1.partial.finalize(self.path)
+        if jax.process_index() == 0:
+            (self.path.parent / CHECKSUMS_FILE).write_text(
+                json.dumps(self._checksums, indent=0, sort_keys=True) + "\n")
 
     def __enter__(self) -> ParamWriter:
         return self
@@ -199,9 +208,10 @@ def read_param_groups(directory: str | Path, param_dtype: str | None = None
         raise FileNotFoundError(f"no parameter checkpoint at {params_path}")
     top, layers = _split_layers(target, config.num_hidden_layers)
     _check_stored(params_path, top, layers)
-    yield None, _load(params_path, top)
+    checksums = read_checksums(directory)
+    yield None, _load(params_path, top, checksums)
     for i, layer in enumerate(layers):
-        yield i, {p[2:]: a for p, a in _load(params_path, layer).items()}
+        yield i, {p[2:]: a for p, a in _load(params_path, layer, checksums).items()}
 
 
 def _targets(config: ModelConfig, mesh: Mesh | None = None, rules: Rules | None = None
@@ -265,12 +275,45 @@ def _read(params_path: Path, read: Callable[[], Any]) -> Any:
                          "again") from e
 
 
-def _load(path: Path, target: dict[tuple[str, ...], Any]) -> dict[tuple[str, ...], Any]:
-    """Orbax partial load of the leaves named in ``target`` (path -> ShapeDtypeStruct)."""
+def _load(path: Path, target: dict[tuple[str, ...], Any],
+          checksums: dict | None) -> dict[tuple[str, ...], Any]:
+    """Orbax partial load of the leaves named in ``target`` (path -> ShapeDtypeStruct),
+    each checked against ``checksums`` (:func:`read_checksums`) when read in its stored
+    dtype."""
     ctx = ocp_v1.Context()
     ctx.pytree.loading.partial_load = True
     with ctx:
-        return flatten_dict(_read(path, lambda: ocp_v1.load_pytree(path, unflatten_dict(target))))
+        values = flatten_dict(_read(path,
+                                    lambda: ocp_v1.load_pytree(path, unflatten_dict(target))))
+    if checksums is not None:
+        for key, value in values.items():
+            name = ".".join(key)
+            saved = checksums.get(name)
+            if not isinstance(saved, dict):
+                raise InputError(f"{path.parent / CHECKSUMS_FILE}: no checksum of parameter "
+                                 f"{name}; convert or save the model again")
+            if saved.get("dtype") == str(value.dtype) \
+                    and saved.get("checksum") != array_checksum(value):
+                raise InputError(f"{path}: parameter {name} does not match its checksum "
+                                 f"(the checkpoint is damaged); convert or save the model "
+                                 "again")
+    return values
+
+
+def read_checksums(directory: str | Path) -> dict | None:
+    """The parameter checksums of model folder ``directory`` (None for folders written
+    before they existed)."""
+    path = Path(directory) / CHECKSUMS_FILE
+    if not path.is_file():
+        return None
+    try:
+        checksums = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: unreadable ({e}); convert or save the model again") from e
+    if not isinstance(checksums, dict):
+        raise InputError(f"{path}: not an object of parameter checksums; convert or save "
+                         "the model again")
+    return checksums
 
 
 def _restore_groups(params_path: Path, target: dict, num_layers: int,
@@ -281,12 +324,16 @@ def _restore_groups(params_path: Path, target: dict, num_layers: int,
     kind kept per layer or stacked over the layers."""
     top, layers = _split_layers(target, num_layers)
     _check_stored(params_path, top, layers)
-    values = _load(params_path, top)
+    checksums = read_checksums(params_path.parent)
+    values = _load(params_path, top, checksums)
     kinds = {p[1:]: s for p, s in target.items() if p[0] == LAYERS}
-    parts: dict[tuple[str, ...], list[jax.Array]] = {kind: [] for kind in kinds}
+    parts: dict[tuple[str, ...], list[jax.Array]] = {kind: [None] * num_layers
+                                                     for kind in kinds}
     for read in _batched(layers):
-        for path, value in _load(params_path, read).items():
-            parts[path[2:]].append(value)
+        # placed by the layer number in the path: a read comes back in key order, where
+        # layer "10" sorts before layer "2"
+        for path, value in _load(params_path, read, checksums).items():
+            parts[path[2:]][int(path[1])] = value
         release_memory()
     for kind, stacked in kinds.items():
         layer_parts = parts.pop(kind)

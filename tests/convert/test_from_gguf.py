@@ -148,7 +148,7 @@ def test_chunked_prefill_then_step_matches_transformers(converted) -> None:
 def test_folder_config_and_tokenizer(converted) -> None:
     config, _, dst, model, _ = converted
     assert sorted(p.name for p in dst.iterdir()) == [
-        "config.json", "params", "tokenizer.json", "tokenizer_config.json"]
+        "checksums.json", "config.json", "params", "tokenizer.json", "tokenizer_config.json"]
     saved = json.loads((dst / "config.json").read_text())
     assert saved["mask_token_id"] == MASK_ID
     assert isinstance(saved["block_size"], int) and saved["block_size"] >= 2

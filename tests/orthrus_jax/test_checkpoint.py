@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 
 import jax
@@ -13,6 +14,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from jax.sharding import PartitionSpec
 
 from convert.keymap import entries
@@ -30,6 +33,7 @@ from orthrus_jax.checkpoint import (
 from orthrus_jax.cli import InputError
 from orthrus_jax.model import is_unstacked, unstack_layers
 from orthrus_jax.sharding import make_mesh
+from tests.fuzzing import apply_mutations, byte_mutations
 from tests.hf_reference import hf_model, hf_state, to_orthrus
 
 
@@ -73,6 +77,19 @@ def test_folder_stores_layers_one_by_one_and_loads_in_either_form(model, tmp_pat
     (tmp_path / "again").mkdir()
     save_model(per_layer, tmp_path / "again")
     _assert_same(model, load_model(tmp_path / "again"))
+
+
+def test_models_of_more_than_ten_layers_load_their_layers_in_order(tmp_path):
+    """Layer names sort as strings ("10" before "2"): every layer must still come back
+    at its own index, in both forms, whether a read holds one layer or several."""
+    deep = to_orthrus(hf_model("qwen3", seed=5, num_hidden_layers=12), block_size=4)
+    save_model(deep, tmp_path)
+    _assert_same(deep, load_model(tmp_path))
+    _assert_same(deep, load_model(tmp_path, per_layer=True))
+    for i, group in read_param_groups(tmp_path):
+        if i is not None:
+            expected = np.asarray(deep.layers.mlp.up_proj.get_value()[i])
+            np.testing.assert_array_equal(group[("mlp", "up_proj")], expected, err_msg=i)
 
 
 def test_per_layer_load_places_each_layer_on_its_shard(model, tmp_path):
@@ -205,3 +222,81 @@ def test_a_damaged_checkpoint_is_one_clear_error(model, tmp_path, how):
         assert generate.main(["--model", str(tmp_path), "--prompt-ids", "1,2"]) == 2
     assert err.getvalue().startswith("error: ") and "unreadable parameter checkpoint" in \
         err.getvalue()
+
+
+# ------------------------------------------------------------------------- checksums
+
+def _data_files(params) -> list:
+    """The files holding array data (OCDBT data files), largest first."""
+    files = [p for p in params.rglob("*") if p.is_file() and p.parent.name == "d"]
+    return sorted(files, key=lambda p: -p.stat().st_size)
+
+
+def test_a_flipped_byte_in_array_data_is_caught_by_the_checksums(model, tmp_path):
+    save_model(model, tmp_path)
+    sums = json.loads((tmp_path / "checksums.json").read_text())
+    per_layer = jax.tree.leaves(nnx.to_pure_dict(nnx.state(unstack_layers(model))))
+    assert sums["layers.0.attn.q_proj"]["dtype"] == "float32"
+    assert len(sums) == len(per_layer)  # every stored tensor
+    target = _data_files(tmp_path / PARAMS_DIR)[0]
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one low mantissa bit of one weight
+    target.write_bytes(bytes(data))
+    pattern = f"{tmp_path / PARAMS_DIR}: parameter .* does not match its checksum"
+    for per_layer in (False, True):
+        with pytest.raises(InputError, match=pattern):
+            load_model(tmp_path, per_layer=per_layer)
+    with pytest.raises(InputError, match=pattern):
+        list(read_param_groups(tmp_path))
+    # read in another dtype the values are converted, and no checksum applies
+    load_model(tmp_path, param_dtype="bfloat16")
+
+
+def test_checksum_file_absent_or_damaged(model, tmp_path):
+    save_model(model, tmp_path)
+    sums = tmp_path / "checksums.json"
+    good = sums.read_text()
+    sums.unlink()  # folders written before checksums existed
+    _assert_same(model, load_model(tmp_path))
+    sums.write_text(good[: len(good) // 2])
+    with pytest.raises(InputError, match=f"{sums}: unreadable"):
+        load_model(tmp_path)
+    sums.write_text(json.dumps({"embed_tokens": json.loads(good)["embed_tokens"]}))
+    with pytest.raises(InputError, match=f"{sums}: no checksum of parameter"):
+        load_model(tmp_path)
+
+
+FUZZ_EXAMPLES = int(os.environ.get("ORTHRUS_FUZZ_EXAMPLES", "40"))
+
+
+@pytest.fixture(scope="module")
+def saved_folder(model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("fuzz-model") / "model"
+    d.mkdir()
+    save_model(model, d)
+    return d
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_model_folders_load_the_same_model_or_refuse(model, saved_folder,
+                                                           tmp_path_factory, data):
+    """Byte damage to any file of ``params/`` or to ``checksums.json``: the folder loads
+    the same parameters, or the load is one InputError naming the folder."""
+    folder = tmp_path_factory.mktemp("fuzzed") / "model"
+    shutil.copytree(saved_folder, folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "config.json")
+    target = data.draw(st.sampled_from(files), label="file")
+    raw = target.read_bytes()
+    if not raw:
+        return
+    ops = data.draw(byte_mutations(len(raw), min(len(raw) - 1, 64),
+                                   [b"\x00" * 4, b"\xff" * 4, b'"', b"{", b"}"]), label="ops")
+    target.write_bytes(apply_mutations(raw, ops))
+    try:
+        loaded = load_model(folder, per_layer=True)
+    except InputError as e:
+        assert str(e).startswith(str(folder)), e
+        return
+    _assert_same(model, loaded)
