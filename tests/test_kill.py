@@ -190,3 +190,65 @@ def test_a_killed_converter_leaves_its_destination_whole_or_untouched(writer, so
         where = _outcome(dst, old if force else None, finished, check_new, what)
         seen.append(f"{what}: {where}")
     print("\n".join(seen))
+
+
+# ------------------------------------------------------------------------ train.main
+
+TRAIN_STEPS = 6
+TRAIN_SEEDS = 2  # killed-and-resumed runs, each killed twice
+
+
+def _train_cmd(sources: Path, out: Path, resume: bool) -> list[str]:
+    return _cmd("train.main", "--model", sources / "model", "--data", sources / "data.jsonl",
+                "--out", out, "--batch-size", 4, "--seq-len", 32, "--anchors-per-seq", 8,
+                "--mesh", "data=1", "--no-progress", "--steps", TRAIN_STEPS,
+                "--save-every", 1, "--keep", 2, *(["--resume"] if resume else []))
+
+
+def _diffusion_tensors(model_dir: Path) -> dict[str, bytes]:
+    from flax import nnx
+
+    state = nnx.state(load_model(model_dir).layers.diff_attn)
+    return {str(k): bytes(memoryview(v.get_value())) for k, v in
+            nnx.to_flat_state(state)}
+
+
+def _kill_after_step(cmd: list[str], checkpoints: Path, step: int, delay: float) -> bool:
+    """Start ``cmd``; kill it ``delay`` s after a checkpoint folder (complete or still
+    being written) of step >= ``step`` appears: inside a save or the steps after it."""
+    proc = _start(cmd)
+
+    def reached() -> bool:
+        names = [p.name.split(".")[0] for p in checkpoints.glob("*")] \
+            if checkpoints.is_dir() else []
+        return any(n.isdigit() and int(n) >= step for n in names)
+
+    while proc.poll() is None and not reached():
+        time.sleep(0.002)
+    return _kill(proc, delay)
+
+
+def test_a_killed_training_run_resumes_exactly(sources, tmp_path):
+    """``train.main`` killed twice at seeded moments around its checkpoints (mid-save,
+    mid-step), then resumed with ``--resume`` until done: the final diffusion tensors equal
+    an uninterrupted run's bit for bit."""
+    _run(_train_cmd(sources, tmp_path / "straight", resume=False))
+    expected = _diffusion_tensors(tmp_path / "straight" / "model")
+    seen = []
+    for seed in range(TRAIN_SEEDS):
+        rng = random.Random(f"train-{seed}")
+        out = tmp_path / f"killed{seed}"
+        kills = sorted(rng.sample(range(1, TRAIN_STEPS + 1), 2))
+        for attempt, step in enumerate(kills):
+            delay = rng.uniform(0.0, 0.5)
+            finished = _kill_after_step(_train_cmd(sources, out, resume=attempt > 0),
+                                        out / "checkpoints", step, delay)
+            steps = sorted(p.name for p in (out / "checkpoints").glob("*"))
+            seen.append(f"seed {seed}: killed {delay:.3f} s after step {step}'s checkpoint "
+                        f"appeared (finished={finished}); checkpoints then: {steps}")
+        _run(_train_cmd(sources, out, resume=True))
+        got = _diffusion_tensors(out / "model")
+        different = [k for k in expected if got.get(k) != expected[k]]
+        assert not different, f"seed {seed}: resumed run differs in {different}\n" + \
+            "\n".join(seen)
+    print("\n".join(seen))

@@ -129,13 +129,12 @@ def run(args: argparse.Namespace) -> int:
                                    num_processes=args.num_processes, process_id=args.process_id)
 
     # Imported after jax.distributed.initialize: nothing may touch the devices before it.
-    import orbax.checkpoint as ocp
-
     from infer.engine import Generator, summarize
     from infer.prompts import load_tokenizer, read_prompts_file
     from orthrus_jax.checkpoint import load_model
     from orthrus_jax.sharding import make_mesh
     from train.batches import BatchIterator
+    from train.checkpoints import TrainCheckpoints, abstract_state
     from train.records import Corpus
     from train.step import TrainConfig, Trainer
 
@@ -177,17 +176,12 @@ def run(args: argparse.Namespace) -> int:
                        block_size=config.block_size, anchors_per_seq=args.anchors_per_seq,
                        seed=args.seed, anchors_on_assistant=args.anchors_on_assistant,
                        process_index=jax.process_index(), process_count=jax.process_count())
-    options = ocp.CheckpointManagerOptions(max_to_keep=args.keep, create=True)
-    manager = ocp.CheckpointManager(ckpt_dir, options=options)
+    manager = TrainCheckpoints(ckpt_dir, keep=args.keep)
     state = trainer.init_state()
     start_step = 0
     if args.resume and manager.latest_step() is not None:
         start_step = manager.latest_step()
-        restored = manager.restore(start_step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(state)),
-            meta=ocp.args.JsonRestore()))
-        state = restored.state
-        meta = restored.meta
+        state, meta = manager.restore(start_step, abstract_state(state))
         batches = BatchIterator.from_state(
             meta["data"], corpus, tokenizer,
             **{k: v for k, v in data_kwargs.items()
@@ -228,18 +222,16 @@ def run(args: argparse.Namespace) -> int:
                    "prompts": len(results), "seconds": time.perf_counter() - t0,
                    "programs_compiled": len(gen.compile_seconds)})
 
-    def save(state, step: int) -> None:
+    def save(state, step: int, data_state: dict) -> None:
         _draw_curves(out)
         if jax.process_index() == 0:  # the latest diffusion tensors, ready to ship or apply
             from convert.head import save_head
 
             save_head(trainer.model(state), out / "head.safetensors",
                       metadata={"step": step, "train_args": " ".join(sys.argv[1:])})
-        manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave({"step": step, "data": batches.state(),
-                                    "args": {k: v for k, v in vars(args).items()
-                                             if isinstance(v, (int, float, str, list))}})))
+        manager.save(step, state, {"data": data_state,
+                                   "args": {k: v for k, v in vars(args).items()
+                                            if isinstance(v, (int, float, str, list))}})
 
     if start_step == 0:
         evaluate(state, 0)
@@ -302,10 +294,13 @@ def _train_loop(args, trainer, batches, state, start: int, end: int, save, evalu
                 for name in BATCH_KEYS}
 
     # The host never waits on a step it has just dispatched: while step t runs, it logs
-    # step t - 1 (already finished) and prepares the batch of step t + 1.
+    # step t - 1 (already finished) and prepares the batch of step t + 1. A checkpoint of
+    # step t records the data position after step t's batch, not after the one prepared.
     batch = next_batch()
+    position = batches.state()
     for step in range(start + 1, end + 1):
         state, metrics = trainer.step(state, batch)
+        step_position = position
         if pending is not None:
             log(*pending)
             pending = None
@@ -314,12 +309,13 @@ def _train_loop(args, trainer, batches, state, start: int, end: int, save, evalu
             pending = (step, metrics)
         if step < end:
             batch = next_batch()
+            position = batches.state()
         if progress is not None:
             progress.update(1)
         if saving:  # the loss of a step is checked before its state is saved
             log(*pending)
             pending = None
-            save(state, step)
+            save(state, step, step_position)
         if args.eval_every and step % args.eval_every == 0 and step != args.steps:
             evaluate(state, step)
     if pending is not None:
@@ -335,11 +331,6 @@ def _draw_curves(out: Path) -> None:
         from train.curves import plot_curves
 
         plot_curves(out / "metrics.jsonl")
-
-
-def _abstract(state):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                        state)
 
 
 def _global_array(trainer, local: np.ndarray) -> jax.Array:

@@ -101,6 +101,17 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(workdir, tmp_p
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert [r["loss"] for r in records(tmp_path / "straight", "train")][3:] == \
         [r["loss"] for r in records(tmp_path / "split", "train")][3:]
+    # killed mid-run: resuming from a periodic checkpoint (step 2 of the straight run,
+    # whose data position was saved while step 3's batch was already prepared) is exact
+    killed = tmp_path / "killed"
+    shutil.copytree(tmp_path / "straight", killed)
+    shutil.rmtree(killed / "model")
+    for step in ("4", "5"):
+        shutil.rmtree(killed / "checkpoints" / step)
+    assert main(args(workdir, killed, *common, "--resume")) == 0
+    k = diffusion(killed / "model")
+    for key in a:
+        np.testing.assert_array_equal(a[key], k[key], err_msg=key)
     # killed after its last checkpoint, before model/ was complete: --resume writes model/
     # from that checkpoint, taking no step
     shutil.rmtree(tmp_path / "split" / "model")
