@@ -266,7 +266,8 @@ def convert(src: str | Path, dst: str | Path, **kwargs) -> Path:
              if (src / name).is_file()}
     return write_converted(dst, hf_config, iter_safetensors(files, headers), extra,
                            keys={k: shape for k, (_, shape) in headers.items()},
-                           source=str(src / "config.json"), **kwargs)
+                           source=str(src / "config.json"), checkpoint=str(src),
+                           **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,12 +19,14 @@ from flax.traverse_util import unflatten_dict
 
 from convert.keymap import Entry, ar_twin, entries
 from orthrus_jax.checkpoint import LAYERS, ParamWriter, save_config
+from orthrus_jax.cli import InputError
 from orthrus_jax.config import DTYPE_NAMES, DTYPES, ModelConfig, dtype_name, numpy_dtype
 from orthrus_jax.folders import staging_dir
 
 
-class ConversionError(ValueError):
-    """A checkpoint that does not match its config (missing key, wrong shape, ...)."""
+class ConversionError(InputError):
+    """A checkpoint that does not match its config (missing key, wrong shape, ...).
+    :func:`write_converted` puts the checkpoint's path in front of the message."""
 
 
 def stored_dtype(hf_config: dict,
@@ -162,6 +164,7 @@ def write_converted(
     mask_token_id: int | None = None,
     force: bool = False,
     source: str = "config.json",
+    checkpoint: str | None = None,
 ) -> Path:
     """Convert HF-named tensors and write the model folder ``dst`` atomically, one layer
     at a time.
@@ -173,8 +176,19 @@ def write_converted(
     :func:`stored_dtype`). ``block_size`` / ``mask_token_id`` override the config's; the
     mask token is required (from the config or the argument). ``extra_files``
     (name -> content) are copied in. With ``force`` an existing ``dst`` is replaced, only
-    once the new one is complete.
+    once the new one is complete. ``source`` names the config in errors, ``checkpoint``
+    (default: ``source``) the tensors' file or folder.
     """
+    try:
+        return _write_converted(dst, hf_config, tensors, extra_files, keys=keys, dtype=dtype,
+                                block_size=block_size, mask_token_id=mask_token_id,
+                                force=force, source=source)
+    except ConversionError as e:
+        raise ConversionError(f"{checkpoint or source}: {e}") from None
+
+
+def _write_converted(dst, hf_config, tensors, extra_files, *, keys, dtype, block_size,
+                     mask_token_id, force, source) -> Path:
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {list(DTYPE_NAMES)}")
     dst = Path(dst)

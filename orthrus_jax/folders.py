@@ -4,8 +4,11 @@ travel with a model folder."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,9 +39,18 @@ def staging_dir(dst: str | Path, force: bool = False) -> Iterator[Path]:
 
 
 def replace_dir(new: str | Path, dst: str | Path) -> None:
-    """Rename the complete folder ``new`` to ``dst``. An existing ``dst`` is moved aside
-    first and removed only after the rename, so some complete ``dst`` exists throughout."""
+    """Rename the complete folder ``new`` to ``dst``, so that a complete ``dst`` exists at
+    every moment, even if the process is killed during the call.
+
+    An existing ``dst`` is swapped with ``new`` in one atomic step (Linux
+    ``renameat2(RENAME_EXCHANGE)``) and then deleted. Where the system cannot swap, it is
+    moved aside to ``.DST.old-PID`` first and removed after the rename (a kill between the
+    two renames leaves it there, complete).
+    """
     new, dst = Path(new), Path(dst)
+    if dst.exists() and _exchange(new, dst):
+        shutil.rmtree(new, ignore_errors=True)  # now the previous dst
+        return
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
@@ -51,6 +63,31 @@ def replace_dir(new: str | Path, dst: str | Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap paths ``a`` and ``b``; False where the system cannot (not Linux,
+    an old C library, a file system without the operation)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV):
+        return False
+    raise OSError(err, f"cannot replace {b} with {a}: {os.strerror(err)}")
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:

@@ -211,8 +211,9 @@ def broken(tmp_path, mutate):
 ])
 def test_bad_checkpoints_name_the_problem_and_leave_nothing(tmp_path, mutate, message):
     src = broken(tmp_path, mutate)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as raised:
         from_hf.convert(src, tmp_path / "dst")
+    assert str(raised.value).startswith(str(src)), raised.value  # the place comes first
     assert not (tmp_path / "dst").exists() and no_leftovers(tmp_path, "dst")
 
 
