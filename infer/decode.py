@@ -268,7 +268,8 @@ def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array, input
     """
     c = model.config
     B = prompts.shape[0]
-    cache = init_cache(c, B, max_len, mesh=mesh, rules=rules)
+    # Per-layer K/V for a per-layer model (each unrolled layer updates its own array in place).
+    cache = init_cache(c, B, max_len, mesh=mesh, rules=rules, per_layer=model.per_layer)
     logits, cache = prefill(model, prompts, cache, prompt_lengths, chunk_size)
     first = _pick(jax.vmap(jax.random.fold_in)(keys, jnp.zeros((B,), jnp.int32)), logits,
                   inputs.sampling, greedy)

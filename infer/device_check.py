@@ -392,10 +392,11 @@ def ar_step_timing(model: OrthrusLM, *, batch_size: int, context: int, repeats: 
     K/V written in place) over a cache filled to ``context``, for ``model`` in whichever
     layer form it is (stacked: ``lax.scan``; per-layer: unrolled)."""
     c = model.config
-    cache = init_cache(c, batch_size, context + 1)
-    kv = jax.random.normal(jax.random.key(seed), cache.k.shape, cache.k.dtype)
+    cache = init_cache(c, batch_size, context + 1, per_layer=model.per_layer)
+    keys = iter(jax.random.split(jax.random.key(seed), 2 * c.num_hidden_layers))
+    held = [jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape, a.dtype), kv)
+            for kv in (cache.k, cache.v)]
     lengths = jnp.full((batch_size,), context, jnp.int32)
-    held = [kv, kv * 0.5]
 
     def step(m, t, k, v):
         hidden, cache = m.ar_hidden(t, KVCache(k, v, lengths))

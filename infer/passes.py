@@ -79,7 +79,10 @@ def bytes_read(model: OrthrusLM, view: str, cache: KVCache, context: int) -> int
     weights += _bytes(layers.input_norm.get_value()) + _bytes(layers.post_attn_norm.get_value())
     weights += _bytes(model.norm[...])
     weights += _bytes(model.embed_tokens[...] if model.lm_head is None else model.lm_head[...])
-    per_position = 2 * cache.k[:, :, 0].size * cache.k.dtype.itemsize
+    c = model.config
+    dtype = jax.tree.leaves(cache.k)[0].dtype
+    per_position = (2 * c.num_hidden_layers * cache.batch_size * c.num_key_value_heads
+                    * c.head_dim * dtype.itemsize)
     return weights + context * per_position
 
 
@@ -98,10 +101,11 @@ def time_passes(model: OrthrusLM, *, blocks: Sequence[int], batch_size: int = 1,
                          f"max_position_embeddings {c.max_position_embeddings}")
     model = unstack_layers(model)
     rng = np.random.default_rng(seed)
-    cache = init_cache(c, batch_size, max_len)
+    cache = init_cache(c, batch_size, max_len, per_layer=True)  # the decoder's form
     # Random K/V (their values do not change the cost) in the first `context` positions.
-    kv = jax.random.normal(jax.random.key(seed), cache.k.shape, cache.k.dtype)
-    cache = KVCache(kv, kv * 0.5, jnp.full((batch_size,), context, jnp.int32))
+    keys = iter(jax.random.split(jax.random.key(seed), c.num_hidden_layers))
+    kv = tuple(jax.random.normal(next(keys), a.shape, a.dtype) for a in cache.k)
+    cache = KVCache(kv, tuple(a * 0.5 for a in kv), jnp.full((batch_size,), context, jnp.int32))
     lengths = cache.lengths
     mask = c.mask_token_id if c.mask_token_id is not None else 0
 

@@ -1,7 +1,8 @@
 """Continuous batching: a fixed number of slots decoding in ONE compiled loop.
 
 :class:`SlotEngine` holds one :class:`~infer.decode.DecodeState` of ``S`` rows over a static
-KV cache ``[layers, S, L, kv_heads, head_dim]`` (``L``: the Generator's ``max_len``) and
+KV cache of ``S`` rows of ``L`` positions (``L``: the Generator's ``max_len``; per layer
+``[S, kv_heads, L, head_dim]``) and
 three kinds of compiled programs, all built by :meth:`SlotEngine.warm_up`:
 
 - ``insert`` (one per prompt-length bucket ``P``): prefill one prompt ``[1, P]`` into a
@@ -122,7 +123,7 @@ class SlotEngine:
         S, K = self.slots, self.max_block
         zeros = jnp.zeros((S,), jnp.int32)
         cache = init_cache(self.gen.config, S, self.max_len, mesh=self.gen.mesh,
-                           rules=self.gen.rules)
+                           rules=self.gen.rules, per_layer=self.gen.model.per_layer)
         return DecodeState(cache=cache, anchor=zeros,
                            tokens=jnp.zeros((S, self.out_len), jnp.int32), num_generated=zeros,
                            finish=jnp.full((S,), FINISH_LENGTH, jnp.int32),
@@ -144,9 +145,11 @@ class SlotEngine:
             def put(big, one, axis=0):
                 return jax.lax.dynamic_update_index_in_dim(big, one.astype(big.dtype), slot,
                                                            axis)
+            axis = state.cache.batch_axis
             cache = dataclasses.replace(
-                state.cache, k=put(state.cache.k, row.cache.k, 1),
-                v=put(state.cache.v, row.cache.v, 1),
+                state.cache,
+                k=jax.tree.map(lambda big, one: put(big, one, axis), state.cache.k, row.cache.k),
+                v=jax.tree.map(lambda big, one: put(big, one, axis), state.cache.v, row.cache.v),
                 lengths=put(state.cache.lengths, row.cache.lengths))
             fields = ("anchor", "tokens", "num_generated", "finish", "key", "iterations",
                       "accepted_hist", "block_hist")

@@ -1,6 +1,12 @@
 """Attention math as pure functions (grouped-query, scores and softmax in float32).
 
 Head layout follows HF ``repeat_kv``: query head ``h`` reads KV head ``h // (Hq/Hkv)``.
+
+Cached K/V are ``[B, Hkv, S, hd]`` (:mod:`orthrus_jax.cache`) and enter the products as
+``[B * Hkv, S, hd]``, the same buffer: one batch axis, each KV head's positions
+contiguous, the contraction axis last, so XLA feeds them to its matrix products as they
+are. The queries of a KV head's ``G = Hq / Hkv`` query heads are gathered into rows of one
+product, ``[B * Hkv, G * T, hd]``; they are the small operand.
 """
 
 from __future__ import annotations
@@ -11,30 +17,63 @@ import jax.numpy as jnp
 _NEG = -1e30
 
 
+def _group_queries(q: jax.Array, hkv: int) -> jax.Array:
+    """``q [B, *lead, T, Hq, hd]`` -> ``[B * Hkv, *lead, G * T, hd]``, rows ``g * T + t``."""
+    B, *lead, T, Hq, hd = q.shape
+    n = len(lead)
+    qg = q.reshape(B, *lead, T, hkv, Hq // hkv, hd)
+    # [B, Hkv, *lead, G, T, hd]
+    perm = (0, n + 2, *range(1, n + 1), n + 3, n + 1, n + 4)
+    return qg.transpose(perm).reshape(B * hkv, *lead, (Hq // hkv) * T, hd)
+
+
+def _ungroup(o: jax.Array, B: int, hkv: int, T: int) -> jax.Array:
+    """Inverse of :func:`_group_queries`: ``[B * Hkv, *lead, G * T, hd]`` ->
+    ``[B, *lead, T, Hq, hd]``."""
+    _, *lead, GT, hd = o.shape
+    n = len(lead)
+    G = GT // T
+    o = o.reshape(B, hkv, *lead, G, T, hd)
+    # [B, *lead, T, Hkv, G, hd]
+    perm = (0, *range(2, n + 2), n + 3, 1, n + 2, n + 4)
+    return o.transpose(perm).reshape(B, *lead, T, hkv * G, hd)
+
+
+def _per_row(mask: jax.Array, hkv: int, G: int) -> jax.Array:
+    """A mask ``[B, *lead, T, S]`` shared by a row's heads -> ``[B * Hkv, *lead, G * T, S]``
+    (rows as in :func:`_group_queries`)."""
+    B, *lead, T, S = mask.shape
+    m = jnp.broadcast_to(mask[:, None, ..., None, :, :], (B, hkv, *lead, G, T, S))
+    return m.reshape(B * hkv, *lead, G * T, S)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Masked softmax attention.
 
-    q ``[B, T, Hq, hd]``; k, v ``[B, S, Hkv, hd]``; mask ``[B, T, S]`` (True = visible).
-    Returns ``[B, T, Hq, hd]`` in ``q.dtype``.
+    q ``[B, T, Hq, hd]``; k, v ``[B, Hkv, S, hd]``; mask ``[B, T, S]`` (True = visible;
+    every query must see at least one key). Returns ``[B, T, Hq, hd]`` in ``q.dtype``.
     """
     B, T, Hq, hd = q.shape
-    Hkv = k.shape[2]
-    qg = q.reshape(B, T, Hkv, Hq // Hkv, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * hd**-0.5
-    scores = jnp.where(mask[:, None, None], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
-    return out.reshape(B, T, Hq, hd)
+    Hkv, S = k.shape[1], k.shape[2]
+    dt = q.dtype
+    qg = _group_queries(q, Hkv)  # [N, G*T, hd]
+    kf = k.reshape(B * Hkv, S, hd).astype(dt)
+    vf = v.reshape(B * Hkv, S, hd).astype(dt)
+    scores = jnp.einsum("nqd,nsd->nqs", qg, kf, preferred_element_type=jnp.float32) * hd**-0.5
+    scores = jnp.where(_per_row(mask, Hkv, Hq // Hkv), scores, _NEG)
+    probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    denom = jnp.sum(probs, axis=-1, keepdims=True)
+    out = jnp.einsum("nqs,nsd->nqd", probs.astype(dt), vf, preferred_element_type=jnp.float32)
+    return _ungroup((out / denom).astype(dt), B, Hkv, T)
 
 
 def causal_cache_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                            q_positions: jax.Array) -> jax.Array:
     """AR view: queries at ``q_positions [B, T]`` attend to cache positions ``<=`` their own.
 
-    ``k_cache``/``v_cache`` ``[B, S, Hkv, hd]`` already hold the chunk's own K/V.
+    ``k_cache``/``v_cache`` ``[B, Hkv, S, hd]`` already hold the chunk's own K/V.
     """
-    key_pos = jnp.arange(k_cache.shape[1])
+    key_pos = jnp.arange(k_cache.shape[2])
     mask = key_pos[None, None, :] <= q_positions[:, :, None]
     return attend(q, k_cache, v_cache, mask)
 
@@ -47,23 +86,35 @@ def block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     inside the block), nothing else.
 
     q, k_block, v_block ``[B, m, K, H, hd]`` (``m`` blocks of ``K`` tokens per row);
-    k_cache, v_cache ``[B, S, Hkv, hd]``; prefix_lengths ``[B, m]``. The two key sets are
-    scored separately and normalised by one softmax over their concatenation, so memory is
-    ``O(m K (S + K))`` per head, with no dense ``[m K, S + m K]`` mask. Returns
+    k_cache, v_cache ``[B, Hkv, S, hd]``; prefix_lengths ``[B, m]``. The two key sets are
+    scored separately and normalised together (one running maximum, one sum of both
+    parts' exponentials), so neither a dense ``[m K, S + m K]`` mask nor a concatenation
+    of the two score arrays is built; memory is ``O(m K (S + K))`` per head. Returns
     ``[B, m, K, Hq, hd]``.
     """
     B, m, K, Hq, hd = q.shape
-    S, Hkv = k_cache.shape[1], k_cache.shape[2]
-    qg = q.reshape(B, m, K, Hkv, Hq // Hkv, hd)
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    G, N = Hq // Hkv, B * Hkv
     dt = q.dtype
-    s_prefix = jnp.einsum("bmqkgd,bskd->bmkgqs", qg, k_cache.astype(dt),
-                          preferred_element_type=jnp.float32)
+    qg = _group_queries(q, Hkv)  # [N, m, G*K, hd]
+    kf = k_cache.reshape(N, S, hd).astype(dt)
+    vf = v_cache.reshape(N, S, hd).astype(dt)
+    s_prefix = jnp.einsum("nqd,nsd->nqs", qg.reshape(N, m * G * K, hd), kf,
+                          preferred_element_type=jnp.float32).reshape(N, m, G * K, S)
     visible = jnp.arange(S)[None, None, :] < prefix_lengths[:, :, None]  # [B, m, S]
-    s_prefix = jnp.where(visible[:, :, None, None, None, :], s_prefix, _NEG)
-    s_block = jnp.einsum("bmqkgd,bmtkd->bmkgqt", qg, k_block.astype(dt),
-                         preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(jnp.concatenate([s_prefix, s_block], -1) * hd**-0.5, axis=-1)
-    probs = probs.astype(dt)
-    out = (jnp.einsum("bmkgqs,bskd->bmqkgd", probs[..., :S], v_cache.astype(dt))
-           + jnp.einsum("bmkgqt,bmtkd->bmqkgd", probs[..., S:], v_block.astype(dt)))
-    return out.reshape(B, m, K, Hq, hd)
+    visible = _per_row(jnp.broadcast_to(visible[:, :, None], (B, m, K, S)), Hkv, G)
+    s_prefix = jnp.where(visible, s_prefix * hd**-0.5, _NEG)
+    kb = k_block.transpose(0, 3, 1, 2, 4).reshape(N, m, K, hd).astype(dt)
+    vb = v_block.transpose(0, 3, 1, 2, 4).reshape(N, m, K, hd).astype(dt)
+    s_block = jnp.einsum("nmqd,nmtd->nmqt", qg, kb,
+                         preferred_element_type=jnp.float32) * hd**-0.5
+    top = jnp.maximum(jnp.max(s_prefix, axis=-1, keepdims=True),
+                      jnp.max(s_block, axis=-1, keepdims=True))
+    p_prefix = jnp.exp(s_prefix - top)
+    p_block = jnp.exp(s_block - top)
+    denom = jnp.sum(p_prefix, axis=-1, keepdims=True) + jnp.sum(p_block, axis=-1, keepdims=True)
+    out = (jnp.einsum("nqs,nsd->nqd", p_prefix.reshape(N, m * G * K, S).astype(dt), vf,
+                      preferred_element_type=jnp.float32).reshape(N, m, G * K, hd)
+           + jnp.einsum("nmqt,nmtd->nmqd", p_block.astype(dt), vb,
+                        preferred_element_type=jnp.float32))
+    return _ungroup((out / denom).astype(dt), B, Hkv, K)

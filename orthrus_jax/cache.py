@@ -1,8 +1,18 @@
 """The static KV cache shared by the AR and the diffusion views.
 
-``k`` and ``v`` are ``[layers, batch, max_len, kv_heads, head_dim]``; ``lengths[batch]``
-says how many positions of each row are committed. Entries at or past a row's length are
-stale: rolling back moves the length and never touches the data.
+Each layer's ``k`` and ``v`` are ``[batch, kv_heads, max_len, head_dim]``: a KV head's
+positions are contiguous, so ``[batch * kv_heads, max_len, head_dim]`` is the same buffer
+and feeds the attention products as it is (no transposed copy per layer and pass). The
+cache holds them in one of two forms, like the layer weights (``model.unstack_layers``):
+
+- stacked, ``[layers, batch, kv_heads, max_len, head_dim]`` (``init_cache``'s default):
+  indexed by a traced layer inside ``lax.scan`` (training, the stacked model);
+- per layer, a tuple of ``layers`` arrays (``init_cache(..., per_layer=True)``), the
+  decoding form: each unrolled layer writes its own array in place, so no pass copies a
+  layer out of a stack or the stack around an update.
+
+``lengths[batch]`` says how many positions of each row are committed. Entries at or past a
+row's length are stale: rolling back moves the length and never touches the data.
 """
 
 from __future__ import annotations
@@ -11,29 +21,46 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from orthrus_jax.config import ModelConfig
 from orthrus_jax.sharding import Rules, named_sharding
 
-CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
+LAYER_CACHE_AXES = CACHE_AXES[1:]
 LENGTHS_AXES = ("batch",)
+
+KV = jax.Array | tuple[jax.Array, ...]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
-    v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    k: KV  # [layers, batch, kv_heads, max_len, head_dim], or layers x [batch, kv_heads, ...]
+    v: KV  # like k
     lengths: jax.Array  # [batch] int32
 
     @property
+    def per_layer(self) -> bool:
+        """Whether K/V are tuples of per-layer arrays (the decoding form)."""
+        return isinstance(self.k, tuple)
+
+    @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return _first_layer(self.k).shape[2]
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return _first_layer(self.k).shape[0]
+
+    @property
+    def batch_axis(self) -> int:
+        """The batch axis of each array of ``k`` and ``v``."""
+        return 0 if self.per_layer else 1
+
+
+def _first_layer(kv: KV) -> jax.Array:
+    return kv[0] if isinstance(kv, tuple) else kv[0]
 
 
 def init_cache(
@@ -43,24 +70,82 @@ def init_cache(
     dtype=None,
     mesh: Mesh | None = None,
     rules: Rules | None = None,
+    per_layer: bool = False,
 ) -> KVCache:
-    """An empty cache (all lengths 0), optionally placed on ``mesh`` by the logical rules."""
-    shape = (config.num_hidden_layers, batch_size, max_len, config.num_key_value_heads,
-             config.head_dim)
+    """An empty cache (all lengths 0), stacked or ``per_layer`` (see the module doc),
+    optionally placed on ``mesh`` by the logical rules."""
+    L = config.num_hidden_layers
+    shape = (L, batch_size, config.num_key_value_heads, max_len, config.head_dim)
     dtype = config.jnp_dtype if dtype is None else dtype
-    cache = KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                    jnp.zeros((batch_size,), jnp.int32))
+    lengths = jnp.zeros((batch_size,), jnp.int32)
     if mesh is not None:
         kv = named_sharding(CACHE_AXES, mesh, rules, shape, "kv_cache")
         ln = named_sharding(LENGTHS_AXES, mesh, rules, (batch_size,), "kv_cache.lengths")
-        cache = KVCache(jax.device_put(cache.k, kv), jax.device_put(cache.v, kv),
-                        jax.device_put(cache.lengths, ln))
-    return cache
+        lengths = jax.device_put(lengths, ln)
+    if not per_layer:
+        k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+        if mesh is not None:
+            k, v = jax.device_put(k, kv), jax.device_put(v, kv)
+        return KVCache(k, v, lengths)
+
+    def layers() -> tuple[jax.Array, ...]:
+        arrays = tuple(jnp.zeros(shape[1:], dtype) for _ in range(L))
+        if mesh is None:
+            return arrays
+        one = NamedSharding(kv.mesh, PartitionSpec(*kv.spec[1:]))
+        return tuple(jax.device_put(a, one) for a in arrays)
+
+    return KVCache(layers(), layers(), lengths)
 
 
-def write_block(cache_kv: jax.Array, layer: jax.Array, new: jax.Array,
-                positions: jax.Array) -> jax.Array:
+def stack_cache(cache: KVCache) -> KVCache:
+    """``cache`` in the stacked form (itself if already stacked)."""
+    if not cache.per_layer:
+        return cache
+    return KVCache(jnp.stack(cache.k), jnp.stack(cache.v), cache.lengths)
+
+
+def unstack_cache(cache: KVCache) -> KVCache:
+    """``cache`` in the per-layer form (itself if already per layer)."""
+    if cache.per_layer:
+        return cache
+    split = lambda a: tuple(a[i] for i in range(a.shape[0]))  # noqa: E731
+    return KVCache(split(cache.k), split(cache.v), cache.lengths)
+
+
+def layer_kv(cache_kv: KV, layer) -> jax.Array:
+    """Layer ``layer`` (an int, or traced for a stacked cache) of ``cache.k`` or
+    ``cache.v``: ``[batch, kv_heads, max_len, head_dim]``."""
+    if isinstance(cache_kv, tuple):
+        return cache_kv[layer]
+    return jax.lax.dynamic_index_in_dim(cache_kv, layer, keepdims=False)
+
+
+def write_block(cache_kv: KV, layer, new: jax.Array, positions: jax.Array) -> KV:
     """Write ``new[b, t]`` (``[batch, T, kv_heads, head_dim]``) at ``positions[b, t]`` of
-    layer ``layer``; positions past ``max_len`` are dropped."""
+    layer ``layer`` of ``cache_kv`` (either form; returned in the same form); positions past
+    ``max_len`` are dropped. In the per-layer form only that layer's array is updated."""
+    if isinstance(cache_kv, tuple):
+        one = _write_layer(cache_kv[layer], new, positions)
+        return cache_kv[:layer] + (one,) + cache_kv[layer + 1:]
     rows = jnp.arange(new.shape[0])[:, None]
-    return cache_kv.at[layer, rows, positions].set(new.astype(cache_kv.dtype), mode="drop")
+    # [l, b, :, s] with the advanced indices apart: the update is [B, T, kv_heads, hd].
+    return cache_kv.at[layer, rows, :, positions].set(new.astype(cache_kv.dtype), mode="drop")
+
+
+def _write_layer(one: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """:func:`write_block` into one layer's array ``[B, Hkv, S, hd]``.
+
+    The write goes through the ``[B * Hkv, S, hd]`` view the attention products read (one
+    scatter row per head and token): written in that shape, the products read the updated
+    buffer in place. (Written as ``[B, Hkv, S, hd]``, XLA turns a one-token write into a
+    dynamic-update-slice whose reshaped result it recomputes for the products, copying
+    the whole layer several times per pass.)
+    """
+    B, H, S, hd = one.shape
+    T = positions.shape[1]
+    heads = (jnp.arange(B)[:, None, None] * H + jnp.arange(H)[None, None, :])  # [B, 1, H]
+    flat = one.reshape(B * H, S, hd).at[
+        jnp.broadcast_to(heads, (B, T, H)), jnp.broadcast_to(positions[:, :, None], (B, T, H))
+    ].set(new.astype(one.dtype), mode="drop")
+    return flat.reshape(B, H, S, hd)

@@ -262,14 +262,11 @@ def _state_bytes(sharder: _Sharder, state: nnx.State, dtype: Any = None,
     return total
 
 
-def _cache_bytes(sharder: _Sharder, config: ModelConfig, batch: int, length: int,
-                 kv_only: bool = False) -> int:
-    """Per-device bytes of ``init_cache(config, batch, length)``: K, V and (unless
-    ``kv_only``) the lengths."""
+def _cache_bytes(sharder: _Sharder, config: ModelConfig, batch: int, length: int) -> int:
+    """Per-device bytes of ``init_cache(config, batch, length)`` (stacked; the per-layer
+    form holds the same bytes): K, V and the lengths."""
     cache = jax.eval_shape(lambda: init_cache(config, batch, length))
     kv = 2 * sharder.array_bytes(cache.k.shape, cache.k.dtype, CACHE_AXES, "kv_cache")
-    if kv_only:
-        return kv
     return kv + sharder.array_bytes(cache.lengths.shape, cache.lengths.dtype, LENGTHS_AXES,
                                     "kv_cache.lengths")
 
@@ -290,7 +287,7 @@ def _planning_config(config: ModelConfig, dtype: str, block_size: int | None) ->
 
 # ---------------------------------------------------------------------- activations
 def _layer_pass_bytes(c: ModelConfig, sh: _Sharder, b: int, tokens: int, keys: int,
-                      diffusion: bool) -> int:
+                      diffusion: bool, training: bool = False) -> int:
     """Live bytes of one decoder layer over ``tokens`` queries per row (``b`` rows on this
     device) attending to ``keys`` cached positions (the diffusion view: and to their own
     block of ``K``): the residual stream and projections, plus the larger of the attention
@@ -302,10 +299,14 @@ def _layer_pass_bytes(c: ModelConfig, sh: _Sharder, b: int, tokens: int, keys: i
     f = sh.split(c.intermediate_size, "mlp")
     stream = b * tokens * e * (4 * c.hidden_size + 2 * (hq + 2 * hkv) * c.head_dim)
     mlp = 3 * b * tokens * f * e
-    if diffusion:  # prefix scores, masked, concatenated with the block's, softmax: f32
-        scores = b * hq * tokens * (keys + c.block_size) * (3 * 4 + e) + b * tokens * keys
-    else:  # scores and softmax in f32, probabilities in the compute dtype, the mask
-        scores = b * hq * tokens * keys * (2 * 4 + e) + b * tokens * keys
+    # Bytes per score. Decoding: the float32 scores (masked in place) and their
+    # exponentials in the compute dtype; XLA keeps both or fuses the second into the
+    # product with V (then half of this), so the estimate errs high. Training keeps what
+    # the backward pass needs: the float32 scores and softmax (and, for the diffusion
+    # view's two key sets, their combination) and the probabilities in the compute dtype.
+    per_score = (3 * 4 + e if diffusion else 2 * 4 + e) if training else 4 + e
+    scored = keys + c.block_size if diffusion else keys
+    scores = b * hq * tokens * scored * per_score + b * tokens * keys  # + the mask
     return stream + max(mlp, scores)
 
 
@@ -325,23 +326,22 @@ def _view_weight_bytes(c: ModelConfig) -> int:
 
 
 def _decode_activation_bytes(c: ModelConfig, sh: _Sharder, batch: int, cache_len: int,
-                            prefill_tokens: int, cache_kv: int) -> dict[str, int]:
+                            prefill_tokens: int) -> dict[str, int]:
     """Estimated temporaries of decoding, per device: the larger of a prefill chunk
     (``prefill_tokens`` through the AR view over ``cache_len`` positions) and one Orthrus
     iteration (block ``K`` through the diffusion view, then the verify pass, and their
-    logits, plus ``cache_kv`` bytes: the unrolled diffusion pass copies every layer's K/V
-    into its products' layout up front, one more cache's worth), plus the gathered layer
-    weights under FSDP and the token buffers."""
+    logits), plus the gathered layer weights under FSDP and the token buffers. The
+    per-layer cache feeds the attention products as it is: no pass copies K/V."""
     b = sh.split(batch, "batch")
     K = c.block_size
     v = sh.split(c.vocab_size, "vocab")
     prefill = _layer_pass_bytes(c, sh, b, prefill_tokens, cache_len, False)
     iteration = max(_layer_pass_bytes(c, sh, b, K, cache_len, True),
                     _layer_pass_bytes(c, sh, b, K, cache_len, False)) \
-        + DECODE_LOGIT_ARRAYS * b * K * v * 4 + cache_kv
+        + DECODE_LOGIT_ARRAYS * b * K * v * 4
     buffers = 2 * b * cache_len * 4  # int32 prompt and output token buffers
     gathered = _gathered_layer_bytes(c, sh, _view_weight_bytes(c))
-    return {"prefill": prefill, "iteration": iteration, "cache_slices": cache_kv,
+    return {"prefill": prefill, "iteration": iteration,
             "total": max(prefill, iteration) + buffers + gathered}
 
 
@@ -356,8 +356,8 @@ def _train_activation_bytes(c: ModelConfig, sh: _Sharder, batch: int, seq_len: i
     K, D, L = c.block_size, c.hidden_size, c.num_hidden_layers
     N = anchors * K  # diffusion tokens per row
     v = sh.split(c.vocab_size, "vocab")
-    teacher_layer = _layer_pass_bytes(c, sh, b, seq_len, seq_len, False)
-    diff_layer = _layer_pass_bytes(c, sh, b, N, seq_len, True)
+    teacher_layer = _layer_pass_bytes(c, sh, b, seq_len, seq_len, False, training=True)
+    diff_layer = _layer_pass_bytes(c, sh, b, N, seq_len, True, training=True)
     # teacher hidden [b, S, D]; draft and gathered teacher hidden, each also padded into
     # loss chunks: 4 x [b, m, K, D]
     held = b * seq_len * D * e + 4 * b * N * D * e
@@ -421,8 +421,7 @@ def plan_decode(config: ModelConfig, *, dtype: str, batch: int, context: int,
     prefill_tokens = min(_bucket(context, MIN_PROMPT_BUCKET), chunk_size)
     state = nnx.state(abstract_model(c))
     cache = _cache_bytes(sh, c, batch, cache_len)
-    acts = _decode_activation_bytes(c, sh, batch, cache_len, prefill_tokens,
-                                   _cache_bytes(sh, c, batch, cache_len, kv_only=True))
+    acts = _decode_activation_bytes(c, sh, batch, cache_len, prefill_tokens)
     per_device = {"weights": _state_bytes(sh, state, per_layer=True), "cache": cache,
                   "activations": acts["total"]}
     details = {"dtype": dtype, "batch": batch, "context": context,

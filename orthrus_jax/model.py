@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from orthrus_jax.attention import block_attention, causal_cache_attention
-from orthrus_jax.cache import KVCache, write_block
+from orthrus_jax.cache import KVCache, layer_kv, stack_cache, unstack_cache, write_block
 from orthrus_jax.config import ModelConfig
 from orthrus_jax.layers import (
     MLP,
@@ -88,6 +88,12 @@ class OrthrusLM(nnx.Module):
         return {"input_norm": layers["input_norm"], "post_attn_norm": layers["post_attn_norm"],
                 "attn": layers[view], "mlp": layers["mlp"]}
 
+    @property
+    def per_layer(self) -> bool:
+        """Whether the layer weights are per-layer arrays (:func:`unstack_layers`), the
+        decoding form; a cache for it is best made with ``init_cache(..., per_layer=True)``."""
+        return is_unstacked(self.layers.input_norm.get_value())
+
     # ---------------------------------------------------------------- views
     def ar_hidden(self, tokens: jax.Array, cache: KVCache, num_valid: jax.Array | None = None,
                 remat: bool = False) -> tuple[jax.Array, KVCache]:
@@ -95,23 +101,29 @@ class OrthrusLM(nnx.Module):
 
         Writes the chunk's K/V into the cache, attends causally, and advances each row's
         length by ``num_valid[b]`` (default ``T``; tokens past it are padding whose K/V
-        land in the stale region). Returns the final-normed hidden ``[B, T, D]``. ``remat``
-        recomputes each layer in the backward pass.
+        land in the stale region). Returns the final-normed hidden ``[B, T, D]`` and the
+        cache in the form it came in (stacked or per layer). ``remat`` recomputes each
+        layer in the backward pass.
         """
         c = self.config
         T = tokens.shape[1]
         positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        per_layer_cache = cache.per_layer
+        if per_layer_cache and not self.per_layer:
+            cache = stack_cache(cache)  # a traced layer index needs the stack
 
         def attention(q, k, v, layer, kv):
-            k_all = write_block(kv[0], layer, k, positions)
-            v_all = write_block(kv[1], layer, v, positions)
-            return causal_cache_attention(q, k_all[layer], v_all[layer], positions), \
-                (k_all, v_all)
+            kv = (write_block(kv[0], layer, k, positions), write_block(kv[1], layer, v, positions))
+            return causal_cache_attention(q, layer_kv(kv[0], layer), layer_kv(kv[1], layer),
+                                          positions), kv
 
         x, (k, v) = self._run_layers(AR_VIEW, self.embed(tokens), positions, attention,
                                      (cache.k, cache.v), remat)
         step = T if num_valid is None else num_valid.astype(jnp.int32)
-        return rms_norm(x, self.norm[...], c.rms_norm_eps), KVCache(k, v, cache.lengths + step)
+        out = KVCache(k, v, cache.lengths + step)
+        if per_layer_cache:
+            out = unstack_cache(out)
+        return rms_norm(x, self.norm[...], c.rms_norm_eps), out
 
     def diffusion_hidden(self, block: jax.Array, cache: KVCache) -> jax.Array:
         """Diffusion view over one block per row, ``block [B, K]`` (``[anchor, MASK, ...]``)
@@ -132,10 +144,13 @@ class OrthrusLM(nnx.Module):
         B, m, K = blocks.shape
         positions = (anchors[:, :, None] + jnp.arange(K, dtype=jnp.int32)).reshape(B, m * K)
 
+        if cache.per_layer and not self.per_layer:
+            cache = stack_cache(cache)  # a traced layer index needs the stack
+
         def attention(q, k, v, layer, state):
             split = lambda t: t.reshape(B, m, K, *t.shape[2:])  # noqa: E731
-            o = block_attention(split(q), cache.k[layer], cache.v[layer], split(k), split(v),
-                                anchors)
+            o = block_attention(split(q), layer_kv(cache.k, layer), layer_kv(cache.v, layer),
+                                split(k), split(v), anchors)
             return o.reshape(B, m * K, *o.shape[3:]), state
 
         x, _ = self._run_layers(DIFFUSION_VIEW, self.embed(blocks.reshape(B, m * K)), positions,

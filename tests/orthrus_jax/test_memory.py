@@ -187,10 +187,14 @@ def xla_train_temp(c: ModelConfig, batch: int, seq_len: int, anchors: int, remat
 # bfloat16 the CPU backend adds float32 copies of the weights, a GPU does not). The
 # estimate counts two float32 score arrays where XLA sometimes fuses the softmax into one.
 TOLERANCE = (0.8, 1.6)
+# Decoding scores: XLA keeps the float32 scores and their exponentials for some shapes
+# and fuses the exponentials into the product with V for others (then the estimate is
+# about 2x); the planner errs high.
+DECODE_TOLERANCE = (0.8, 2.2)
 
 
 @pytest.mark.parametrize(("layers", "batch", "context", "chunk"), [
-    (4, 2, 1000, 16),  # the decode loop dominates: its K/V slices grow with the layers
+    (4, 2, 1000, 8),  # the decode loop dominates (a prefill chunk of 8 is smaller)
     pytest.param(1, 2, 1000, 512, marks=pytest.mark.slow),  # the prefill chunk dominates
     pytest.param(2, 1, 3000, 512, marks=pytest.mark.slow)])
 def test_decode_activation_estimate_is_close_to_xla(layers, batch, context, chunk):
@@ -198,9 +202,9 @@ def test_decode_activation_estimate_is_close_to_xla(layers, batch, context, chun
     plan = plan_decode(config, dtype="float32", batch=batch, context=context,
                        chunk_size=chunk)
     terms = plan.details["activation_terms"]
-    assert (terms["iteration"] > terms["prefill"]) == (chunk == 16)
+    assert (terms["iteration"] > terms["prefill"]) == (chunk == 8)
     ratio = plan.per_device["activations"] / xla_decode_temp(config, plan)
-    assert TOLERANCE[0] <= ratio <= TOLERANCE[1], (ratio, terms)
+    assert DECODE_TOLERANCE[0] <= ratio <= DECODE_TOLERANCE[1], (ratio, terms)
 
 
 @pytest.mark.parametrize("remat", [True, pytest.param(False, marks=pytest.mark.slow)])

@@ -108,8 +108,8 @@ def test_chunked_prefill_equals_one_shot(cache_pair):
     np.testing.assert_allclose(np.asarray(ch_logits), np.asarray(one_logits), atol=TOL)
     assert list(np.asarray(ch_cache.lengths)) == [24, 19]
     for row, n in enumerate([24, 19]):
-        np.testing.assert_allclose(np.asarray(ch_cache.k[:, row, :n]),
-                                   np.asarray(one_cache.k[:, row, :n]), atol=TOL)
+        np.testing.assert_allclose(np.asarray(ch_cache.k[:, row, :, :n]),
+                                   np.asarray(one_cache.k[:, row, :, :n]), atol=TOL)
         # last-token logits are those of a full forward over the row alone
         ref = full_logits(model, tokens[row:row + 1, :n])[0, -1]
         np.testing.assert_allclose(np.asarray(ch_logits[row]), ref, atol=TOL)

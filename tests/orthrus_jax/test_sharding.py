@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from orthrus_jax.cache import init_cache
 from orthrus_jax.checkpoint import load_model, save_model
-from orthrus_jax.model import split_trainable
+from orthrus_jax.model import split_trainable, unstack_layers
 from orthrus_jax.sharding import logical_to_spec, make_mesh, parse_mesh_shape
 from tests.hf_reference import hf_model, to_orthrus
 
@@ -49,8 +49,13 @@ def test_sharded_load_gives_unsharded_logits(tmp_path, mesh_shape):
     fwd = jax.jit(lambda m, t, c: m(t, c))
     ref, _ = fwd(model, jnp.asarray(tokens), init_cache(model.config, 4, 16))
     cache = init_cache(sharded.config, 4, 16, mesh=mesh)
-    assert cache.k.sharding.spec == P(None, ("data", "fsdp"), None, "tensor", None)
+    assert cache.k.sharding.spec == P(None, ("data", "fsdp"), "tensor", None, None)
     out, cache = fwd(sharded, jnp.asarray(tokens), cache)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+    # The decoding form: per-layer weights and per-layer K/V, each sharded like one layer.
+    per_layer = init_cache(sharded.config, 4, 16, mesh=mesh, per_layer=True)
+    assert per_layer.k[0].sharding.spec == P(("data", "fsdp"), "tensor", None, None)
+    out, _ = fwd(unstack_layers(sharded), jnp.asarray(tokens), per_layer)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
 
 
