@@ -40,7 +40,7 @@ from collections.abc import Sequence
 import jax
 
 from infer.default_model import default_model_dir
-from infer.engine import MODES, Generator, summarize
+from infer.engine import MODES, Generator, check_dtypes, summarize
 from infer.generate import add_decoding_args, block_size_arg
 from infer.prompts import read_prompts_file
 from infer.sampling import SamplingParams
@@ -92,8 +92,11 @@ def run_bench(args: argparse.Namespace) -> dict:
     SamplingParams.make(args.temperature, args.top_k, args.top_p)  # fail before loading
     if args.model is None:
         args.model = str(default_model_dir())
+    if args.dtype is not None:  # a bad pair fails before loading
+        check_dtypes(args.dtype, args.compute_dtype)
     items = read_prompts_file(args.prompts_file)[:args.limit]  # never empty: --limit >= 1
-    gen = Generator.load(args.model, dtype=args.dtype, max_len=args.max_len)
+    gen = Generator.load(args.model, dtype=args.dtype, compute_dtype=args.compute_dtype,
+                         max_len=args.max_len)
     tokenizer = gen.tokenizer
     use_chat = args.chat == "on" or (
         args.chat == "auto" and bool(getattr(tokenizer, "chat_template", None)))
@@ -151,7 +154,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         "block_size": c.block_size,  # the head's trained size
         "decode_block_size": block_size,  # as asked: None (the trained size), K' or "auto"
         "block_plans": plans,  # what "auto" chose, per batch shape, with its prediction
-        "dtype": c.param_dtype,
+        "dtype": c.param_dtype,  # the weights'
+        "compute_dtype": c.dtype,  # activations, KV cache, accumulation
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0]),
         "num_prompts": len(ids),
@@ -188,7 +192,8 @@ def format_report(r: dict) -> str:
         f"sampling T={r['temperature']} top_k={r['top_k']} top_p={r['top_p']}"
     lines = [
         f"model {r['model']}: {r['layers']} layers, block size {r['block_size']}, "
-        f"{r['dtype']}, {r['backend']} ({r['device']})",
+        f"{r['dtype']} weights, {r.get('compute_dtype', r['dtype'])} compute, "
+        f"{r['backend']} ({r['device']})",
         f"{r['num_prompts']} prompts, max_new_tokens {r['max_new_tokens']}, batch size "
         f"{r['batch_size']}, {kind}",
         f"timing: best of {r['repeats']} round(s) after a warm-up per mode, compile excluded",
@@ -231,8 +236,9 @@ def format_report(r: dict) -> str:
         if not r["deterministic"]:
             lines.append("warning: greedy outputs changed between the warm-up and timed rounds")
     m = r["memory"]
-    lines.append(f"memory: weights {format_bytes(m['weight_bytes'])}, KV cache (largest) "
-                 f"{format_bytes(m['cache_bytes'])}; {format_peak(m)}")
+    lines.append(f"memory: weights {format_bytes(m['weight_bytes'])} ({r['dtype']}), KV cache "
+                 f"(largest) {format_bytes(m['cache_bytes'])} "
+                 f"({r.get('compute_dtype', r['dtype'])}); {format_peak(m)}")
     lines.append(f"load average: {' '.join(f'{x:.2f}' for x in r['load_average'])}")
     return "\n".join(lines)
 

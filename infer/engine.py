@@ -25,7 +25,8 @@ from infer.decode import FINISH_REASONS, DecodeInputs, row_keys, run, start
 from infer.prompts import check_messages, check_prompt_item, load_tokenizer
 from infer.sampling import SamplingParams
 from orthrus_jax.checkpoint import load_model
-from orthrus_jax.config import ModelConfig
+from orthrus_jax.cli import InputError
+from orthrus_jax.config import DTYPE_NAMES, ModelConfig
 from orthrus_jax.memory import peak_memory, tree_bytes
 from orthrus_jax.model import OrthrusLM, copy_diffusion, unstack_layers
 from orthrus_jax.sharding import Rules
@@ -112,6 +113,27 @@ def decode_dtype(stored: str, backend: str | None = None) -> str:
     return "float32" if backend == "cpu" and stored in ("bfloat16", "float16") else stored
 
 
+def check_dtypes(param_dtype: str, compute_dtype: str | None = None) -> str:
+    """The compute dtype for weights held in ``param_dtype`` (default: ``param_dtype``),
+    checked. Allowed: the same dtype, or float32 computation over 16-bit weights (the
+    fidelity option: every activation, the KV cache and accumulation in float32, so a
+    K-token verify and a 1-token step round alike). A compute dtype narrower than the
+    weights is refused (float32 weights rounded to bfloat16 at every use compute exactly
+    what bfloat16 weights do, at twice the memory: give ``--dtype`` instead), and so is
+    mixing bfloat16 with float16 (each loses what the other keeps)."""
+    for flag, name in (("--dtype", param_dtype), ("--compute-dtype", compute_dtype)):
+        if name is not None and name not in DTYPE_NAMES:
+            raise InputError(f"{flag} {name!r}: choose one of {list(DTYPE_NAMES)}")
+    compute_dtype = compute_dtype or param_dtype
+    if compute_dtype != param_dtype and compute_dtype != "float32":
+        hint = (f"give --dtype {compute_dtype} to store the weights in it" if
+                param_dtype == "float32" else "use float32 or the parameter dtype")
+        raise InputError(f"--compute-dtype {compute_dtype} with {param_dtype} weights "
+                         f"(--dtype {param_dtype}): the compute dtype must be float32 or the "
+                         f"parameter dtype; {hint}")
+    return compute_dtype
+
+
 class Generator:
     """A model with its compiled decode programs, cached per bucketed shape.
 
@@ -138,13 +160,18 @@ class Generator:
         self.compile_seconds: dict[tuple, float] = {}
 
     @classmethod
-    def load(cls, model_dir: str | Path, *, dtype: str | None = None, mesh: Mesh | None = None,
+    def load(cls, model_dir: str | Path, *, dtype: str | None = None,
+             compute_dtype: str | None = None, mesh: Mesh | None = None,
              **kwargs) -> Generator:
         """The engine for a model folder: its weights (cast to ``dtype``, default
         :func:`decode_dtype`; placed on ``mesh``), tokenizer and acceptance profile.
+        ``compute_dtype`` is the dtype of activations, the KV cache and matmul
+        accumulation (default: ``dtype``); see :func:`check_dtypes` for the pairs allowed.
         ``kwargs`` go to the constructor."""
         dtype = dtype or decode_dtype(ModelConfig.from_json_file(model_dir).param_dtype)
-        return cls(load_model(model_dir, param_dtype=dtype, mesh=mesh, per_layer=True),
+        compute_dtype = check_dtypes(dtype, compute_dtype)
+        return cls(load_model(model_dir, param_dtype=dtype, dtype=compute_dtype, mesh=mesh,
+                              per_layer=True),
                    load_tokenizer(model_dir), mesh=mesh,
                    profile=AcceptanceProfile.load(model_dir), **kwargs)
 
@@ -158,6 +185,13 @@ class Generator:
         if self._unstack:
             self._model = unstack_layers(self._model)
         return self._model
+
+    def describe_dtypes(self) -> str:
+        """``"bfloat16"`` when weights and computation share a dtype, else ``"bfloat16
+        weights, float32 compute"``."""
+        c = self.config
+        return c.param_dtype if c.dtype == c.param_dtype else \
+            f"{c.param_dtype} weights, {c.dtype} compute"
 
     def memory_report(self) -> dict[str, Any]:
         """What the engine holds, in bytes: ``weight_bytes`` (the model in its decoding
@@ -455,11 +489,13 @@ class Generator:
 
 
 def generate(model_dir: str | Path, prompts: Sequence[str | Sequence[int]], *,
-             chat: bool = False, dtype: str | None = None, **kwargs) -> list[GenerationResult]:
-    """Load ``model_dir`` and generate for text prompts or token-id lists.
+             chat: bool = False, dtype: str | None = None, compute_dtype: str | None = None,
+             **kwargs) -> list[GenerationResult]:
+    """Load ``model_dir`` (``dtype``, ``compute_dtype``: see :meth:`Generator.load`) and
+    generate for text prompts or token-id lists.
 
     Keyword arguments are those of :meth:`Generator.generate`.
     """
-    gen = Generator.load(model_dir, dtype=dtype)
+    gen = Generator.load(model_dir, dtype=dtype, compute_dtype=compute_dtype)
     ids = [gen.encode(p, chat) if isinstance(p, str) else list(p) for p in prompts]
     return gen.generate(ids, labels=list(prompts), **kwargs)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from infer.default_model import default_model_dir
-from infer.engine import DEFAULT_MAX_BATCH, MODES, Generator, summarize
+from infer.engine import DEFAULT_MAX_BATCH, MODES, Generator, check_dtypes, summarize
 from infer.prompts import read_prompts_file
 from infer.sampling import SamplingParams
 from orthrus_jax.cli import non_negative_int, positive_int, run_command
@@ -38,9 +38,7 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--eos-id", type=int, action="append", default=None,
                    help="end-of-sequence id (repeatable; overrides the config's)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
-                   help="parameter and compute dtype (default: as stored; bfloat16 and "
-                        "float16 decode in float32 on CPU)")
+    add_dtype_args(p)
     p.add_argument("--max-len", type=positive_int, default=None,
                    help="KV cache capacity (default: the model's max_position_embeddings)")
     p.add_argument("--block-size", type=parse_block_size, default=None,
@@ -51,6 +49,21 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-adapt", action="store_true",
                    help="with --block-size auto: keep the chosen size for the whole answer "
                         "instead of switching to AR steps and back by the acceptance seen")
+
+
+def add_dtype_args(p: argparse.ArgumentParser) -> None:
+    """``--dtype`` and ``--compute-dtype`` (shared by ``generate``, ``bench`` and ``serve``)."""
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                   help="parameter dtype: the weights are held in it, and computed in it "
+                        "unless --compute-dtype says otherwise (default: as stored; a model "
+                        "stored in bfloat16 or float16 decodes in float32 on CPU, where XLA "
+                        "has no 16-bit matmuls)")
+    p.add_argument("--compute-dtype", choices=DTYPE_NAMES, default=None,
+                   help="dtype of activations, the KV cache and matmul accumulation (default: "
+                        "the parameter dtype). --dtype bfloat16 --compute-dtype float32 holds "
+                        "the weights in bfloat16 and computes everything else in float32, so "
+                        "a K-token verify rounds as a 1-token step does and greedy Orthrus "
+                        "output equals AR output; float32 or the parameter dtype only")
 
 
 def parse_block_size(text: str) -> int | str:
@@ -113,10 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     SamplingParams.make(args.temperature, args.top_k, args.top_p)  # fail before loading
     mesh = make_mesh(args.mesh) if args.mesh else None
+    if args.dtype is not None:  # a bad pair fails before loading
+        check_dtypes(args.dtype, args.compute_dtype)
     items = read_prompts_file(args.prompts_file) if args.prompts_file else []  # checked first
     if args.model is None:
         args.model = default_model_dir()
-    gen = Generator.load(args.model, dtype=args.dtype, mesh=mesh, max_len=args.max_len)
+    gen = Generator.load(args.model, dtype=args.dtype, compute_dtype=args.compute_dtype,
+                         mesh=mesh, max_len=args.max_len)
     chat = args.chat == "on" or (
         args.chat == "auto" and bool(getattr(gen.tokenizer, "chat_template", None)))
     labels: list[Any] = []
@@ -180,10 +196,12 @@ def _main(args: argparse.Namespace) -> int:
             print(f"[{args.mode}] {plan}", file=sys.stderr)
     memory = gen.memory_report()
     if args.json:
-        print(json.dumps({"memory": memory}), file=sys.stderr)
+        print(json.dumps({"memory": memory, "dtype": gen.config.param_dtype,
+                          "compute_dtype": gen.config.dtype}), file=sys.stderr)
     else:
         print(f"[memory] weights {format_bytes(memory['weight_bytes'])} "
-              f"({gen.config.param_dtype}), KV cache {format_bytes(memory['cache_bytes'])}; "
+              f"({gen.config.param_dtype}), KV cache {format_bytes(memory['cache_bytes'])} "
+              f"({gen.config.dtype}, the compute dtype); "
               f"{format_peak(memory)}", file=sys.stderr)
     if args.compare_ar and args.mode == "orthrus":
         ar = gen.generate(ids, mode="ar", **options)

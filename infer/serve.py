@@ -659,7 +659,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=parse_block_size, default=None,
                    help="Orthrus block, fixed for all requests: 'auto' (resolved once at "
                         "start-up) or 1..K (default: auto with an acceptance profile, else K)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None)
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                   help="parameter dtype (default: as stored; bfloat16 and float16 decode in "
+                        "float32 on CPU)")
+    p.add_argument("--compute-dtype", choices=DTYPE_NAMES, default=None,
+                   help="activations, KV cache and accumulation (default: the parameter "
+                        "dtype); --dtype bfloat16 --compute-dtype float32: bfloat16 weights, "
+                        "float32 compute, greedy Orthrus output equal to AR's")
     p.add_argument("--mesh", default=None, help="shard the model, e.g. tensor=2")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--queue-size", type=positive_int, default=64,
@@ -694,18 +700,22 @@ def _main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from infer.default_model import default_model_dir
-    from infer.engine import Generator
+    from infer.engine import Generator, check_dtypes
     from orthrus_jax.sharding import make_mesh
 
     if not args.deadline > 0:
         raise InputError(f"--deadline {args.deadline} must be > 0")
+    if args.dtype is not None:  # a bad pair fails before loading
+        check_dtypes(args.dtype, args.compute_dtype)
     mesh = make_mesh(args.mesh) if args.mesh else None
     model_dir = args.model or default_model_dir()
-    gen = Generator.load(model_dir, dtype=args.dtype, mesh=mesh, max_len=args.max_len)
+    gen = Generator.load(model_dir, dtype=args.dtype, compute_dtype=args.compute_dtype,
+                         mesh=mesh, max_len=args.max_len)
     block = args.block_size if args.block_size is not None else (
         "auto" if gen.profile is not None and args.mode == "orthrus" else None)
     t0 = time.perf_counter()
-    print(f"warming up: {args.slots} slots, cache {args.max_len}, mode {args.mode}",
+    print(f"warming up: {args.slots} slots, cache {args.max_len}, mode {args.mode}, "
+          f"{gen.describe_dtypes()}",
           file=sys.stderr, flush=True)
     server = build_server(gen, slots=args.slots, mode=args.mode, block_size=block,
                           model_name=args.served_model_name or Path(model_dir).name,
