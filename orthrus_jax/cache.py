@@ -47,20 +47,16 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return _first_layer(self.k).shape[2]
+        return self.k[0].shape[2]  # layer 0 of either form
 
     @property
     def batch_size(self) -> int:
-        return _first_layer(self.k).shape[0]
+        return self.k[0].shape[0]
 
     @property
     def batch_axis(self) -> int:
         """The batch axis of each array of ``k`` and ``v``."""
         return 0 if self.per_layer else 1
-
-
-def _first_layer(kv: KV) -> jax.Array:
-    return kv[0] if isinstance(kv, tuple) else kv[0]
 
 
 def init_cache(

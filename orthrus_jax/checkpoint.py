@@ -33,7 +33,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, Sharding, SingleDeviceSharding
 
 from orthrus_jax.checksum import array_checksum
-from orthrus_jax.cli import InputError
+from orthrus_jax.cli import InputError, first_line
 from orthrus_jax.config import ModelConfig
 from orthrus_jax.model import OrthrusLM, is_unstacked, layer_sharding, unstack_layers
 from orthrus_jax.sharding import Rules, param_shardings
@@ -269,9 +269,8 @@ def _read(params_path: Path, read: Callable[[], Any]) -> Any:
             warnings.simplefilter("ignore", DeprecationWarning)
             return read()
     except Exception as e:
-        detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         raise InputError(f"{params_path}: unreadable parameter checkpoint "
-                         f"({type(e).__name__}: {detail}); convert or save the model "
+                         f"({type(e).__name__}: {first_line(e)}); convert or save the model "
                          "again") from e
 
 

@@ -24,6 +24,13 @@ class CommandError(RuntimeError):
 FAILURES = (ValueError, OSError, CommandError)
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of ``error``'s message (at most ``limit`` characters), for wrapping a
+    library's multi-line failure into a one-line :class:`InputError`."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
 def run_command(body: Callable[[], int | None]) -> int:
     """Run a command's ``body``; its exit status (``None``: 0), or 2 after printing a
     failure of :data:`FAILURES` in one line."""

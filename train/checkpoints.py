@@ -23,7 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from orthrus_jax.checksum import first_mismatch, tree_checksums
-from orthrus_jax.cli import InputError
+from orthrus_jax.cli import InputError, first_line
 
 
 class TrainCheckpoints:
@@ -55,9 +55,8 @@ class TrainCheckpoints:
                     state=ocp.args.StandardRestore(abstract_state),
                     meta=ocp.args.JsonRestore()))
         except Exception as e:  # Orbax/TensorStore raise anything for a damaged step
-            detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-            raise self._damaged(where, step, f"unreadable ({type(e).__name__}: {detail})") \
-                from e
+            raise self._damaged(where, step,
+                                f"unreadable ({type(e).__name__}: {first_line(e)})") from e
         meta = restored.meta
         if not isinstance(meta, dict) or meta.get("step") != step \
                 or not isinstance(meta.get("data"), dict) \
