@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 
 from infer.sampling import (
     SamplingParams,
+    argmax,
     filtered_log_probs,
     greedy_accept,
     sample,
@@ -133,7 +134,7 @@ def _accept_rows(keys, drafts, q_logp, p_logp) -> tuple[jax.Array, jax.Array]:
 def _pick(keys: jax.Array, logits: jax.Array, sampling: SamplingParams, greedy: bool):
     """Next token of each row from ``logits [B, V]``: argmax, or a draw with ``keys [B]``
     (argmax for rows at temperature 0)."""
-    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    best = argmax(logits)
     if greedy:
         return best
     greedy_rows = _greedy_rows(sampling, logits.shape[0])
@@ -217,7 +218,7 @@ def orthrus_step(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs,
     block = jnp.concatenate(
         [state.anchor[:, None], jnp.full((B, K - 1), c.mask_token_id, jnp.int32)], axis=1)
     q_logits = model.logits(model.diffusion_hidden(block, cache)[:, :-1])  # [B, K-1, V]
-    drafts = jnp.argmax(q_logits, axis=-1).astype(jnp.int32)
+    drafts = argmax(q_logits)
     if not greedy:
         k_draft, k_accept = _iteration_keys(state, 2)
         sampling = _safe(inputs.sampling)

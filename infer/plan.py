@@ -10,7 +10,8 @@ docs/memory.md for the formulas.
 
 Decoding: ``--batch`` rows of up to ``--context`` tokens each (prompt + output); the cache
 holds ``context + K`` positions rounded up to a power of two as the engine does, at most
-``--max-len``. Training (``--train``): ``--batch`` sequences of ``--seq-len`` tokens with
+``--max-len``, in ``--compute-dtype`` (as ``infer.generate``'s: default ``--dtype``).
+Training (``--train``): ``--batch`` sequences of ``--seq-len`` tokens with
 ``--anchors-per-seq`` blocks of ``--block-size``, per-layer remat unless ``--no-remat``.
 """
 
@@ -21,7 +22,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from orthrus_jax.cli import positive_int, run_command
+from infer.engine import check_dtypes
+from orthrus_jax.cli import InputError, positive_int, run_command
 from orthrus_jax.config import DTYPE_NAMES, ModelConfig
 from orthrus_jax.memory import (
     DEFAULT_CHUNK_SIZE,
@@ -56,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model folder or HF config.json (no weights are read)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="parameter and compute dtype (default: the config's)")
+    p.add_argument("--compute-dtype", choices=DTYPE_NAMES, default=None,
+                   help="decode: dtype of the KV cache and activations, as infer.generate's "
+                        "(default: --dtype; float32 with bfloat16 weights is the fidelity "
+                        "option)")
     p.add_argument("--batch", type=positive_int, default=1, help="rows (decode) or "
                    "sequences per step (train)")
     p.add_argument("--context", type=positive_int, default=2048,
@@ -91,6 +97,8 @@ def make_plan(args: argparse.Namespace) -> tuple[ModelConfig, MemoryPlan]:
     config = ModelConfig.from_json_file(args.config)
     dtype = args.dtype or config.param_dtype
     if args.train:
+        if args.compute_dtype is not None:
+            raise InputError("--compute-dtype plans decoding; a train step computes in --dtype")
         block = args.block_size or config.block_size
         if args.seq_len < block + 1:
             raise ValueError(f"--seq-len {args.seq_len} is below block size + 1 ({block + 1})")
@@ -101,13 +109,16 @@ def make_plan(args: argparse.Namespace) -> tuple[ModelConfig, MemoryPlan]:
     return config, plan_decode(config, dtype=dtype, batch=args.batch, context=args.context,
                                block_size=args.block_size, mesh=args.mesh,
                                max_new_tokens=args.max_new_tokens, max_len=args.max_len,
-                               chunk_size=args.chunk_size)
+                               chunk_size=args.chunk_size,
+                               compute_dtype=check_dtypes(dtype, args.compute_dtype))
 
 
 def _headline(config: ModelConfig, plan: MemoryPlan) -> str:
     d = plan.details
     shape = (f"{config.model_type}, {config.num_hidden_layers} layers, hidden "
              f"{config.hidden_size}, vocab {config.vocab_size}, {d['dtype']}")
+    if d.get("compute_dtype", d["dtype"]) != d["dtype"]:
+        shape += f" weights, {d['compute_dtype']} compute"
     if plan.kind == "train":
         return (f"{shape}; train batch {d['batch']} x {d['seq_len']} tokens, "
                 f"{d['anchors_per_seq']} anchors of block {d['block_size']}, "

@@ -110,6 +110,20 @@ def sample(key: jax.Array, log_probs: jax.Array) -> jax.Array:
     return jax.random.categorical(key, log_probs, axis=-1).astype(jnp.int32)
 
 
+def argmax(logits: jax.Array) -> jax.Array:
+    """``jnp.argmax(logits, axis=-1)`` as int32 ``[...]``, for ``logits [..., V]``: the first
+    index of the largest value (of the first NaN, if any).
+
+    Computed as a maximum, then the least index holding it: two plain reductions that XLA
+    vectorises, where its fused index-and-value reduction of ``jnp.argmax`` is not (on CPU,
+    ``[16, 8192]`` float32: ~0.1 ms against ~0.3 ms).
+    """
+    top = jnp.max(logits, axis=-1, keepdims=True)  # NaN if any entry is NaN
+    hit = (logits == top) | jnp.isnan(logits)
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
 def greedy_accept(drafts: jax.Array, verify_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Greedy acceptance. ``drafts [B, K-1]``; ``verify_logits [B, K, V]`` where position
     ``i`` predicts the token after draft ``i`` (``i = 0``: after the anchor).
@@ -117,7 +131,7 @@ def greedy_accept(drafts: jax.Array, verify_logits: jax.Array) -> tuple[jax.Arra
     Returns ``(j [B], next_anchor [B])``: ``j`` = longest prefix with
     ``drafts[i] == argmax p_i``; the next anchor is ``argmax p_j``.
     """
-    target = jnp.argmax(verify_logits, axis=-1).astype(jnp.int32)  # [B, K]
+    target = argmax(verify_logits)  # [B, K]
     j = _prefix_length(drafts == target[:, :-1])
     return j, jnp.take_along_axis(target, j[:, None], axis=1)[:, 0]
 

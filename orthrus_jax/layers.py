@@ -33,13 +33,19 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (y * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """HF "rotate half" RoPE. ``x``: ``[B, T, H, D]``; ``positions``: ``[B, T]``."""
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2 / x.shape[-1]))
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """The RoPE ``(cos, sin)`` tables of ``positions [B, T]``, each ``[B, T, 1, head_dim / 2]``
+    float32: computed once per pass and shared by every layer's queries and keys."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2 / head_dim))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def rope(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """HF "rotate half" RoPE of ``x [B, T, H, D]`` with :func:`rope_tables` of its positions."""
+    cos, sin = tables
+    half = x.shape[-1] // 2
     x32 = x.astype(jnp.float32)
     x1, x2 = x32[..., :half], x32[..., half:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -105,9 +111,11 @@ def mlp(p: dict, x: jax.Array) -> jax.Array:
     return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down_proj"].astype(dt))
 
 
-def project_qkv(p: dict, x: jax.Array, positions: jax.Array, config: ModelConfig):
+def project_qkv(p: dict, x: jax.Array, rope_at: tuple[jax.Array, jax.Array],
+                config: ModelConfig):
     """q ``[B, T, Hq, hd]``, k and v ``[B, T, Hkv, hd]`` for one layer's projections
-    ``p``: projection, bias, per-head norm, RoPE at ``positions [B, T]``."""
+    ``p``: projection, bias, per-head norm, RoPE with the tables ``rope_at`` of the
+    tokens' positions (:func:`rope_tables`)."""
     dt = x.dtype
     q = jnp.einsum("btd,dhk->bthk", x, p["q_proj"].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", x, p["k_proj"].astype(dt))
@@ -119,8 +127,8 @@ def project_qkv(p: dict, x: jax.Array, positions: jax.Array, config: ModelConfig
     if config.qk_norm:
         q = rms_norm(q, p["q_norm"], config.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], config.rms_norm_eps)
-    q = rope(q, positions, config.rope_theta)
-    k = rope(k, positions, config.rope_theta)
+    q = rope(q, rope_at)
+    k = rope(k, rope_at)
     return q, k, v
 
 

@@ -276,8 +276,9 @@ def _bucket(n: int, minimum: int = 1) -> int:
     return 1 << (max(n, minimum) - 1).bit_length()
 
 
-def _planning_config(config: ModelConfig, dtype: str, block_size: int | None) -> ModelConfig:
-    changes: dict[str, Any] = {"dtype": dtype, "param_dtype": dtype}
+def _planning_config(config: ModelConfig, dtype: str, block_size: int | None,
+                     compute_dtype: str | None = None) -> ModelConfig:
+    changes: dict[str, Any] = {"dtype": compute_dtype or dtype, "param_dtype": dtype}
     if block_size is not None:
         changes["block_size"] = block_size
     if config.mask_token_id is None:  # an HF config has none; any id plans the same
@@ -341,8 +342,14 @@ def _decode_activation_bytes(c: ModelConfig, sh: _Sharder, batch: int, cache_len
         + DECODE_LOGIT_ARRAYS * b * K * v * 4
     buffers = 2 * b * cache_len * 4  # int32 prompt and output token buffers
     gathered = _gathered_layer_bytes(c, sh, _view_weight_bytes(c))
-    return {"prefill": prefill, "iteration": iteration,
-            "total": max(prefill, iteration) + buffers + gathered}
+    # Weights held in a narrower dtype than the compute dtype are converted before their
+    # products; counted as if XLA does not fuse the conversion: the largest one, the LM
+    # head, in the compute dtype.
+    converted = 0
+    if c.jnp_dtype != c.jnp_param_dtype:
+        converted = v * sh.split(c.hidden_size, "embed") * np.dtype(c.jnp_dtype).itemsize
+    return {"prefill": prefill, "iteration": iteration, "converted_weights": converted,
+            "total": max(prefill, iteration) + buffers + gathered + converted}
 
 
 def _train_activation_bytes(c: ModelConfig, sh: _Sharder, batch: int, seq_len: int,
@@ -401,17 +408,20 @@ def decode_cache_len(config: ModelConfig, context: int, *, max_new_tokens: int |
 def plan_decode(config: ModelConfig, *, dtype: str, batch: int, context: int,
                 block_size: int | None = None, mesh: Any = None, rules: Rules | None = None,
                 max_new_tokens: int | None = None, max_len: int | None = None,
-                chunk_size: int = DEFAULT_CHUNK_SIZE) -> MemoryPlan:
+                chunk_size: int = DEFAULT_CHUNK_SIZE,
+                compute_dtype: str | None = None) -> MemoryPlan:
     """Per-device memory of decoding ``batch`` rows with :class:`infer.engine.Generator`:
     ``context`` tokens per row (prompt + output), or, with ``max_new_tokens``, a prompt of
     ``context`` tokens plus that many new ones (:func:`decode_cache_len`).
 
-    Weights are held once, in per-layer form, cast to ``dtype``; ``block_size``
+    Weights are held once, in per-layer form, cast to ``dtype``; the KV cache and the
+    activations are in ``compute_dtype`` (default ``dtype``: the engine's
+    ``compute_dtype``, e.g. bfloat16 weights with float32 compute); ``block_size``
     overrides the config's ``K``; ``mesh`` (a mesh, a mapping of axis sizes or
     ``"data=1,tensor=8"``) and ``rules`` shard them as
     :func:`orthrus_jax.sharding.shard_model` would.
     """
-    c = _planning_config(config, dtype, block_size)
+    c = _planning_config(config, dtype, block_size, compute_dtype)
     sh = _Sharder(mesh_shape(mesh), rules)
     cache_len = decode_cache_len(c, context, max_new_tokens=max_new_tokens, max_len=max_len,
                                  chunk_size=chunk_size)
@@ -424,7 +434,7 @@ def plan_decode(config: ModelConfig, *, dtype: str, batch: int, context: int,
     acts = _decode_activation_bytes(c, sh, batch, cache_len, prefill_tokens)
     per_device = {"weights": _state_bytes(sh, state, per_layer=True), "cache": cache,
                   "activations": acts["total"]}
-    details = {"dtype": dtype, "batch": batch, "context": context,
+    details = {"dtype": dtype, "compute_dtype": c.dtype, "batch": batch, "context": context,
                "max_new_tokens": max_new_tokens, "cache_len": cache_len,
                "block_size": c.block_size, "prefill_tokens": prefill_tokens,
                "unsharded_weights": tree_bytes(state),

@@ -27,6 +27,7 @@ from orthrus_jax.layers import (
     project_out,
     project_qkv,
     rms_norm,
+    rope_tables,
 )
 
 # The two attention views, by the name of their projections in ``DecoderLayers``.
@@ -175,11 +176,12 @@ class OrthrusLM(nnx.Module):
         """
         c = self.config
         params = self._layer_params(view)
+        rope_at = rope_tables(positions, c.head_dim, c.rope_theta)  # once for all layers
 
         def body(carry, layer, p):
             x, state = carry
             h = rms_norm(x, p["input_norm"], c.rms_norm_eps)
-            q, k, v = project_qkv(p["attn"], h, positions, c)
+            q, k, v = project_qkv(p["attn"], h, rope_at, c)
             o, state = attention(q, k, v, layer, state)
             x = x + project_out(p["attn"], o, c)
             x = x + mlp(p["mlp"], rms_norm(x, p["post_attn_norm"], c.rms_norm_eps))

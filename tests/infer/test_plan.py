@@ -75,6 +75,21 @@ def test_json_is_the_planners_plan(hf_config):
     assert r["device_memory"] == 80 * 2**30
 
 
+def test_compute_dtype_is_planned_as_the_engine_holds_it(hf_config):
+    config = ModelConfig.from_json_file(hf_config)
+    status, out, err = run("--config", hf_config, "--dtype", "bfloat16", "--compute-dtype",
+                           "float32", "--context", 4000, "--json")
+    assert status == 0, err
+    r = json.loads(out)
+    expected = plan_decode(config, dtype="bfloat16", compute_dtype="float32", batch=1,
+                           context=4000)
+    assert r["per_device"] == expected.per_device
+    assert r["details"]["compute_dtype"] == "float32" and r["details"]["dtype"] == "bfloat16"
+    status, out, _ = run("--config", hf_config, "--dtype", "bfloat16", "--compute-dtype",
+                         "float32", "--context", 4000)
+    assert status == 0 and "bfloat16 weights, float32 compute" in out
+
+
 def test_train_plan_as_json(tmp_path):
     TINY.save(tmp_path)
     status, out, err = run("--config", tmp_path, "--train", "--seq-len", 64,
@@ -94,6 +109,10 @@ def test_train_plan_as_json(tmp_path):
     (["--device-memory", "lots"], "argument --device-memory: 'lots' is not a size"),
     (["--batch", "0"], "argument --batch: 0 must be >= 1"),
     (["--dtype", "int8"], "argument --dtype: invalid choice"),
+    (["--dtype", "float32", "--compute-dtype", "bfloat16"],
+     "error: --compute-dtype bfloat16 with float32 weights (--dtype float32)"),
+    (["--train", "--compute-dtype", "float32"],
+     "error: --compute-dtype plans decoding; a train step computes in --dtype"),
     (["--train", "--seq-len", "16"], "error: --seq-len 16 is below block size + 1 (33)"),
     (["--mesh", "tensor=16"], "('kv_heads', size 8) is not divisible by 16 shards"),
     (["--context", "40960"], "error: context 40960 leaves no room in a cache of 40960"),

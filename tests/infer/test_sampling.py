@@ -25,6 +25,7 @@ from infer.engine import Generator
 from infer.sampling import (
     MAX_TOP_K,
     SamplingParams,
+    argmax,
     filtered_log_probs,
     greedy_accept,
     sample,
@@ -287,6 +288,32 @@ def test_no_full_sort_when_compiled():
     params = jax.device_put(SamplingParams.make(1.0, 5, 0.9), cpu)
     hlo = jax.jit(filtered_log_probs).lower(x, params).compile().as_text()
     assert not [line for line in hlo.splitlines() if " sort(" in line and "5000]" in line]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_argmax_equals_jnp_argmax(dtype):
+    """Ties (first index wins), NaN (first NaN wins), +-inf and all -inf rows, signed zeros,
+    random rows: every row as ``jnp.argmax``, compiled or not."""
+    rng = np.random.default_rng(0)
+    rows = [rng.normal(size=64) for _ in range(20)]
+    rows += [rng.integers(-2, 3, size=64).astype(float) for _ in range(20)]  # many ties
+    special = np.zeros((8, 64))
+    special[0, [5, 9]] = np.nan
+    special[1, [3, 40]] = np.inf
+    special[2] = -np.inf
+    special[3, 7] = np.nan
+    special[3, 2] = np.inf
+    special[4, 10] = -0.0
+    special[5, :] = -0.0
+    special[5, 30] = 0.0
+    special[6, 63] = 1.0
+    special[7, 0] = np.nan
+    x = jnp.asarray(np.concatenate([np.stack(rows), special]), dtype).reshape(6, 8, 64)
+    want = np.asarray(jnp.argmax(x, axis=-1))
+    for fn in (argmax, jax.jit(argmax)):
+        got = fn(x)
+        assert got.dtype == jnp.int32 and got.shape == (6, 8)
+        np.testing.assert_array_equal(np.asarray(got), want)
 
 
 # --------------------------------------------------------------------------- acceptance

@@ -203,7 +203,7 @@ def test_model_equals_the_old_attention(models):
     _, start = model(prefix, start, num_valid=jnp.array([10, 13 - 4]))  # lengths 10, 9
     lengths = start.lengths
     # The reference: the same decoder body with the old attention and cache layout.
-    from orthrus_jax.layers import mlp, project_out, project_qkv, rms_norm
+    from orthrus_jax.layers import mlp, project_out, project_qkv, rms_norm, rope_tables
 
     def layer_params(view, i):
         layers = nnx.to_pure_dict(nnx.state(model.layers))
@@ -222,7 +222,7 @@ def test_model_equals_the_old_attention(models):
         for i in range(c.num_hidden_layers):
             p = layer_params(view, i)
             h = rms_norm(x, p["input_norm"], c.rms_norm_eps)
-            q, k, v = project_qkv(p["attn"], h, positions, c)
+            q, k, v = project_qkv(p["attn"], h, rope_tables(positions, c.head_dim, c.rope_theta), c)
             if view == "attn":
                 kc, vc = old_write(old_k, i, k, positions), old_write(old_v, i, v, positions)
                 o = old_causal(q, kc[i], vc[i], positions)

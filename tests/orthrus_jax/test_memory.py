@@ -74,6 +74,27 @@ def test_decode_plan_weights_and_cache_equal_the_real_arrays(dtype, tied):
     assert plan.total_bytes == sum(plan.per_device.values())
 
 
+def test_decode_plan_with_a_compute_dtype_counts_what_the_engine_holds():
+    """bfloat16 weights with float32 compute (the engine's ``compute_dtype``): weights as
+    bfloat16, the cache as float32, plus the LM head converted to float32."""
+    config = tiny(tie_word_embeddings=True)
+    plan = plan_decode(config, dtype="bfloat16", compute_dtype="float32", batch=3, context=50)
+    model = unstack_layers(build(tiny(tie_word_embeddings=True).replace(param_dtype="bfloat16")))
+    assert model.config.dtype == "float32" and model.config.param_dtype == "bfloat16"
+    assert plan.per_device["weights"] == tree_bytes(model)
+    cache = init_cache(model.config, 3, plan.details["cache_len"])
+    assert cache.k.dtype == jnp.float32 and plan.per_device["cache"] == tree_bytes(cache)
+    terms = plan.details["activation_terms"]
+    assert terms["converted_weights"] == config.vocab_size * config.hidden_size * 4
+    plain = plan_decode(config, dtype="bfloat16", batch=3, context=50)
+    assert plain.details["activation_terms"]["converted_weights"] == 0
+    assert plain.per_device["weights"] == plan.per_device["weights"]
+    lengths = 3 * 4  # int32 [B]
+    assert plan.per_device["cache"] - lengths == 2 * (plain.per_device["cache"] - lengths)
+    assert plan.details["compute_dtype"] == "float32" == plan_decode(
+        config, dtype="float32", batch=3, context=50).details["compute_dtype"]
+
+
 def test_train_plan_matches_the_trainer_on_an_8_device_mesh():
     config = tiny("bfloat16", tie_word_embeddings=True)
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
