@@ -267,8 +267,16 @@ class Generator:
         size decodes) for Orthrus, 1 for AR. It sizes the cache and the histograms."""
         return self.config.block_size if mode == "orthrus" else 1
 
-    def _max_len(self, mode: str, prompt_len: int, out_len: int) -> int:
-        return min(bucket(prompt_len + out_len + self._max_block(mode)), self.max_len)
+    def _max_len(self, prompt_len: int, out_len: int) -> int:
+        """Cache positions for a batch of padded prompt length ``prompt_len`` and output
+        room ``out_len``: their sum rounded up to a power of two, at most ``max_len``.
+
+        A row holds at most ``prompt + max_new_tokens - 1`` positions (its newest token is
+        not cached), so no room is kept for a verify block: K/V written past the end are
+        dropped and never committed (``decode._commit``). Attention reads the whole cache,
+        so every position kept beyond that costs time in every pass.
+        """
+        return min(bucket(prompt_len + out_len), self.max_len)
 
     def _programs(self, mode: str, blocks: tuple[int, ...], greedy: bool, batch: int,
                   prompt_len: int, out_len: int, n_eos: int):
@@ -276,7 +284,7 @@ class Generator:
         recorded."""
         max_block = self._max_block(mode)
         chunk = self.chunk_size if prompt_len > self.chunk_size else None
-        max_len = self._max_len(mode, prompt_len, out_len)
+        max_len = self._max_len(prompt_len, out_len)
         key = (mode, blocks, greedy, batch, prompt_len, out_len, max_len, n_eos)
         if key not in self._compiled:
             t0 = time.perf_counter()
@@ -339,7 +347,6 @@ class Generator:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
         sampling = SamplingParams.make(temperature, top_k, top_p)
         greedy = temperature == 0.0
-        max_block = self._max_block(mode)
         if mode == "ar" and block_size not in (None, 1):
             raise ValueError(f"block_size={block_size!r} applies to mode 'orthrus' only")
         self._check_block_size(block_size)
@@ -347,7 +354,7 @@ class Generator:
             self._check_ids(ids)
         eos_arr = eos_array(self.config.eos_token_id, eos_ids)
         batch_size = batch_size or default_batch_size(len(prompts))
-        out_len = bucket(max_new_tokens + max_block)
+        out_len = bucket(max_new_tokens)  # tokens past a row's budget are never stored
         key = jax.random.key(seed)  # row i draws with fold_in(key, i) (decode.row_keys)
         results: list[GenerationResult] = []
         for lo in range(0, len(prompts), batch_size):
@@ -355,7 +362,7 @@ class Generator:
             prompt_len = self._prompt_bucket(rows)
             block_plan = BlockPlan((1,), 1) if mode == "ar" else self.block_plan(
                 block_size, greedy=greedy, batch_size=batch_size,
-                max_len=self._max_len(mode, prompt_len, out_len), adaptive=adaptive)
+                max_len=self._max_len(prompt_len, out_len), adaptive=adaptive)
             results += self._batch(rows, lo, batch_size, out_len, mode, block_plan, greedy,
                                    sampling, max_new_tokens, eos_arr, key, stream, stream_every)
         for r, label in zip(results, labels or [None] * len(results), strict=True):

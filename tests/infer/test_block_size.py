@@ -148,7 +148,7 @@ def test_adaptive_loop_switches_and_stays_lossless(tmp_path):
         prompts = _prompts(seed=23, n=4)
         ar = _run(gen, prompts, "ar", 2, max_new_tokens=40)
         res = _run(gen, prompts, "orthrus", 2, max_new_tokens=40, block_size="auto")
-        chosen = gen.block_plan("auto", batch_size=2, max_len=gen._max_len("orthrus", 16, 64))
+        chosen = gen.block_plan("auto", batch_size=2, max_len=gen._max_len(16, 64))
         assert chosen.adaptive and chosen.best == K
         assert _summary(res) == _summary(ar)
         hist = np.sum([r.block_hist for r in res], axis=0)
