@@ -4,7 +4,8 @@ floor.
 For a model folder (``--model DIR``) or a model of random weights built from an HF
 ``config.json`` (``--config FILE``: no checkpoint needed, e.g. a Qwen3-8B shape on a GPU),
 with a cache holding ``--context`` positions per row, it times (median of ``--repeats``
-calls, compile excluded):
+calls, compile excluded; the passes take turns, one call each per round, so a slow spell
+of a shared machine falls on all of them):
 
 - ``ar_step``: one token through the AR view, writing its K/V, plus its logits;
 - ``diffusion_pass``: the block ``[anchor, MASK x (K-1)]`` through the diffusion view,
@@ -16,6 +17,10 @@ K/V of ``--context`` positions; the memory floor is those bytes over the device'
 bandwidth (measured here: a jitted copy of ``--copy-mib`` MiB, read plus write). The ratio
 time / floor is 1 for a pass that only streams memory; compute-bound passes (long blocks
 on a CPU) sit far above it. The model runs as the decoder runs it (per-layer weights).
+
+Several contexts (``--context 256,2048``) are timed in the same rounds, each with its own
+cache, and the report adds each pass's time at every context relative to the first
+(``relative_to_first_context``): the cost of a longer context measured in one run.
 """
 
 from __future__ import annotations
@@ -37,6 +42,20 @@ from orthrus_jax.checkpoint import load_model
 from orthrus_jax.cli import positive_int, run_command
 from orthrus_jax.config import DTYPE_NAMES, ModelConfig
 from orthrus_jax.model import AR_VIEW, DIFFUSION_VIEW, OrthrusLM, unstack_layers
+
+
+def _interleaved_medians(calls: dict[Any, Callable[[], Any]], repeats: int) -> dict[Any, float]:
+    """Median wall time of each ``calls[name]()`` (awaited) over ``repeats`` rounds in
+    which every call runs once, in turn, after one warm-up call each (compiles)."""
+    for call in calls.values():
+        jax.block_until_ready(call())
+    times: dict[Any, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(call())
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def _median_seconds(call: Callable[[], Any], repeats: int) -> float:
@@ -91,85 +110,143 @@ def time_passes(model: OrthrusLM, *, blocks: Sequence[int], batch_size: int = 1,
     """Median seconds of the decode passes over a cache filled to ``context`` positions
     (of ``context + max(blocks)``): ``{"ar_step": s, "diffusion_pass": {K: s},
     "verify_pass": {K: s}}`` for every ``K >= 2`` in ``blocks``. Compile excluded."""
+    return time_passes_at(model, blocks=blocks, batch_size=batch_size, contexts=[context],
+                          repeats=repeats, seed=seed)[context]
+
+
+def time_passes_at(model: OrthrusLM, *, blocks: Sequence[int], contexts: Sequence[int],
+                   batch_size: int = 1, repeats: int = 10, seed: int = 0) -> dict[int, dict]:
+    """:func:`time_passes` at every context of ``contexts``, all timed in the same rounds
+    (each round runs every pass at every context once): ``{context: result}``."""
     c = model.config
-    if context < 1:
-        raise ValueError(f"context={context} must be >= 1")
     blocks = sorted({int(k) for k in blocks if k >= 2})
-    max_len = context + max(blocks, default=1)
-    if max_len > c.max_position_embeddings:
-        raise ValueError(f"context {context} + block {max_len - context} exceeds the model's "
-                         f"max_position_embeddings {c.max_position_embeddings}")
+    for context in contexts:
+        if context < 1:
+            raise ValueError(f"context={context} must be >= 1")
+        if context + max(blocks, default=1) > c.max_position_embeddings:
+            raise ValueError(f"context {context} + block {max(blocks, default=1)} exceeds the "
+                             f"model's max_position_embeddings {c.max_position_embeddings}")
     model = unstack_layers(model)
     rng = np.random.default_rng(seed)
-    cache = init_cache(c, batch_size, max_len, per_layer=True)  # the decoder's form
-    # Random K/V (their values do not change the cost) in the first `context` positions.
-    keys = iter(jax.random.split(jax.random.key(seed), c.num_hidden_layers))
-    kv = tuple(jax.random.normal(next(keys), a.shape, a.dtype) for a in cache.k)
-    cache = KVCache(kv, tuple(a * 0.5 for a in kv), jnp.full((batch_size,), context, jnp.int32))
-    lengths = cache.lengths
     mask = c.mask_token_id if c.mask_token_id is not None else 0
 
-    def ar(m, t, k, v):  # lengths stay at `context`: every call writes the same positions
+    def ar(m, t, k, v, lengths):  # lengths stay put: every call writes the same positions
         hidden, cache = m.ar_hidden(t, KVCache(k, v, lengths))
         return m.logits(hidden), cache.k, cache.v
 
     ar_fn = jax.jit(ar, donate_argnums=(2, 3))  # the K/V write is in place, as in decoding
     diffusion_fn = jax.jit(lambda m, b, cache: m.logits(m.diffusion_hidden(b, cache)[:, :-1]))
-    held = [cache]
-
-    def ar_call(t: jax.Array) -> Callable[[], jax.Array]:
-        def call() -> jax.Array:
-            logits, k, v = ar_fn(model, t, held[0].k, held[0].v)
-            held[0] = KVCache(k, v, lengths)
-            return logits
-        return call
 
     def tokens(k: int) -> jax.Array:
         return jnp.asarray(rng.integers(0, c.vocab_size, (batch_size, k)), jnp.int32)
 
-    out: dict = {"ar_step": _median_seconds(ar_call(tokens(1)), repeats),
-                 "diffusion_pass": {}, "verify_pass": {}}
-    for k in blocks:
-        block = tokens(k).at[:, 1:].set(mask)
-        out["diffusion_pass"][k] = _median_seconds(
-            lambda b=block: diffusion_fn(model, b, held[0]), repeats)
-        out["verify_pass"][k] = _median_seconds(ar_call(tokens(k)), repeats)
+    calls: dict[tuple, Callable[[], jax.Array]] = {}
+    for context in contexts:
+        cache = init_cache(c, batch_size, context + max(blocks, default=1), per_layer=True)
+        # Random K/V (their values do not change the cost) in the first `context` positions.
+        keys = iter(jax.random.split(jax.random.key(seed), c.num_hidden_layers))
+        kv = tuple(jax.random.normal(next(keys), a.shape, a.dtype) for a in cache.k)
+        held = [KVCache(kv, tuple(a * 0.5 for a in kv),
+                        jnp.full((batch_size,), context, jnp.int32))]
+
+        def ar_call(t: jax.Array, held=held) -> Callable[[], jax.Array]:
+            def call() -> jax.Array:
+                logits, k, v = ar_fn(model, t, held[0].k, held[0].v, held[0].lengths)
+                held[0] = KVCache(k, v, held[0].lengths)
+                return logits
+            return call
+
+        calls[(context, "ar_step", 1)] = ar_call(tokens(1))
+        for k in blocks:
+            block = tokens(k).at[:, 1:].set(mask)
+            calls[(context, "diffusion_pass", k)] = (
+                lambda b=block, held=held: diffusion_fn(model, b, held[0]))
+            calls[(context, "verify_pass", k)] = ar_call(tokens(k))
+    medians = _interleaved_medians(calls, repeats)
+    out: dict[int, dict] = {}
+    for (context, name, k), t in medians.items():
+        r = out.setdefault(context, {"ar_step": None, "diffusion_pass": {}, "verify_pass": {}})
+        if name == "ar_step":
+            r[name] = t
+        else:
+            r[name][k] = t
     return out
 
 
-def measure(model: OrthrusLM, *, batch_size: int = 1, context: int = 2048, repeats: int = 10,
-            copy_mib: int = 1024, seed: int = 0) -> dict:
-    """Time the three passes over a cache filled to ``context``; see the module doc."""
+def measure(model: OrthrusLM, *, batch_size: int = 1, context: int | Sequence[int] = 2048,
+            repeats: int = 10, copy_mib: int = 1024, seed: int = 0) -> dict:
+    """Time the three passes over a cache filled to ``context`` (one context, or several
+    timed in the same rounds); see the module doc.
+
+    One context: ``{"context": C, "passes": {name: {"seconds", "floor_seconds",
+    "ratio_to_floor"}}, ...}``. Several: ``"contexts"`` lists them and ``"passes"`` holds
+    one such mapping per context (keyed by the context as a string), each pass also with
+    ``relative_to_first_context``.
+    """
     c = model.config
     K = c.block_size
-    seconds = time_passes(model, blocks=[K], batch_size=batch_size, context=context,
-                          repeats=repeats, seed=seed)
+    contexts = [context] if isinstance(context, int) else list(context)
+    if len(set(contexts)) != len(contexts):
+        raise ValueError(f"contexts {contexts} repeat a value")
+    seconds = time_passes_at(model, blocks=[K], batch_size=batch_size, contexts=contexts,
+                             repeats=repeats, seed=seed)
     bandwidth = copy_bandwidth(copy_mib)
     cache = init_cache(c, batch_size, 1)
     out = {"model_type": c.model_type, "layers": c.num_hidden_layers,
            "hidden_size": c.hidden_size, "block_size": K, "dtype": c.dtype,
-           "batch_size": batch_size, "context": context, "backend": jax.default_backend(),
-           "device": str(jax.devices()[0]), "copy_bandwidth_gb_s": bandwidth / 1e9,
-           "passes": {}}
-    for name, view, t in (("ar_step", AR_VIEW, seconds["ar_step"]),
-                          ("diffusion_pass", DIFFUSION_VIEW, seconds["diffusion_pass"][K]),
-                          ("verify_pass", AR_VIEW, seconds["verify_pass"][K])):
-        floor = bytes_read(model, view, cache, context) / bandwidth
-        out["passes"][name] = {"seconds": t, "floor_seconds": floor,
-                               "ratio_to_floor": t / floor}
-    return out
+           "batch_size": batch_size, "backend": jax.default_backend(),
+           "device": str(jax.devices()[0]), "copy_bandwidth_gb_s": bandwidth / 1e9}
+    by_context = {}
+    for ctx in contexts:
+        passes = {}
+        for name, view, t in (("ar_step", AR_VIEW, seconds[ctx]["ar_step"]),
+                              ("diffusion_pass", DIFFUSION_VIEW,
+                               seconds[ctx]["diffusion_pass"][K]),
+                              ("verify_pass", AR_VIEW, seconds[ctx]["verify_pass"][K])):
+            floor = bytes_read(model, view, cache, ctx) / bandwidth
+            passes[name] = {"seconds": t, "floor_seconds": floor, "ratio_to_floor": t / floor}
+        by_context[ctx] = passes
+    if len(contexts) == 1:
+        return out | {"context": contexts[0], "passes": by_context[contexts[0]]}
+    first = by_context[contexts[0]]
+    for passes in by_context.values():
+        for name, p in passes.items():
+            p["relative_to_first_context"] = p["seconds"] / first[name]["seconds"]
+    return out | {"contexts": contexts, "passes": {str(k): v for k, v in by_context.items()}}
 
 
 def format_report(r: dict) -> str:
+    contexts = r.get("contexts", [r.get("context")])
     lines = [f"{r['model_type']}: {r['layers']} layers, hidden {r['hidden_size']}, block "
-             f"{r['block_size']}, {r['dtype']}, batch {r['batch_size']}, context {r['context']}, "
-             f"{r['backend']} ({r['device']})",
-             f"copy bandwidth {r['copy_bandwidth_gb_s']:.1f} GB/s", "",
-             f"{'':16}{'ms':>10}{'floor ms':>10}{'x floor':>9}"]
-    for name, p in r["passes"].items():
-        lines.append(f"{name:16}{p['seconds'] * 1e3:10.2f}{p['floor_seconds'] * 1e3:10.2f}"
-                     f"{p['ratio_to_floor']:9.2f}")
+             f"{r['block_size']}, {r['dtype']}, batch {r['batch_size']}, context "
+             f"{', '.join(map(str, contexts))}, {r['backend']} ({r['device']})",
+             f"copy bandwidth {r['copy_bandwidth_gb_s']:.1f} GB/s"]
+    several = "contexts" in r
+    for ctx in contexts:
+        passes = r["passes"][str(ctx)] if several else r["passes"]
+        head = f"{'context ' + str(ctx):16}{'ms':>10}{'floor ms':>10}{'x floor':>9}"
+        lines += ["", head + (f"{'x first':>9}" if several else "")]
+        for name, p in passes.items():
+            line = (f"{name:16}{p['seconds'] * 1e3:10.2f}{p['floor_seconds'] * 1e3:10.2f}"
+                    f"{p['ratio_to_floor']:9.2f}")
+            if several:
+                line += f"{p['relative_to_first_context']:9.2f}"
+            lines.append(line)
     return "\n".join(lines)
+
+
+def _contexts(text: str) -> list[int]:
+    """``--context``: one positive integer, or several separated by commas."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a positive integer or a comma-separated list") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: contexts must be >= 1")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: a context is repeated")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=positive_int, default=None,
                    help="with --config: the block size K (default: the config's, or 32)")
     p.add_argument("--batch-size", type=positive_int, default=1)
-    p.add_argument("--context", type=positive_int, default=2048, help="cached positions per row")
+    p.add_argument("--context", type=_contexts, default=[2048],
+                   help="cached positions per row; several, comma-separated (256,2048), "
+                        "are timed in the same rounds")
     p.add_argument("--repeats", type=positive_int, default=10)
     p.add_argument("--copy-mib", type=positive_int, default=1024,
                    help="size of the bandwidth probe")
@@ -205,7 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> None:
-        r = measure(_model(args), batch_size=args.batch_size, context=args.context,
+        context = args.context[0] if len(args.context) == 1 else args.context
+        r = measure(_model(args), batch_size=args.batch_size, context=context,
                     repeats=args.repeats, copy_mib=args.copy_mib)
         print(json.dumps(r) if args.json else format_report(r))
 

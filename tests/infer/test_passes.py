@@ -26,7 +26,10 @@ def model_dir(tmp_path_factory):
 def run(*args) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = passes.main([str(a) for a in args])
+        try:
+            status = passes.main([str(a) for a in args])
+        except SystemExit as e:  # argparse's refusals
+            status = e.code
     return status, out.getvalue(), err.getvalue()
 
 
@@ -50,6 +53,39 @@ def test_model_folder_and_random_config_give_every_pass(model_dir, tmp_path):
     assert "block 8, bfloat16" in out and "diffusion_pass" in out and "x floor" in out
 
 
+def test_several_contexts_are_timed_in_one_run(model_dir):
+    status, out, err = run("--model", model_dir, "--context", "40,16", "--repeats", 2,
+                           "--copy-mib", 8, "--json")
+    assert status == 0, err
+    r = json.loads(out)
+    assert r["contexts"] == [40, 16] and set(r["passes"]) == {"40", "16"}
+    model = load_model(model_dir)
+    bandwidth = r["copy_bandwidth_gb_s"] * 1e9
+    for ctx, by_pass in r["passes"].items():
+        assert set(by_pass) == {"ar_step", "diffusion_pass", "verify_pass"}
+        for name, p in by_pass.items():
+            assert p["seconds"] > 0
+            assert p["relative_to_first_context"] == pytest.approx(
+                p["seconds"] / r["passes"]["40"][name]["seconds"])
+            view = "diff_attn" if name == "diffusion_pass" else "attn"
+            cache = init_cache(model.config, 1, 1)
+            assert p["floor_seconds"] == pytest.approx(
+                passes.bytes_read(model, view, cache, int(ctx)) / bandwidth)
+    assert all(p["relative_to_first_context"] == 1 for p in r["passes"]["40"].values())
+    status, out, err = run("--model", model_dir, "--context", "16,40", "--repeats", 1,
+                           "--copy-mib", 8)
+    assert status == 0, err
+    assert "context 16, 40" in out and "x first" in out and out.count("verify_pass") == 2
+
+
+def test_passes_take_turns(monkeypatch):
+    """Every round runs each call once, in turn: a slow spell hits all of them alike."""
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    medians = passes._interleaved_medians(calls, repeats=3)
+    assert order == list("abc") * 4 and set(medians) == set("abc")
+
+
 def test_bytes_read_counts_one_view_the_head_and_the_cache(model_dir):
     model = load_model(model_dir)
     c = model.config
@@ -66,6 +102,10 @@ def test_bytes_read_counts_one_view_the_head_and_the_cache(model_dir):
 
 @pytest.mark.parametrize("args, message", [
     (("--context", "100000"), "max_position_embeddings"),
+    (("--context", "16,100000"), "max_position_embeddings"),
+    (("--context", "16,x"), "argument --context: '16,x': expected a positive integer"),
+    (("--context", "0"), "argument --context: '0': contexts must be >= 1"),
+    (("--context", "16,16"), "argument --context: '16,16': a context is repeated"),
 ])
 def test_bad_input(model_dir, args, message):
     status, out, err = run("--model", model_dir, *args)
