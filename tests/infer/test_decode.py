@@ -393,6 +393,22 @@ def test_bad_input_is_a_clear_error():
 # --------------------------------------------------------------------------- 8
 
 
+def test_a_full_prompt_bucket_and_a_power_of_two_budget_fit_their_cache():
+    """The engine's cache is the prompt bucket plus the output bucket, with no room for a
+    verify block: 16-token prompts with 16 new tokens decode in a 32-position cache, every
+    row to its budget (never ``cache_full``), Orthrus's last blocks running past the end
+    of the cache, and the same tokens as AR."""
+    gen = _gen("agree")
+    assert gen._max_len(gen._prompt_bucket([[0] * 16]), 16) == 32
+    rng = np.random.default_rng(29)
+    prompts = [rng.integers(0, 512, 16).tolist() for _ in range(3)]
+    out = {m: _run(gen, prompts, m, 3, max_new_tokens=16) for m in ("orthrus", "ar")}
+    for a, o in zip(out["ar"], out["orthrus"], strict=True):
+        assert a.finish_reason == o.finish_reason == "length"
+        assert len(o.token_ids) == 16 and o.token_ids == a.token_ids
+    assert sum(r.iterations for r in out["orthrus"]) < sum(r.iterations for r in out["ar"])
+
+
 @pytest.mark.slow
 def test_cache_that_fills():
     name = "qwen3-untied-K8"
