@@ -236,14 +236,8 @@ def format_report(r: dict) -> str:
 
 
 def _contexts(text: str) -> list[int]:
-    """``--context``: one positive integer, or several separated by commas."""
-    try:
-        values = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected a positive integer or a comma-separated list") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: contexts must be >= 1")
+    """``--context``: one count of positions, or several separated by commas."""
+    values = [positive_int(part) for part in text.split(",")]
     if len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"{text!r}: a context is repeated")
     return values
