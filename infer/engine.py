@@ -269,14 +269,23 @@ class Generator:
 
     def _max_len(self, prompt_len: int, out_len: int) -> int:
         """Cache positions for a batch of padded prompt length ``prompt_len`` and output
-        room ``out_len``: their sum rounded up to a power of two, at most ``max_len``.
+        room ``out_len`` (both already bucketed): their sum, at most ``max_len``.
 
-        A row holds at most ``prompt + max_new_tokens - 1`` positions (its newest token is
-        not cached), so no room is kept for a verify block: K/V written past the end are
-        dropped and never committed (``decode._commit``). Attention reads the whole cache,
-        so every position kept beyond that costs time in every pass.
+        The sum is not rounded again: it adds no compiled shape (the buckets fix it), and
+        attention reads the whole cache, so every position kept beyond what a row can hold
+        costs time in every pass (a 1024-position prompt with 128 new tokens decodes over
+        1152 positions, not 2048). A row holds at most ``prompt + max_new_tokens - 1``
+        positions (its newest token is not cached), so no room is kept for a verify block
+        either: K/V written past the end are dropped and never committed
+        (``decode._commit``).
         """
-        return min(bucket(prompt_len + out_len), self.max_len)
+        return min(prompt_len + out_len, self.max_len)
+
+    def _cost_len(self, cache_len: int) -> int:
+        """The cache length whose measured costs stand for ``cache_len`` in the block-size
+        choice: the next power of two (at most ``max_len``), so that calibrations are shared
+        between nearby lengths."""
+        return min(bucket(cache_len), self.max_len)
 
     def _programs(self, mode: str, blocks: tuple[int, ...], greedy: bool, batch: int,
                   prompt_len: int, out_len: int, n_eos: int):
@@ -415,13 +424,14 @@ class Generator:
         """The block sizes a batch decodes with. ``"auto"`` measures (once per machine,
         model shape, batch size and cache length; then cached on disk) the cost of an
         iteration at each candidate size up to the head's, and maximises expected
-        tokens/s under the head's acceptance profile; sampled batches keep one size."""
+        tokens/s under the head's acceptance profile; sampled batches keep one size.
+        A cache length ``max_len`` is measured at :meth:`_cost_len` of it."""
         self._check_block_size(block_size)
         K = self.config.block_size
         if block_size != "auto":
             k = K if block_size is None else int(block_size)
             return BlockPlan((k,), k)
-        max_len = max_len or self.max_len
+        max_len = self._cost_len(max_len or self.max_len)
         key = (greedy and adaptive, batch_size, max_len)
         if key not in self.plans:
             table = CostTable(self.config, batch_size, max_len, self.cost_root)

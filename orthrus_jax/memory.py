@@ -393,7 +393,7 @@ def decode_cache_len(config: ModelConfig, context: int, *, max_new_tokens: int |
     and the cache is the smallest bucket holding them: ``2^ceil(log2(context + K))``.
     With it, ``context`` is the prompt length and the cache is exactly the engine's: the
     prompt bucket (a power of two >= 16, or whole prefill chunks) plus the output bucket
-    ``2^ceil(log2(max_new_tokens))``, rounded up to a power of two.
+    ``2^ceil(log2(max_new_tokens))``.
     """
     K = config.block_size
     cap = max_len or config.max_position_embeddings
@@ -402,7 +402,7 @@ def decode_cache_len(config: ModelConfig, context: int, *, max_new_tokens: int |
     prompt = _bucket(context, MIN_PROMPT_BUCKET)
     if prompt > chunk_size:
         prompt = -(-context // chunk_size) * chunk_size
-    return min(_bucket(prompt + _bucket(max_new_tokens)), cap)
+    return min(prompt + _bucket(max_new_tokens), cap)
 
 
 def plan_decode(config: ModelConfig, *, dtype: str, batch: int, context: int,
