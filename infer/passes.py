@@ -58,18 +58,6 @@ def _interleaved_medians(calls: dict[Any, Callable[[], Any]], repeats: int) -> d
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def _median_seconds(call: Callable[[], Any], repeats: int) -> float:
-    """Median wall time of ``call()`` (awaited) over ``repeats`` calls, after a first one
-    that compiles and warms up."""
-    jax.block_until_ready(call())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(call())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def copy_bandwidth(mib: int = 1024, repeats: int = 5) -> float:
     """Bytes/s of a jitted device copy of ``mib`` MiB (bytes read + bytes written).
 
@@ -82,7 +70,7 @@ def copy_bandwidth(mib: int = 1024, repeats: int = 5) -> float:
         held[0] = copy(held[0])
         return held[0]
 
-    return 2 * held[0].nbytes / _median_seconds(call, repeats)
+    return 2 * held[0].nbytes / _interleaved_medians({"copy": call}, repeats)["copy"]
 
 
 def _bytes(tree) -> int:

@@ -78,7 +78,7 @@ def test_several_contexts_are_timed_in_one_run(model_dir):
     assert "context 16, 40" in out and "x first" in out and out.count("verify_pass") == 2
 
 
-def test_passes_take_turns(monkeypatch):
+def test_passes_take_turns():
     """Every round runs each call once, in turn: a slow spell hits all of them alike."""
     order = []
     calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
