@@ -108,12 +108,13 @@ def time_passes_at(model: OrthrusLM, *, blocks: Sequence[int], contexts: Sequenc
     (each round runs every pass at every context once): ``{context: result}``."""
     c = model.config
     blocks = sorted({int(k) for k in blocks if k >= 2})
+    room = max(blocks, default=1)  # positions one pass writes or reads past the context
     for context in contexts:
         if context < 1:
             raise ValueError(f"context={context} must be >= 1")
-        if context + max(blocks, default=1) > c.max_position_embeddings:
-            raise ValueError(f"context {context} + block {max(blocks, default=1)} exceeds the "
-                             f"model's max_position_embeddings {c.max_position_embeddings}")
+        if context + room > c.max_position_embeddings:
+            raise ValueError(f"context {context} + block {room} exceeds the model's "
+                             f"max_position_embeddings {c.max_position_embeddings}")
     model = unstack_layers(model)
     rng = np.random.default_rng(seed)
     mask = c.mask_token_id if c.mask_token_id is not None else 0
@@ -130,7 +131,7 @@ def time_passes_at(model: OrthrusLM, *, blocks: Sequence[int], contexts: Sequenc
 
     calls: dict[tuple, Callable[[], jax.Array]] = {}
     for context in contexts:
-        cache = init_cache(c, batch_size, context + max(blocks, default=1), per_layer=True)
+        cache = init_cache(c, batch_size, context + room, per_layer=True)
         # Random K/V (their values do not change the cost) in the first `context` positions.
         keys = iter(jax.random.split(jax.random.key(seed), c.num_hidden_layers))
         kv = tuple(jax.random.normal(next(keys), a.shape, a.dtype) for a in cache.k)
