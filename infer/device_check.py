@@ -1,10 +1,13 @@
-"""The device checks of the inference floor and the runner that writes their JSON report.
+"""The device checks of the inference floor, their plan, and the runner that writes their
+JSON report.
 
 The command is ``python -m train.device_check``: it sits on the top floor because it
 also times a training step (``infer/`` never imports ``train/``), and it runs the
 sections defined here (:data:`INFER_SECTIONS`) plus its own ``train_step``. This module
 holds what does not need ``train/``:
 
+- ``model``: builds the model of random weights (or loads ``--model``) a tensor at a time
+  (:func:`orthrus_jax.random_weights.random_model`): seconds, bytes, the memory it took;
 - ``device``: backend, device kind, versions, memory statistics, copy bandwidth
   (:func:`infer.passes.copy_bandwidth`);
 - ``passes``: for each cache context and block size, the AR step, diffusion pass and
@@ -14,14 +17,28 @@ holds what does not need ``train/``:
 - ``decode_loop``: the whole compiled decode loop (:class:`infer.engine.Generator`) on
   random token-id prompts, greedy, in modes ``orthrus`` (the model's block size) and
   ``ar``: tokens/s, iterations/s, tokens/iteration and compile seconds per bucket;
-- ``layers``: one AR step with the layers as one ``lax.scan`` (the stacked model as
-  loaded) against the unrolled per-layer form (:func:`orthrus_jax.model.unstack_layers`).
+- ``layers``: one AR step with the layers as one ``lax.scan`` (the stacked model)
+  against the unrolled per-layer form (the decoder's).
+
+The model is held once, in the form the running section needs (per-layer arrays for
+decoding, ``[L, ...]`` stacks for the scan and training; :func:`orthrus_jax.model.
+set_layer_form` changes it in place).
+
+**The plan.** Before anything is allocated, every chosen section's programs are lowered
+and compiled with abstract arguments (:mod:`infer.device_plan`) and sized by XLA's
+``memory_analysis()``; a section whose planned peak would not fit the device
+(``--device-memory``, else the allocator's limit) is shrunk (fewer contexts, a shorter
+train sequence, ...) or skipped with the reason, and the sections run cheapest first by
+their estimated time (compile plus FLOPs and bytes at the device's tabulated peak).
+``--plan-only`` stops there: the report then holds every section's plan and nothing was
+allocated. On a real run the compiled programs are kept in a persistent compilation cache
+(``--compile-cache``, else a temporary folder), so the plan's compiles are not paid twice.
 
 The runner (:func:`run_checks`) is built for a lent accelerator with a hard time limit:
 every section runs in its own ``try``; a failure is recorded in the report (error and
-traceback) and the next section runs; the report is rewritten atomically after every
-section, so a run killed by a time limit still leaves the sections it finished; progress
-lines with elapsed seconds go to stderr; a section that would start after
+traceback) and the next section runs; the report is rewritten atomically after the plan
+and after every section, so a run killed by a time limit still leaves what it finished;
+progress lines with elapsed seconds go to stderr; a section that would start after
 ``--budget-seconds`` is recorded as skipped (long sections also stop early inside, and
 say what they left out).
 """
@@ -34,6 +51,7 @@ import gc
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -45,15 +63,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
 
+from infer.device_plan import (
+    DEVICES,
+    FIT_FRACTION,
+    DeviceSpec,
+    Program,
+    device_spec,
+    plan_programs,
+    summarize_plan,
+)
 from infer.engine import Generator, summarize
-from infer.passes import bytes_read, copy_bandwidth, time_passes
+from infer.passes import (
+    ar_pass,
+    bytes_read,
+    copy_bandwidth,
+    copy_pass,
+    diffusion_pass,
+    on_device,
+    time_passes,
+)
 from orthrus_jax.cache import KVCache, init_cache
 from orthrus_jax.checkpoint import load_model
-from orthrus_jax.cli import run_command
+from orthrus_jax.cli import InputError, run_command
 from orthrus_jax.config import DTYPE_NAMES, ModelConfig
 from orthrus_jax.layers import DiffusionParam
-from orthrus_jax.model import AR_VIEW, DIFFUSION_VIEW, OrthrusLM, unstack_layers
+from orthrus_jax.memory import format_bytes, parse_bytes, peak_memory, tree_bytes
+from orthrus_jax.model import AR_VIEW, DIFFUSION_VIEW, OrthrusLM, set_layer_form
+from orthrus_jax.random_weights import abstract_params, random_model
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_BUDGET_SECONDS = 420.0  # fits an 8-minute device slot with room for start-up
@@ -61,6 +99,21 @@ DEFAULT_BUDGET_SECONDS = 420.0  # fits an 8-minute device slot with room for sta
 # context compiles 1 + 2 x blocks programs of the unrolled model), leaving the rest of the
 # budget to the sections after it.
 PASSES_BUDGET_SHARE = 0.5
+# The device a plan made with --plan-only on an untabulated device (a CPU) estimates times
+# for, unless --device-kind names another: the machine this project's GPU runs get.
+DEFAULT_TARGET = "h100"
+MAX_SHRINKS = 8  # re-plans of one section before it is skipped
+# GPU memory JAX's allocator may take (its default preallocates 75%); set for the
+# device check's process before a backend starts, unless the environment sets it.
+MEM_FRACTION = "0.95"
+# XLA flags of the device check's process (added before a backend starts). XLA:CPU's
+# default scheduler favours concurrency and starts every weight's conversion to float32
+# at once (a Qwen3-8B AR step planned 31 GB of temporaries, 2.5 GB with it off); a GPU's
+# compiler schedules for memory, and so does the plan with this.
+XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
+# Added with --plan-only, where nothing runs: no machine-code optimisation (half the
+# compile time; the buffers, and so the plan, are the same).
+PLAN_ONLY_XLA_FLAGS = ("--xla_backend_optimization_level=0",)
 
 
 @dataclasses.dataclass
@@ -85,7 +138,7 @@ class Settings:
 
 
 PRESETS = {
-    # One H200 and a Qwen3-8B shape in bfloat16: the whole run fits in about 8 minutes.
+    # One H100 and a Qwen3-8B shape in bfloat16: planned and run in about 8 minutes.
     "full": Settings(contexts=(512, 2048, 8192), blocks=(8, 16, 32), batch_size=1, repeats=10,
                      copy_mib=1024, prompts=4, prompt_len=100, max_new_tokens=128,
                      layers_context=2048, train_batch_size=1, train_seq_len=2048,
@@ -133,14 +186,6 @@ def memory_stats(device=None) -> dict | None:
     return {k: int(v) for k, v in stats.items()} if stats else None
 
 
-def _memory_summary() -> dict | None:
-    stats = memory_stats()
-    if not stats:
-        return None
-    keys = ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")
-    return {k: stats[k] for k in keys if k in stats}
-
-
 def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"[:2000]
 
@@ -155,16 +200,17 @@ def write_report(path: Path, report: dict) -> None:
 
 
 class Checks:
-    """What the sections share: settings, the clock and budget, the progress log, and the
-    model (built on first use, once; a failure to build is remembered and re-raised)."""
+    """What the sections share: settings, the clock and budget, the progress log, the
+    config, and the model (built on first use, once, and held in one layer form at a time;
+    a failure to build is remembered and re-raised)."""
 
     def __init__(self, args: argparse.Namespace, settings: Settings, *,
                  budget: float | None, t0: float | None = None):
         self.args, self.settings, self.budget = args, settings, budget
         self.t0 = time.perf_counter() if t0 is None else t0
         self.model_info: dict = {"source": args.model or str(args.config), "built": False}
+        self._config: ModelConfig | None = None
         self._model: OrthrusLM | None = None
-        self._unstacked: OrthrusLM | None = None
         self._model_error: str | None = None
         self._bandwidth: float | None = None
         self.section_t0 = self.t0
@@ -193,8 +239,39 @@ class Checks:
         return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
     @property
-    def model(self) -> OrthrusLM:
-        """The model as loaded (stacked layers), built on first use."""
+    def config(self) -> ModelConfig:
+        """The model's config in the run's dtype (random weights: any id is the mask)."""
+        if self._config is None:
+            if self.args.model:
+                path = Path(self.args.model) / "config.json"
+                if not path.is_file():
+                    raise FileNotFoundError(f"--model {self.args.model}: no config.json")
+                config = ModelConfig.from_json_file(path).replace(dtype=self.dtype,
+                                                                  param_dtype=self.dtype)
+            else:
+                config = ModelConfig.from_json_file(self.args.config, dtype=self.dtype,
+                                                    param_dtype=self.dtype)
+            if config.mask_token_id is None:
+                config = config.replace(mask_token_id=0)
+            self._config = config
+        return self._config
+
+    def abstract(self, per_layer: bool = True) -> OrthrusLM:
+        """The model with ``ShapeDtypeStruct`` leaves, in either layer form: for planning."""
+        return abstract_params(self.config, per_layer=per_layer)
+
+    def held_model_bytes(self) -> int:
+        """What the model holds while a section that does not use it runs (it may have
+        been built before): its bytes, or 0 where its config cannot be read (then it
+        cannot be built either, and the sections that need it fail on their own)."""
+        try:
+            return tree_bytes(self.abstract())
+        except (OSError, ValueError):
+            return 0
+
+    def model(self, per_layer: bool = True) -> OrthrusLM:
+        """The model, built on first use, in the form asked for (per-layer arrays: the
+        decoder's; stacked: the scan's and training's), changed in place when needed."""
         if self._model_error is not None:
             raise RuntimeError(f"the model could not be built: {self._model_error}")
         if self._model is None:
@@ -210,30 +287,19 @@ class Checks:
             self._model = model
             self.model_info.update(describe_model(model), built=True,
                                    build_seconds=time.perf_counter() - t0)
-            self.log(f"model: {self.model_info['params'] / 1e6:,.1f}M parameters in "
+            self.log(f"model: {self.model_info['params'] / 1e6:,.1f}M parameters "
+                     f"({format_bytes(self.model_info['param_bytes'])}) in "
                      f"{self.model_info['build_seconds']:.1f}s")
+        if self._model.per_layer != per_layer:
+            set_layer_form(self._model, per_layer)
+            gc.collect()
         return self._model
 
     def _build_model(self) -> OrthrusLM:
         if self.args.model:
-            return load_model(self.args.model, param_dtype=self.dtype)
-        config = ModelConfig.from_json_file(self.args.config, dtype=self.dtype,
-                                            param_dtype=self.dtype)
-        if config.mask_token_id is None:  # random weights: any id serves as the mask
-            config = config.replace(mask_token_id=0)
-        return nnx.jit(lambda: OrthrusLM(config, rngs=nnx.Rngs(self.settings.seed)))()
-
-    @property
-    def unstacked(self) -> OrthrusLM:
-        """The model in its decoding form (per-layer weights), made once and shared."""
-        if self._unstacked is None:
-            self._unstacked = unstack_layers(self.model)
-        return self._unstacked
-
-    def release_unstacked(self) -> None:
-        """Let the decoding form go (its layer weights are a second copy)."""
-        self._unstacked = None
-        gc.collect()
+            return load_model(self.args.model, param_dtype=self.config.param_dtype,
+                              per_layer=True)
+        return random_model(self.config, seed=self.settings.seed, per_layer=True)
 
     def bandwidth(self) -> float:
         """Bytes/s of a device copy (read + write), measured once."""
@@ -243,6 +309,7 @@ class Checks:
 
 
 def describe_model(model: OrthrusLM) -> dict:
+    """Shape, parameter counts and bytes of a model (real or abstract)."""
     c = model.config
     leaves = jax.tree.leaves(nnx.state(model))
     diffusion = jax.tree.leaves(nnx.state(model, DiffusionParam))
@@ -251,12 +318,46 @@ def describe_model(model: OrthrusLM) -> dict:
             "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
             "head_dim": c.head_dim, "vocab_size": c.vocab_size, "block_size": c.block_size,
             "dtype": c.dtype, "param_dtype": c.param_dtype,
-            "params": int(sum(a.size for a in leaves)),
-            "diffusion_params": int(sum(a.size for a in diffusion)),
-            "param_bytes": int(sum(a.size * a.dtype.itemsize for a in leaves))}
+            "params": int(sum(np.prod(a.shape) for a in leaves)),
+            "diffusion_params": int(sum(np.prod(a.shape) for a in diffusion)),
+            "param_bytes": tree_bytes(leaves)}
+
+
+def form_change_bytes(model: OrthrusLM) -> int:
+    """What changing the layer form holds beyond the weights: one weight kind's copy (the
+    largest kind, all layers)."""
+    return max(tree_bytes(var.get_value()) for _, var in nnx.iter_graph(model.layers)
+               if isinstance(var, nnx.Variable))
+
+
+def _abstract_cache(model: OrthrusLM, batch_size: int, max_len: int) -> KVCache:
+    """The abstract cache of the timing code, committed to the device like its arrays."""
+    c = model.config
+    return on_device(jax.eval_shape(
+        lambda: init_cache(c, batch_size, max_len, per_layer=model.per_layer)))
+
+
+def _tokens(batch_size: int, length: int) -> jax.ShapeDtypeStruct:
+    return on_device(jax.ShapeDtypeStruct((batch_size, length), jnp.int32))
 
 
 # ---------------------------------------------------------------------------- sections
+def model_section(checks: Checks) -> dict:
+    peak = peak_memory()
+    before = peak["device_bytes_in_use"]
+    checks.model()
+    after = peak_memory()
+    out = {**checks.model_info, "memory": after}
+    if before is not None and after["device_bytes_in_use"] is not None:
+        out["device_bytes_added"] = after["device_bytes_in_use"] - before
+    return out
+
+
+def model_resident(checks: Checks, s: Settings) -> int:
+    """The model section holds the parameters (the draws write in place)."""
+    return tree_bytes(checks.abstract())
+
+
 def device_section(checks: Checks) -> dict:
     import flax
     import jaxlib
@@ -279,32 +380,58 @@ def device_section(checks: Checks) -> dict:
     return out
 
 
+def device_programs(checks: Checks, s: Settings) -> list[Program]:
+    probe = on_device(jax.ShapeDtypeStruct((s.copy_mib * 2**20 // 4,), jnp.float32))
+    return [Program("copy", copy_pass, (probe,), calls=6, held_bytes=checks.held_model_bytes())]
+
+
+def device_shrink(s: Settings) -> tuple[Settings, str] | None:
+    if s.copy_mib < 2:
+        return None
+    return (dataclasses.replace(s, copy_mib=s.copy_mib // 2),
+            f"copy probe {s.copy_mib} -> {s.copy_mib // 2} MiB")
+
+
 def _floor(seconds: float, floor: float) -> dict:
     return {"seconds": seconds, "floor_seconds": floor, "ratio_to_floor": seconds / floor}
 
 
+def _pass_blocks(s: Settings, c: ModelConfig) -> list[int]:
+    return sorted({k for k in s.blocks if 2 <= k <= c.block_size}) or [c.block_size]
+
+
+def _pass_contexts(s: Settings, c: ModelConfig) -> tuple[list[int], dict[str, str]]:
+    """The contexts the passes section times, and those it skips with the reason."""
+    room = max(_pass_blocks(s, c))
+    keep, skipped = [], {}
+    for context in s.contexts:
+        if context + room > c.max_position_embeddings:
+            skipped[str(context)] = (f"context + block exceeds max_position_embeddings "
+                                     f"{c.max_position_embeddings}")
+        else:
+            keep.append(context)
+    return keep, skipped
+
+
 def passes_section(checks: Checks) -> dict:
     s = checks.settings
-    model = checks.model
+    model = checks.model()
     c = model.config
-    blocks = sorted({k for k in s.blocks if 2 <= k <= c.block_size}) or [c.block_size]
+    blocks = _pass_blocks(s, c)
+    contexts, skipped = _pass_contexts(s, c)
     bandwidth = checks.bandwidth()
     probe = init_cache(c, s.batch_size, 1)
     out: dict[str, Any] = {"batch_size": s.batch_size, "repeats": s.repeats, "blocks": blocks,
                            "dropped_blocks": sorted(set(s.blocks) - set(blocks)),
                            "copy_bandwidth_gb_s": bandwidth / 1e9, "contexts": {},
-                           "skipped_contexts": {}}
-    for context in s.contexts:
+                           "skipped_contexts": skipped}
+    for context in contexts:
         if checks.over_budget(PASSES_BUDGET_SHARE):
             out["skipped_contexts"][str(context)] = (
                 f"time budget exceeded (this section stops at {PASSES_BUDGET_SHARE:.0%} of it)")
             continue
-        if context + max(blocks) > c.max_position_embeddings:
-            out["skipped_contexts"][str(context)] = (
-                f"context + block exceeds max_position_embeddings {c.max_position_embeddings}")
-            continue
-        t = time_passes(checks.unstacked, blocks=blocks, batch_size=s.batch_size,
-                        context=context, repeats=s.repeats, seed=s.seed)
+        t = time_passes(model, blocks=blocks, batch_size=s.batch_size, context=context,
+                        repeats=s.repeats, seed=s.seed)
         ar_floor = bytes_read(model, AR_VIEW, probe, context) / bandwidth
         diff_floor = bytes_read(model, DIFFUSION_VIEW, probe, context) / bandwidth
         entry: dict[str, Any] = {"ar_step": _floor(t["ar_step"], ar_floor), "blocks": {}}
@@ -321,20 +448,58 @@ def passes_section(checks: Checks) -> dict:
     return out
 
 
+def passes_programs(checks: Checks, s: Settings) -> list[Program]:
+    """Per context: the AR step and, per block size, the diffusion and verify passes, as
+    :func:`infer.passes.time_passes` runs them (one context at a time, each with its own
+    cache of ``context + max(blocks)`` positions)."""
+    model = checks.abstract()
+    c = model.config
+    blocks = _pass_blocks(s, c)
+    contexts, _ = _pass_contexts(s, c)
+    caches = {ctx: _abstract_cache(model, s.batch_size, ctx + max(blocks)) for ctx in contexts}
+    programs = []
+    calls = s.repeats + 1
+    for context, cache in caches.items():  # one context's cache is held at a time
+        kv = (cache.k, cache.v, cache.lengths)
+        programs.append(Program(f"ar_step@{context}", ar_pass,
+                                (model, _tokens(s.batch_size, 1), *kv), calls))
+        for k in blocks:
+            programs.append(Program(f"diffusion_pass@{context}/K={k}", diffusion_pass,
+                                    (model, _tokens(s.batch_size, k), cache), calls))
+            programs.append(Program(f"verify_pass@{context}/K={k}", ar_pass,
+                                    (model, _tokens(s.batch_size, k), *kv), calls))
+    return programs
+
+
+def passes_shrink(s: Settings) -> tuple[Settings, str] | None:
+    if len(s.contexts) < 2:
+        return None
+    drop = max(s.contexts)
+    return (dataclasses.replace(s, contexts=tuple(c for c in s.contexts if c != drop)),
+            f"context {drop} dropped")
+
+
 def _bucket_name(key: tuple) -> dict:
     mode, blocks, greedy, batch, prompt_len, out_len, max_len, n_eos = key
     return {"mode": mode, "blocks": list(blocks), "greedy": greedy, "batch": batch,
             "prompt_len": prompt_len, "out_len": out_len, "max_len": max_len, "eos_slots": n_eos}
 
 
-def decode_loop_section(checks: Checks) -> dict:
-    s = checks.settings
-    model = checks.unstacked
-    c = model.config
+def _decode_prompts(s: Settings, c: ModelConfig) -> tuple[np.ndarray, list[list[int]]]:
     rng = np.random.default_rng(s.seed)
     lengths = rng.integers(max(1, s.prompt_len - s.prompt_len // 8), s.prompt_len + 1,
                            s.prompts)
-    prompts = [rng.integers(0, c.vocab_size, int(n)).tolist() for n in lengths]
+    return lengths, [rng.integers(0, c.vocab_size, int(n)).tolist() for n in lengths]
+
+
+DECODE_MODES = ("orthrus", "ar")
+
+
+def decode_loop_section(checks: Checks) -> dict:
+    s = checks.settings
+    model = checks.model()
+    c = model.config
+    lengths, prompts = _decode_prompts(s, c)
     gen = Generator(model)
     kwargs = dict(max_new_tokens=s.max_new_tokens, eos_ids=[], batch_size=s.batch_size)
     out: dict[str, Any] = {"prompts": len(prompts), "prompt_lengths": lengths.tolist(),
@@ -344,7 +509,7 @@ def decode_loop_section(checks: Checks) -> dict:
                            "note": "random token ids and no EOS: every prompt decodes "
                                    "max_new_tokens; with random weights drafts are rarely "
                                    "accepted, so iterations/s is the figure to read"}
-    for mode in ("orthrus", "ar"):
+    for mode in DECODE_MODES:
         if checks.over_budget():
             out["skipped_modes"][mode] = "time budget exceeded"
             continue
@@ -386,6 +551,26 @@ def decode_loop_section(checks: Checks) -> dict:
     return out
 
 
+def decode_loop_programs(checks: Checks, s: Settings) -> list[Program]:
+    """The start (prefill and first token) and run (the loop) programs of every bucket the
+    section decodes, in both modes; the loop's cost counted for ``max_new_tokens`` trips
+    (with random weights every iteration commits about one token)."""
+    gen = Generator(checks.abstract())
+    _, prompts = _decode_prompts(s, gen.config)
+    batches = -(-len(prompts) // s.batch_size)
+    programs = []
+    for mode in DECODE_MODES:
+        keys = gen.program_keys(prompts, mode=mode, max_new_tokens=s.max_new_tokens,
+                                eos_ids=[], batch_size=s.batch_size)
+        for key in keys:
+            (start_fn, start_args), (run_fn, run_args) = gen.lowering(key)
+            name = f"{mode}@prompt{key[4]}/cache{key[6]}"
+            programs += [Program(f"start:{name}", start_fn, start_args, calls=1 + batches),
+                         Program(f"run:{name}", run_fn, run_args, calls=1 + batches,
+                                 trips=s.max_new_tokens)]
+    return programs
+
+
 def ar_step_timing(model: OrthrusLM, *, batch_size: int, context: int, repeats: int,
                    seed: int = 0) -> dict:
     """Compile seconds and median step seconds of one AR step (token in, logits out, its
@@ -394,45 +579,165 @@ def ar_step_timing(model: OrthrusLM, *, batch_size: int, context: int, repeats: 
     c = model.config
     cache = init_cache(c, batch_size, context + 1, per_layer=model.per_layer)
     keys = iter(jax.random.split(jax.random.key(seed), 2 * c.num_hidden_layers))
-    held = [jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape, a.dtype), kv)
-            for kv in (cache.k, cache.v)]
-    lengths = jnp.full((batch_size,), context, jnp.int32)
-
-    def step(m, t, k, v):
-        hidden, cache = m.ar_hidden(t, KVCache(k, v, lengths))
-        return m.logits(hidden), cache.k, cache.v
-
-    tokens = jnp.asarray(np.random.default_rng(seed).integers(0, c.vocab_size, (batch_size, 1)),
-                         jnp.int32)
+    held = [on_device(jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape, a.dtype),
+                                   kv)) for kv in (cache.k, cache.v)]
+    lengths = on_device(jnp.full((batch_size,), context, jnp.int32))
+    tokens = on_device(jnp.asarray(
+        np.random.default_rng(seed).integers(0, c.vocab_size, (batch_size, 1)), jnp.int32))
     t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(2, 3)).lower(model, tokens, *held).compile()
+    compiled = ar_pass.lower(model, tokens, *held, lengths).compile()
     compile_seconds = time.perf_counter() - t0
 
     def call() -> jax.Array:
-        logits, held[0], held[1] = compiled(model, tokens, *held)
+        logits, held[0], held[1] = compiled(model, tokens, *held, lengths)
         return logits
 
     return {"compile_seconds": compile_seconds, "step_seconds": median_seconds(call, repeats)}
 
 
+LAYER_FORMS = (("scan", False), ("unrolled", True))
+
+
+def _layers_context(s: Settings, c: ModelConfig) -> int:
+    return max(1, min(s.layers_context, c.max_position_embeddings - 1))
+
+
 def layers_section(checks: Checks) -> dict:
     s = checks.settings
-    c = checks.model.config
-    context = max(1, min(s.layers_context, c.max_position_embeddings - 1))
+    c = checks.config
+    context = _layers_context(s, c)
     out: dict[str, Any] = {"context": context, "batch_size": s.batch_size, "repeats": s.repeats}
-    for name, get in (("scan", lambda: checks.model), ("unrolled", lambda: checks.unstacked)):
-        out[name] = ar_step_timing(get(), batch_size=s.batch_size, context=context,
-                                   repeats=s.repeats, seed=s.seed)
+    for name, per_layer in LAYER_FORMS:
+        out[name] = ar_step_timing(checks.model(per_layer), batch_size=s.batch_size,
+                                   context=context, repeats=s.repeats, seed=s.seed)
         checks.log(f"layers: {name}: step {out[name]['step_seconds'] * 1e3:.2f} ms, compile "
                    f"{out[name]['compile_seconds']:.1f}s")
     out["scan_to_unrolled_step"] = out["scan"]["step_seconds"] / out["unrolled"]["step_seconds"]
     return out
 
 
-Section = Callable[[Checks], dict]
-INFER_SECTIONS: dict[str, Section] = {"device": device_section, "passes": passes_section,
-                                      "decode_loop": decode_loop_section,
-                                      "layers": layers_section}
+def layers_programs(checks: Checks, s: Settings) -> list[Program]:
+    context = _layers_context(s, checks.config)
+    programs = []
+    for name, per_layer in LAYER_FORMS:
+        model = checks.abstract(per_layer)
+        cache = _abstract_cache(model, s.batch_size, context + 1)
+        programs.append(Program(f"ar_step:{name}@{context}", ar_pass,
+                                (model, _tokens(s.batch_size, 1), cache.k, cache.v,
+                                 cache.lengths), calls=s.repeats + 1))
+    return programs
+
+
+def layer_form_resident(checks: Checks, s: Settings) -> int:
+    """A section that changes the layer form holds the weights plus one kind's copy."""
+    model = checks.abstract(per_layer=False)
+    return tree_bytes(model) + form_change_bytes(model)
+
+
+def layers_shrink(s: Settings) -> tuple[Settings, str] | None:
+    if s.layers_context < 128:
+        return None
+    return (dataclasses.replace(s, layers_context=s.layers_context // 2),
+            f"layers context {s.layers_context} -> {s.layers_context // 2}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """A check: ``run`` measures and returns its result; ``programs`` lists, at some
+    settings, the programs it will run (abstract, for the plan); ``resident`` is what it
+    holds outside any program (the model being built, a layer-form change); ``shrink``
+    gives smaller settings (and what changed) for a section that would not fit, or
+    ``None``."""
+
+    run: Callable[[Checks], dict]
+    programs: Callable[[Checks, Settings], list[Program]] | None = None
+    resident: Callable[[Checks, Settings], int] | None = None
+    shrink: Callable[[Settings], tuple[Settings, str] | None] | None = None
+
+
+INFER_SECTIONS: dict[str, Section] = {
+    "model": Section(model_section, resident=model_resident),
+    "device": Section(device_section, device_programs, shrink=device_shrink),
+    "passes": Section(passes_section, passes_programs, shrink=passes_shrink),
+    "decode_loop": Section(decode_loop_section, decode_loop_programs),
+    "layers": Section(layers_section, layers_programs, layer_form_resident, layers_shrink),
+}
+
+
+# ---------------------------------------------------------------------------- plan
+def device_memory(args: argparse.Namespace, spec: DeviceSpec | None,
+                  kind_given: bool) -> tuple[int | None, str]:
+    """The device memory the plan fits sections into, and where the figure comes from."""
+    if args.device_memory:
+        return parse_bytes(args.device_memory), "--device-memory"
+    stats = memory_stats()
+    if stats and stats.get("bytes_limit"):
+        return stats["bytes_limit"], "the device allocator's limit (memory_stats bytes_limit)"
+    if kind_given and spec is not None:
+        return spec.memory, f"datasheet of {spec.name!r} (--device-kind)"
+    return None, "unknown (no allocator limit on this backend): pass --device-memory"
+
+
+def target_device(args: argparse.Namespace) -> tuple[DeviceSpec | None, str]:
+    """The device whose tabulated figures estimate the sections' times."""
+    if args.device_kind:
+        spec = device_spec(args.device_kind)
+        if spec is None:
+            raise InputError(f"--device-kind {args.device_kind}: no tabulated figures "
+                             f"(known: {', '.join(d.name for d in DEVICES)})")
+        return spec, "--device-kind"
+    kind = jax.devices()[0].device_kind
+    spec = device_spec(kind)
+    if spec is not None:
+        return spec, f"this device ({kind})"
+    if args.plan_only:
+        return device_spec(DEFAULT_TARGET), (f"default target of --plan-only on a device "
+                                             f"without figures ({kind})")
+    return None, f"no tabulated figures for this device ({kind})"
+
+
+def plan_section(checks: Checks, name: str, section: Section, settings: Settings,
+                 limit: int | None, spec: DeviceSpec | None) -> tuple[Settings | None, dict]:
+    """Size ``section`` at ``settings``, shrinking it until it fits ``limit`` bytes.
+    Returns the settings to run it with (``None``: skip it) and its plan entry."""
+    shrunk: list[str] = []
+    for _ in range(MAX_SHRINKS + 1):
+        programs = section.programs(checks, settings) if section.programs else []
+        plan = summarize_plan(plan_programs(programs, spec), limit)
+        if section.resident is not None:
+            resident = section.resident(checks, settings)
+            plan["resident_bytes"] = resident
+            plan["peak_bytes"] = max(plan["peak_bytes"], resident)
+            plan["fits"] = None if limit is None else plan["peak_bytes"] <= limit
+            if not programs and spec is not None:  # the build: every byte written once
+                plan["estimated_run_seconds"] = plan["estimated_seconds"] = \
+                    resident / spec.bandwidth
+        plan["shrunk"] = list(shrunk)
+        if plan["fits"] is not False:
+            return settings, plan
+        smaller = section.shrink(settings) if section.shrink else None
+        if smaller is None:
+            break
+        settings, change = smaller
+        shrunk.append(change)
+        checks.log(f"{name}: planned peak {format_bytes(plan['peak_bytes'])} over "
+                   f"{format_bytes(limit)}: {change}")
+    plan["skip_reason"] = (f"planned peak {format_bytes(plan['peak_bytes'])} exceeds "
+                           f"{FIT_FRACTION:.0%} of the device memory ({format_bytes(limit)})"
+                           + (f" even after: {'; '.join(shrunk)}" if shrunk else
+                              " and it cannot be shrunk"))
+    return None, plan
+
+
+def _order(plans: Mapping[str, dict], chosen: Sequence[str]) -> list[str]:
+    """Cheapest first by estimated seconds (compile seconds where a run estimate is
+    missing); ``model`` first, since the others need it."""
+    def cost(name: str) -> tuple:
+        plan = plans.get(name) or {}
+        seconds = plan.get("estimated_seconds")
+        return (name != "model", seconds if seconds is not None
+                else plan.get("compile_seconds", 0.0))
+    return sorted(chosen, key=cost)
 
 
 # ---------------------------------------------------------------------------- runner
@@ -444,6 +749,14 @@ def _int_list(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers: {text!r}")
     return values
+
+
+def _size(text: str) -> str:
+    try:
+        parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def build_parser(prog: str, description: str, sections: Sequence[str]) -> argparse.ArgumentParser:
@@ -459,16 +772,28 @@ def build_parser(prog: str, description: str, sections: Sequence[str]) -> argpar
                         "float32 on CPU)")
     p.add_argument("--out", default="device_check.json", help="the JSON report")
     p.add_argument("--sections", default=",".join(sections),
-                   help=f"comma-separated subset of {','.join(sections)} (default: all)")
+                   help=f"comma-separated subset of {','.join(sections)} (default: all); "
+                        "they run cheapest first by their planned time")
     p.add_argument("--small", action="store_true",
                    help="tiny shapes and few repeats (CPU, tests)")
+    p.add_argument("--plan-only", action="store_true",
+                   help="size every section's programs (lowered and compiled with abstract "
+                        "inputs) and write the plan; allocate and run nothing")
+    p.add_argument("--device-memory", type=_size, default=None, metavar="SIZE",
+                   help="device memory to plan for, e.g. 80GB (default: the device "
+                        "allocator's limit; with --device-kind, its datasheet memory)")
+    p.add_argument("--device-kind", default=None, metavar="NAME",
+                   help="the device whose tabulated peak FLOP/s and bandwidth estimate the "
+                        "sections' times, e.g. h100, h200 (default: this device; "
+                        f"--plan-only on an untabulated device: {DEFAULT_TARGET})")
     p.add_argument("--budget-seconds", type=float, default=DEFAULT_BUDGET_SECONDS,
                    help="sections (and long sections' remaining parts) that would start "
                         "after this many seconds are skipped (default %(default)s; "
                         "a negative value: no limit)")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
-                   help="JAX's persistent compilation cache folder: a rerun (e.g. of the "
-                        "sections a time limit cut) reuses the programs compiled before")
+                   help="JAX's persistent compilation cache folder (default: a temporary "
+                        "one for the run): the sections reuse the programs the plan "
+                        "compiled, and a rerun those of the run before")
     g = p.add_argument_group("shapes (default: the preset's)")
     g.add_argument("--contexts", type=_int_list, help="e.g. 512,2048,8192")
     g.add_argument("--blocks", type=_int_list, help="e.g. 8,16,32")
@@ -494,27 +819,71 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def format_summary(report: dict) -> str:
-    lines = [f"device check: {report['model'].get('source')} -> {report['out']}"]
-    for name, entry in report["sections"].items():
-        status = entry["status"]
+    lines = [f"device check: {report['model'].get('source')} -> {report['out']}"
+             + (" (plan only)" if report.get("plan_only") else "")]
+    for name in report.get("order", []) + [n for n in report["sections"]
+                                           if n not in report.get("order", [])]:
+        entry = report["sections"][name]
+        plan = entry.get("plan") or {}
         extra = entry.get("error") or entry.get("reason") or ""
         seconds = f"{entry['seconds']:7.1f}s" if "seconds" in entry else " " * 8
-        lines.append(f"  {name:12} {status:8} {seconds}  {extra}".rstrip())
+        planned = ""
+        if "peak_bytes" in plan:
+            est = plan.get("estimated_seconds")
+            planned = (f"peak {format_bytes(plan['peak_bytes']):>9}, est "
+                       + (f"{est:6.1f}s" if est is not None else "     ?"))
+        lines.append(f"  {name:12} {entry['status']:8} {seconds}  {planned}  {extra}".rstrip())
     lines.append(f"  total {report['elapsed_seconds']:.1f}s")
     return "\n".join(lines)
 
 
 def run_checks(argv: Sequence[str] | None, sections: Mapping[str, Section], *, prog: str,
                description: str = __doc__) -> int:
-    """Parse ``argv`` and run the chosen ``sections`` (name -> function of :class:`Checks`
-    returning the section's result) in order, writing the report after each. Exit status:
-    0 when no section failed, 1 when one did, 2 for bad arguments."""
+    """Parse ``argv``, plan the chosen ``sections`` and run them cheapest first, writing
+    the report after the plan and after each. Exit status: 0 when no section failed, 1
+    when one did, 2 for bad arguments."""
     args = build_parser(prog, description, list(sections)).parse_args(argv)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", MEM_FRACTION)
+    add_xla_flags(XLA_FLAGS + (PLAN_ONLY_XLA_FLAGS if args.plan_only else ()))
     return run_command(lambda: _run(args, sections, prog, argv))
+
+
+def add_xla_flags(flags: Sequence[str]) -> None:
+    """Append ``flags`` to ``XLA_FLAGS`` (those not set there already). They take effect
+    only if no JAX backend has started in this process yet."""
+    current = os.environ.get("XLA_FLAGS", "")
+    names = {f.split("=")[0] for f in current.split()}
+    extra = [f for f in flags if f.split("=")[0] not in names]
+    if extra:
+        os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
 
 
 def _run(args: argparse.Namespace, sections: Mapping[str, Section], prog: str,
          argv: Sequence[str] | None) -> int:
+    """:func:`_checks` with JAX's persistent compilation cache in ``--compile-cache`` (or,
+    on a real run, a temporary folder removed at the end), so that the programs the plan
+    compiled are loaded, not compiled again, by the sections."""
+    cache_dir = args.compile_cache
+    if cache_dir is None and args.plan_only:
+        return _checks(args, sections, prog, argv)
+    previous = {name: getattr(jax.config, name) for name in (
+        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes")}
+    with tempfile.TemporaryDirectory(prefix="orthrus-device-check-xla-") as temporary:
+        compilation_cache.reset_cache()
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir or temporary))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        try:
+            return _checks(args, sections, prog, argv)
+        finally:
+            for name, value in previous.items():
+                jax.config.update(name, value)
+            compilation_cache.reset_cache()
+
+
+def _checks(args: argparse.Namespace, sections: Mapping[str, Section], prog: str,
+            argv: Sequence[str] | None) -> int:
     t0 = time.perf_counter()
     chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(sections))
@@ -525,18 +894,27 @@ def _run(args: argparse.Namespace, sections: Mapping[str, Section], prog: str,
     elif not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model {args.model}: no such folder")
     settings = settings_from_args(args)
-    if args.compile_cache:
-        jax.config.update("jax_compilation_cache_dir", str(args.compile_cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    spec, spec_source = target_device(args)
+    limit_memory, memory_source = device_memory(args, spec, bool(args.device_kind))
+    limit = None if limit_memory is None else int(FIT_FRACTION * limit_memory)
     budget = args.budget_seconds if args.budget_seconds >= 0 else None
     checks = Checks(args, settings, budget=budget, t0=t0)
     out = Path(args.out)
+    d = jax.devices()[0]
     report: dict[str, Any] = {
         "command": " ".join([prog, *(sys.argv[1:] if argv is None else argv)]),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "out": str(out), "preset": "small" if args.small else "full",
+        "plan_only": bool(args.plan_only),
         "settings": dataclasses.asdict(settings), "budget_seconds": budget,
         "model": checks.model_info, "complete": False, "elapsed_seconds": 0.0,
+        "plan": {"compiler": f"XLA:{d.platform.upper()} ({d.device_kind})",
+                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                 "target": None if spec is None else dataclasses.asdict(spec),
+                 "target_source": spec_source, "device_memory_bytes": limit_memory,
+                 "device_memory_source": memory_source, "fit_fraction": FIT_FRACTION,
+                 "limit_bytes": limit, "compile_cache": args.compile_cache},
+        "order": [],
         "sections": {name: ({"status": "pending"} if name in chosen else
                             {"status": "skipped", "reason": "not selected (--sections)"})
                      for name in sections}}
@@ -548,28 +926,68 @@ def _run(args: argparse.Namespace, sections: Mapping[str, Section], prog: str,
 
     save()
     checks.log(f"report: {out}; sections {','.join(chosen)}; budget "
-               f"{'none' if budget is None else f'{budget:.0f}s'}")
-    for name, section in sections.items():
-        if name not in chosen:
+               f"{'none' if budget is None else f'{budget:.0f}s'}; plan for "
+               f"{format_bytes(limit_memory) if limit_memory else 'unknown memory'}"
+               + (f", times at {spec.name}" if spec else ""))
+    try:
+        report["model"] = checks.model_info = {**checks.model_info,
+                                               **describe_model(checks.abstract())}
+    except Exception as e:  # noqa: BLE001 - the sections record the failure
+        checks.model_info["error"] = _error(e)
+    run_settings: dict[str, Settings | None] = {}
+    for name in chosen:
+        s0 = time.perf_counter()
+        try:
+            run_settings[name], plan = plan_section(checks, name, sections[name], settings,
+                                                    limit, spec)
+        except Exception as e:  # noqa: BLE001 - recorded; the section is not run
+            run_settings[name] = None
+            report["sections"][name] = {"status": "error", "error": f"plan: {_error(e)}",
+                                        "traceback": traceback.format_exc()[-6000:]}
+            checks.log(f"{name}: plan failed ({_error(e)})")
+            save()
             continue
+        plan["plan_seconds"] = time.perf_counter() - s0
+        entry: dict[str, Any] = {"status": "planned", "plan": plan}
+        if run_settings[name] is None:
+            entry.update(status="skipped", reason=plan["skip_reason"])
+        elif plan["shrunk"]:
+            entry["settings"] = dataclasses.asdict(run_settings[name])
+        report["sections"][name] = entry
+        est = plan.get("estimated_seconds")
+        checks.log(f"{name}: planned peak {format_bytes(plan['peak_bytes'])}"
+                   + (f", about {est:.1f}s" if est is not None else "")
+                   + (f" ({'; '.join(plan['shrunk'])})" if plan["shrunk"] else "")
+                   + ("" if run_settings[name] else f": skipped ({plan['skip_reason']})"))
+        save()
+    report["order"] = _order({n: report["sections"][n].get("plan") for n in chosen}, chosen)
+    if args.plan_only:
+        report["complete"] = True
+        save()
+        print(format_summary(report))
+        return int(any(report["sections"][n]["status"] == "error" for n in chosen))
+    for name in report["order"]:
+        entry = report["sections"][name]
+        if run_settings.get(name) is None:
+            continue  # skipped by the plan, or its plan failed (recorded)
         if checks.over_budget():
-            report["sections"][name] = {
-                "status": "skipped",
-                "reason": f"time budget of {budget:g}s exceeded ({checks.elapsed():.1f}s)"}
+            entry.update(status="skipped", reason=f"time budget of {budget:g}s exceeded "
+                                                  f"({checks.elapsed():.1f}s)")
             checks.log(f"{name}: skipped (time budget)")
             save()
             continue
         checks.log(f"{name}: start")
+        checks.settings = run_settings[name]
         s0 = checks.section_t0 = time.perf_counter()
         try:
-            entry = {"status": "ok", "result": section(checks)}
+            entry.update(status="ok", result=sections[name].run(checks))
         except Exception as e:  # noqa: BLE001 - every failure is recorded, the rest runs
-            entry = {"status": "error", "error": _error(e),
-                     "traceback": traceback.format_exc()[-6000:]}
+            entry.update(status="error", error=_error(e),
+                         traceback=traceback.format_exc()[-6000:])
         entry["seconds"] = time.perf_counter() - s0
         gc.collect()  # the section's arrays (caches, optimizer state) go before the next
-        entry["memory"] = _memory_summary()
-        report["sections"][name] = entry
+        entry["memory"] = peak_memory()
+        entry["device_peak_bytes"] = entry["memory"]["device_peak_bytes"]
         save()
         checks.log(f"{name}: {entry['status']} in {entry['seconds']:.1f}s"
                    + (f" ({entry['error']})" if "error" in entry else ""))

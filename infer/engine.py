@@ -289,35 +289,72 @@ class Generator:
 
     def _programs(self, mode: str, blocks: tuple[int, ...], greedy: bool, batch: int,
                   prompt_len: int, out_len: int, n_eos: int):
-        """Compiled (start, run) for one bucketed shape and block plan; compile time is
-        recorded."""
-        max_block = self._max_block(mode)
-        chunk = self.chunk_size if prompt_len > self.chunk_size else None
-        max_len = self._max_len(prompt_len, out_len)
-        key = (mode, blocks, greedy, batch, prompt_len, out_len, max_len, n_eos)
+        """Compiled (start, run) for one bucketed shape and block plan."""
+        return self.compile(self._key(mode, blocks, greedy, batch, prompt_len, out_len, n_eos))
+
+    def compile(self, key: tuple) -> tuple[Callable, Callable]:
+        """The compiled (start, run) programs of a program key (:meth:`program_keys`),
+        compiled on first use (the seconds recorded in ``compile_seconds``)."""
         if key not in self._compiled:
             t0 = time.perf_counter()
-            adaptive = len(blocks) > 1
-            inputs = DecodeInputs(jnp.zeros((batch,), jnp.int32), jnp.zeros((n_eos,), jnp.int32),
-                                  SamplingParams.make(1.0),
-                                  jnp.zeros((max_block,), jnp.float32) if adaptive else None,
-                                  jnp.ones((max_block,), jnp.float32) if adaptive else None)
-            prompts = jnp.zeros((batch, prompt_len), jnp.int32)
-            lengths = jnp.ones((batch,), jnp.int32)
-            start_fn = jax.jit(
-                lambda m, p, n, i, k, r: start(
-                    m, p, n, i, row_keys(k, r), max_len=max_len, out_len=out_len,
-                    greedy=greedy, max_block=max_block, chunk_size=chunk, mesh=self.mesh,
-                    rules=self.rules))
-            args = (self.model, prompts, lengths, inputs, jax.random.key(0), lengths)
-            start_c = start_fn.lower(*args).compile()
-            state = jax.eval_shape(start_fn, *args)
-            run_fn = jax.jit(lambda m, s, i, n: run(m, s, i, n, blocks=blocks, greedy=greedy),
-                             donate_argnums=1)
-            run_c = run_fn.lower(self.model, state, inputs, jnp.int32(0)).compile()
+            (start_fn, start_args), (run_fn, run_args) = self.lowering(key)
+            start_c = start_fn.lower(*start_args).compile()
+            run_c = run_fn.lower(*run_args).compile()
             self._compiled[key] = (start_c, run_c)
             self.compile_seconds[key] = time.perf_counter() - t0
         return self._compiled[key]
+
+    def _key(self, mode: str, blocks: tuple[int, ...], greedy: bool, batch: int,
+             prompt_len: int, out_len: int, n_eos: int) -> tuple:
+        return (mode, blocks, greedy, batch, prompt_len, out_len,
+                self._max_len(prompt_len, out_len), n_eos)
+
+    def program_keys(self, prompts: Sequence[Sequence[int]], *, mode: str = "orthrus",
+                     max_new_tokens: int = 256, greedy: bool = True,
+                     eos_ids: Sequence[int] | None = None, batch_size: int | None = None,
+                     block_size: int | None = None) -> list[tuple]:
+        """The keys of the programs ``generate(prompts, ...)`` with these arguments runs
+        (one per prompt-length bucket), in order of first use; a fixed block size only
+        (``"auto"`` measures costs first)."""
+        if block_size == "auto":
+            raise ValueError("program_keys takes a fixed block size, not 'auto'")
+        self._check_block_size(block_size)
+        batch_size = batch_size or default_batch_size(len(prompts))
+        out_len = bucket(max_new_tokens)
+        n_eos = eos_array(self.config.eos_token_id, eos_ids).shape[0]
+        blocks = (1,) if mode == "ar" else self.block_plan(block_size).blocks
+        keys: list[tuple] = []
+        for lo in range(0, len(prompts), batch_size):
+            key = self._key(mode, blocks, greedy, batch_size,
+                            self._prompt_bucket(prompts[lo:lo + batch_size]), out_len, n_eos)
+            if key not in keys:
+                keys.append(key)
+        return keys
+
+    def lowering(self, key: tuple) -> tuple[tuple[Callable, tuple], tuple[Callable, tuple]]:
+        """The jitted start and run programs of a program key (:meth:`program_keys`), each
+        with the arguments it is lowered with (the run's state abstract). With a model of
+        ``ShapeDtypeStruct`` leaves nothing is allocated: that is how a plan sizes them."""
+        mode, blocks, greedy, batch, prompt_len, out_len, max_len, n_eos = key
+        max_block = self._max_block(mode)
+        chunk = self.chunk_size if prompt_len > self.chunk_size else None
+        adaptive = len(blocks) > 1
+        inputs = DecodeInputs(jnp.zeros((batch,), jnp.int32), jnp.zeros((n_eos,), jnp.int32),
+                              SamplingParams.make(1.0),
+                              jnp.zeros((max_block,), jnp.float32) if adaptive else None,
+                              jnp.ones((max_block,), jnp.float32) if adaptive else None)
+        prompts = jnp.zeros((batch, prompt_len), jnp.int32)
+        lengths = jnp.ones((batch,), jnp.int32)
+        start_fn = jax.jit(
+            lambda m, p, n, i, k, r: start(
+                m, p, n, i, row_keys(k, r), max_len=max_len, out_len=out_len,
+                greedy=greedy, max_block=max_block, chunk_size=chunk, mesh=self.mesh,
+                rules=self.rules))
+        args = (self.model, prompts, lengths, inputs, jax.random.key(0), lengths)
+        state = jax.eval_shape(start_fn, *args)
+        run_fn = jax.jit(lambda m, s, i, n: run(m, s, i, n, blocks=blocks, greedy=greedy),
+                         donate_argnums=1)
+        return (start_fn, args), (run_fn, (self.model, state, inputs, jnp.int32(0)))
 
     # ----------------------------------------------------------------- generate
     def generate(

@@ -30,18 +30,21 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import SingleDeviceSharding
 
 from orthrus_jax.cache import KVCache, init_cache
 from orthrus_jax.checkpoint import load_model
 from orthrus_jax.cli import positive_int, run_command
 from orthrus_jax.config import DTYPE_NAMES, ModelConfig
 from orthrus_jax.model import AR_VIEW, DIFFUSION_VIEW, OrthrusLM, unstack_layers
+from orthrus_jax.random_weights import random_model
 
 
 def _interleaved_medians(calls: dict[Any, Callable[[], Any]], repeats: int) -> dict[Any, float]:
@@ -58,16 +61,48 @@ def _interleaved_medians(calls: dict[Any, Callable[[], Any]], repeats: int) -> d
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
+@partial(jax.jit, donate_argnums=0)
+def copy_pass(a: jax.Array) -> jax.Array:
+    """The bandwidth probe: ``a + 1`` in place (``a`` donated)."""
+    return a + 1.0
+
+
+@partial(jax.jit, donate_argnums=(2, 3))  # the K/V write is in place, as in decoding
+def ar_pass(model: OrthrusLM, tokens: jax.Array, k, v, lengths: jax.Array):
+    """``tokens [B, T]`` through the AR view at ``lengths``, writing their K/V: returns
+    their float32 logits ``[B, T, V]`` and the new ``k``, ``v`` (donated in). The lengths
+    stay put, so every call writes the same positions: the AR step (``T = 1``) and the
+    verify pass (``T = K``)."""
+    hidden, cache = model.ar_hidden(tokens, KVCache(k, v, lengths))
+    return model.logits(hidden), cache.k, cache.v
+
+
+@jax.jit
+def diffusion_pass(model: OrthrusLM, block: jax.Array, cache: KVCache) -> jax.Array:
+    """The block ``[B, K]`` (``[anchor, MASK x (K-1)]``) through the diffusion view plus
+    the float32 logits ``[B, K-1, V]`` of its drafted positions; writes nothing."""
+    return model.logits(model.diffusion_hidden(block, cache)[:, :-1])
+
+
+def on_device(tree):
+    """``tree``'s arrays committed to the first device, or its ``ShapeDtypeStruct`` leaves
+    given that sharding: the passes' inputs lower to one program either way (an
+    uncommitted array lowers without a sharding, and is compiled as another program)."""
+    sharding = SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+                        if isinstance(x, jax.ShapeDtypeStruct) else jax.device_put(x, sharding),
+                        tree)
+
+
 def copy_bandwidth(mib: int = 1024, repeats: int = 5) -> float:
     """Bytes/s of a jitted device copy of ``mib`` MiB (bytes read + bytes written).
 
     The copy is in place (donated input), so fresh output pages are not part of the cost.
     """
-    held = [jnp.ones((mib * 2**20 // 4,), jnp.float32)]
-    copy = jax.jit(lambda a: a + 1.0, donate_argnums=0)
+    held = [on_device(jnp.ones((mib * 2**20 // 4,), jnp.float32))]
 
     def call() -> jax.Array:
-        held[0] = copy(held[0])
+        held[0] = copy_pass(held[0])
         return held[0]
 
     return 2 * held[0].nbytes / _interleaved_medians({"copy": call}, repeats)["copy"]
@@ -119,15 +154,8 @@ def time_passes_at(model: OrthrusLM, *, blocks: Sequence[int], contexts: Sequenc
     rng = np.random.default_rng(seed)
     mask = c.mask_token_id if c.mask_token_id is not None else 0
 
-    def ar(m, t, k, v, lengths):  # lengths stay put: every call writes the same positions
-        hidden, cache = m.ar_hidden(t, KVCache(k, v, lengths))
-        return m.logits(hidden), cache.k, cache.v
-
-    ar_fn = jax.jit(ar, donate_argnums=(2, 3))  # the K/V write is in place, as in decoding
-    diffusion_fn = jax.jit(lambda m, b, cache: m.logits(m.diffusion_hidden(b, cache)[:, :-1]))
-
     def tokens(k: int) -> jax.Array:
-        return jnp.asarray(rng.integers(0, c.vocab_size, (batch_size, k)), jnp.int32)
+        return on_device(jnp.asarray(rng.integers(0, c.vocab_size, (batch_size, k)), jnp.int32))
 
     calls: dict[tuple, Callable[[], jax.Array]] = {}
     for context in contexts:
@@ -135,21 +163,21 @@ def time_passes_at(model: OrthrusLM, *, blocks: Sequence[int], contexts: Sequenc
         # Random K/V (their values do not change the cost) in the first `context` positions.
         keys = iter(jax.random.split(jax.random.key(seed), c.num_hidden_layers))
         kv = tuple(jax.random.normal(next(keys), a.shape, a.dtype) for a in cache.k)
-        held = [KVCache(kv, tuple(a * 0.5 for a in kv),
-                        jnp.full((batch_size,), context, jnp.int32))]
+        held = [on_device(KVCache(kv, tuple(a * 0.5 for a in kv),
+                                  jnp.full((batch_size,), context, jnp.int32)))]
 
         def ar_call(t: jax.Array, held=held) -> Callable[[], jax.Array]:
             def call() -> jax.Array:
-                logits, k, v = ar_fn(model, t, held[0].k, held[0].v, held[0].lengths)
+                logits, k, v = ar_pass(model, t, held[0].k, held[0].v, held[0].lengths)
                 held[0] = KVCache(k, v, held[0].lengths)
                 return logits
             return call
 
         calls[(context, "ar_step", 1)] = ar_call(tokens(1))
         for k in blocks:
-            block = tokens(k).at[:, 1:].set(mask)
+            block = on_device(tokens(k).at[:, 1:].set(mask))
             calls[(context, "diffusion_pass", k)] = (
-                lambda b=block, held=held: diffusion_fn(model, b, held[0]))
+                lambda b=block, held=held: diffusion_pass(model, b, held[0]))
             calls[(context, "verify_pass", k)] = ar_call(tokens(k))
     medians = _interleaved_medians(calls, repeats)
     out: dict[int, dict] = {}
@@ -260,7 +288,7 @@ def _model(args: argparse.Namespace) -> OrthrusLM:
     if args.dtype:
         overrides.update(dtype=args.dtype, param_dtype=args.dtype)
     config = ModelConfig.from_json_file(args.config, **overrides)
-    return nnx.jit(lambda: OrthrusLM(config, rngs=nnx.Rngs(0)))()
+    return random_model(config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -176,7 +176,7 @@ def load_model(
     version = folder_format(directory)
     param_dtype = param_dtype or config.param_dtype
     config = config.replace(param_dtype=param_dtype, dtype=dtype or param_dtype)
-    graphdef, state, target = _targets(config, mesh, rules)
+    graphdef, state, target = param_targets(config, mesh, rules)
     if version == 1:
         values = _restore_stacked(params_path, target)
     else:
@@ -202,7 +202,7 @@ def read_param_groups(directory: str | Path, param_dtype: str | None = None
         for i in range(config.num_hidden_layers):
             yield i, {p[1:]: a[i] for p, a in params.items() if p[0] == LAYERS}
         return
-    _, _, target = _targets(config.replace(param_dtype=param_dtype))
+    _, _, target = param_targets(config.replace(param_dtype=param_dtype))
     params_path = directory.absolute() / PARAMS_DIR
     if not params_path.is_dir():
         raise FileNotFoundError(f"no parameter checkpoint at {params_path}")
@@ -214,7 +214,7 @@ def read_param_groups(directory: str | Path, param_dtype: str | None = None
         yield i, {p[2:]: a for p, a in _load(params_path, layer, checksums).items()}
 
 
-def _targets(config: ModelConfig, mesh: Mesh | None = None, rules: Rules | None = None
+def param_targets(config: ModelConfig, mesh: Mesh | None = None, rules: Rules | None = None
              ) -> tuple[nnx.GraphDef, nnx.State, dict[tuple[str, ...], jax.ShapeDtypeStruct]]:
     """The abstract model of ``config`` split as ``(graphdef, state)``, and each
     parameter's ``ShapeDtypeStruct`` by path, placed on its shard of ``mesh`` (by

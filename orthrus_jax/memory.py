@@ -59,8 +59,9 @@ def _leaf_bytes(x: Any) -> int:
     shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
     if shape is None or dtype is None:
         return 0
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        return int(x.nbytes) if hasattr(x, "nbytes") else 0
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):  # its key data: uint32 words
+        data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(shape, dtype))
+        return math.prod(data.shape) * data.dtype.itemsize
     return math.prod(shape) * np.dtype(dtype).itemsize
 
 

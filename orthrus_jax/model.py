@@ -241,6 +241,30 @@ def unstack_layers(model: OrthrusLM) -> OrthrusLM:
     return nnx.merge(graphdef, state)
 
 
+def set_layer_form(model: OrthrusLM, per_layer: bool) -> OrthrusLM:
+    """Change ``model``'s layer weights to per-layer arrays (the decoder's form) or to
+    ``[L, ...]`` stacks (training's), in place, one weight kind at a time: the other form
+    of that kind is let go before the next, so the change holds the weights plus one
+    kind's copy (where no caller keeps the old arrays). Returns ``model``."""
+    if model.per_layer == per_layer:
+        return model
+    for _, var in nnx.iter_graph(model.layers):
+        if not isinstance(var, nnx.Variable):
+            continue
+        value = var.get_value()
+        if per_layer:
+            var.set_value(_per_layer(value))
+        else:
+            sharding = value[0].sharding
+            stacked = jnp.stack(value)
+            if isinstance(sharding, NamedSharding):
+                stacked = jax.device_put(stacked, NamedSharding(
+                    sharding.mesh, PartitionSpec(None, *sharding.spec)))
+            var.set_value(stacked)
+        del value
+    return model
+
+
 def layer_sharding(sharding):
     """The sharding of one layer of a stacked ``[L, ...]`` array placed on ``sharding``:
     a ``NamedSharding``'s spec minus its ``layers`` axis; any other sharding as is."""

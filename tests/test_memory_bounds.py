@@ -13,7 +13,7 @@ import pytest
 from orthrus_jax.checkpoint import load_model
 from orthrus_jax.config import ModelConfig
 from orthrus_jax.memory import plan_decode
-from tests.memory_fixtures import LARGE, SMALL, peak_rss, write_checkpoint
+from tests.memory_fixtures import LARGE, SMALL, hf_config, peak_rss, write_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -74,3 +74,29 @@ def test_the_streamed_folder_holds_the_checkpoint_exactly(tmp_path):
         np.testing.assert_array_equal(back[key].view(np.uint16), value.view(np.uint16), key)
     model = load_model(tmp_path / "m", per_layer=True)
     assert isinstance(model.layers.mlp.gate_proj.get_value(), tuple)
+
+
+# A Qwen3-1.7B shape (2.07B parameters with the diffusion view) and the same architecture
+# and layer count at a negligible size.
+MODEL_2B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128)
+MODEL_2B_BASE = dict(MODEL_2B, vocab_size=512, hidden_size=64, intermediate_size=128,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+def test_the_random_model_build_holds_the_model_not_its_draws(tmp_path):
+    """The device check's model of random weights, 2B parameters in bfloat16, peaks at
+    most 1.2x its bytes over the same command on a negligible model."""
+    peaks = {}
+    for name, shape in (("base", MODEL_2B_BASE), ("2b", MODEL_2B)):
+        config = tmp_path / f"{name}.json"
+        config.write_text(json.dumps(hf_config(**shape)))
+        out = tmp_path / f"{name}-report.json"
+        peaks[name], _ = peak_rss("train.device_check", [
+            "--config", str(config), "--dtype", "bfloat16", "--sections", "model",
+            "--out", str(out)])
+        report = json.loads(out.read_text())
+    model = report["sections"]["model"]["result"]
+    assert model["param_dtype"] == "bfloat16" and 2.0e9 < model["params"] < 2.2e9
+    assert report["sections"]["model"]["plan"]["peak_bytes"] == model["param_bytes"]
+    assert peaks["2b"] - peaks["base"] <= 1.2 * model["param_bytes"], (peaks, model)

@@ -1,34 +1,41 @@
 """``python -m train.device_check``: every device check in one run, into one JSON report.
 
-The run a session makes on a lent accelerator (one H200, a Qwen3-8B shape, bfloat16,
-about 8 minutes)::
+The run a session makes on a lent accelerator (one H100, a Qwen3-8B shape, bfloat16)
+starts with the plan alone, then the run::
 
+    python -m train.device_check --config qwen3-8b --dtype bfloat16 --plan-only --out plan.json
     python -m train.device_check --config qwen3-8b --out report.json
 
 ``--config`` takes an HF ``config.json`` (random weights of that shape; ``qwen3-8b`` is
 the shipped ``infer/configs/qwen3-8b.json``) or ``--model DIR`` a model folder. On a CPU,
 ``--small`` shrinks every shape and repeat. ``--sections`` picks a subset of
-``device,passes,decode_loop,layers,train_step``, in that order:
+``model,device,passes,decode_loop,layers,train_step``:
 
-- ``device``, ``passes``, ``decode_loop``, ``layers``: the inference checks
-  (:mod:`infer.device_check`: copy bandwidth, the three decode passes against their
-  memory floor, the compiled decode loop in both modes, scanned against unrolled layers);
+- ``model``, ``device``, ``passes``, ``decode_loop``, ``layers``: the inference checks
+  (:mod:`infer.device_check`: the model build, copy bandwidth, the three decode passes
+  against their memory floor, the compiled decode loop in both modes, scanned against
+  unrolled layers);
 - ``train_step``: one step of :class:`train.step.Trainer` on a synthetic batch on one
   device: compile seconds, median step seconds, the step's FLOPs (counted from the model
   shape; XLA's own count is reported too) and the MFU against the device's dense bf16
   peak.
 
-The command lives on the training floor because it times a training step and ``infer/``
-never imports ``train/``. Each section runs in its own ``try``: a failure is recorded in
-the report (error and traceback) and the next section runs. The report is rewritten
-atomically after every section, so a run cut short by a time limit leaves what finished;
-progress lines with elapsed seconds go to stderr; sections that would start after
-``--budget-seconds`` (default 420) are recorded as skipped. Exit status 0 when no section
-failed, 1 when one did, 2 for bad arguments.
+Every section is planned first (its programs compiled with abstract inputs and sized by
+XLA; shrunk or skipped where the device could not hold them) and the sections run
+cheapest first by their estimated time; ``--plan-only`` writes the plan and allocates
+nothing (:mod:`infer.device_check` says how). The command lives on the training floor
+because it times a training step and ``infer/`` never imports ``train/``. Each section
+runs in its own ``try``: a failure is recorded in the report (error and traceback) and the
+next section runs. The report is rewritten atomically after the plan and after every
+section, so a run cut short by a time limit leaves what finished; progress lines with
+elapsed seconds go to stderr; sections that would start after ``--budget-seconds``
+(default 420) are recorded as skipped. Exit status 0 when no section failed, 1 when one
+did, 2 for bad arguments.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -36,20 +43,23 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
-from infer.device_check import INFER_SECTIONS, Checks, Section, run_checks
+from infer.device_check import (
+    INFER_SECTIONS,
+    Checks,
+    Section,
+    Settings,
+    layer_form_resident,
+    run_checks,
+)
+from infer.device_plan import Program, cost_analysis, device_spec
 from orthrus_jax.config import ModelConfig
+from orthrus_jax.layers import DiffusionParam
+from orthrus_jax.memory import tree_bytes
 from orthrus_jax.sharding import make_mesh
 from train.step import TrainConfig, Trainer
 
-# Dense (no sparsity) bf16/fp16 peak FLOP/s per chip, by a substring of the JAX device
-# kind; the first match wins (so "h100 pcie" precedes "h100").
-PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-    ("h200", 989e12), ("h100 pcie", 756e12), ("h100", 989e12), ("gh200", 989e12),
-    ("a100", 312e12), ("l40s", 362e12), ("l4", 121e12),
-    ("tpu v6 lite", 918e12), ("tpu v6e", 918e12), ("tpu v5 lite", 197e12),
-    ("tpu v5e", 197e12), ("tpu v5p", 459e12), ("tpu v5", 459e12), ("tpu v4", 275e12),
-)
 PEAK_DTYPES = ("bfloat16", "float16")
 
 
@@ -59,11 +69,10 @@ def peak_flops(device_kind: str, platform: str, dtype: str) -> tuple[float | Non
         return None, "no peak FLOP/s is known for a CPU"
     if dtype not in PEAK_DTYPES:
         return None, f"peaks are tabulated for bf16/fp16 matmuls only, not {dtype}"
-    kind = device_kind.lower()
-    for name, value in PEAK_FLOPS:
-        if name in kind:
-            return value, f"dense bf16 peak of {name!r} (datasheet)"
-    return None, f"no peak FLOP/s tabulated for device kind {device_kind!r}"
+    spec = device_spec(device_kind)
+    if spec is None:
+        return None, f"no peak FLOP/s tabulated for device kind {device_kind!r}"
+    return spec.peak_flops, f"dense bf16 peak of {spec.name!r} (datasheet)"
 
 
 def train_step_flops(c: ModelConfig, seq_len: int, anchors: np.ndarray) -> dict:
@@ -114,26 +123,18 @@ def synthetic_batch(c: ModelConfig, *, batch_size: int, seq_len: int, anchors: i
     return {"tokens": tokens, "anchors": a, "anchor_mask": np.ones(a.shape, bool)}
 
 
-def _xla_flops(compiled) -> float | None:
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - informative only
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    flops = (cost or {}).get("flops")
-    return float(flops) if flops is not None else None
+def _trainer(model, s: Settings) -> Trainer:
+    # One device: the figures are per chip.
+    return Trainer(model, TrainConfig(total_steps=1000, remat=s.train_remat), make_mesh("data=1"))
 
 
 def train_step_section(checks: Checks) -> dict:
     s = checks.settings
-    model = checks.model
+    model = checks.model(per_layer=False)  # training's form: stacked layers, one scan
     c = model.config
-    checks.release_unstacked()  # the decoding form's layer copy is not needed here
     host = synthetic_batch(c, batch_size=s.train_batch_size, seq_len=s.train_seq_len,
                            anchors=s.train_anchors, seed=s.seed)
-    mesh = make_mesh("data=1")  # one device: the figures are per chip
-    trainer = Trainer(model, TrainConfig(total_steps=1000, remat=s.train_remat), mesh)
+    trainer = _trainer(model, s)
     batch = {k: jax.device_put(v, trainer.batch_sharding(v.ndim)) for k, v in host.items()}
     state = trainer.init_state()
     t0 = time.perf_counter()
@@ -175,7 +176,7 @@ def train_step_section(checks: Checks) -> dict:
         "flops_per_step": flops["total"], "flops_breakdown": flops,
         "flops_method": "analytic: matmul and attention FLOPs from the model shape and the "
                         "anchors (train.device_check.train_step_flops), remat excluded",
-        "xla_cost_analysis_flops": _xla_flops(compiled),
+        "xla_cost_analysis_flops": cost_analysis(compiled).get("flops"),
         "xla_note": "XLA's cost analysis counts a loop body once: the layers run as one "
                     "lax.scan, so it undercounts by about the number of layers",
         "achieved_flops_per_second": flops["total"] / seconds,
@@ -189,7 +190,44 @@ def train_step_section(checks: Checks) -> dict:
     return out
 
 
-SECTIONS: dict[str, Section] = {**INFER_SECTIONS, "train_step": train_step_section}
+def train_step_programs(checks: Checks, s: Settings) -> list[Program]:
+    """The train step as the section compiles it, on the abstract stacked model; the
+    model's own (compute-dtype) diffusion tensors are held beside it, outside the step's
+    arguments. Its time: the analytic FLOPs (XLA counts the scanned layers once; its
+    bytes, so counted, only matter for a step that is not compute-bound)."""
+    model = checks.abstract(per_layer=False)
+    c = model.config
+    host = synthetic_batch(c, batch_size=s.train_batch_size, seq_len=s.train_seq_len,
+                           anchors=s.train_anchors, seed=s.seed)
+    trainer = _trainer(model, s)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_sharding(v.ndim))
+             for k, v in host.items()}
+    return [Program("train_step", trainer._step,
+                    (trainer.abstract_state(), trainer.backbone, batch),
+                    calls=2 + s.train_steps,
+                    held_bytes=tree_bytes(nnx.state(model, DiffusionParam)),
+                    flops=train_step_flops(c, s.train_seq_len, host["anchors"])["total"])]
+
+
+def train_step_shrink(s: Settings) -> tuple[Settings, str] | None:
+    """Recompute layers first, then halve the sequence (its anchors with it) down to 64."""
+    if not s.train_remat:
+        return dataclasses.replace(s, train_remat=True), "remat on"
+    if s.train_batch_size > 1:
+        return (dataclasses.replace(s, train_batch_size=s.train_batch_size // 2),
+                f"train batch {s.train_batch_size} -> {s.train_batch_size // 2}")
+    if s.train_seq_len < 128:
+        return None
+    seq = s.train_seq_len // 2
+    anchors = max(1, s.train_anchors // 2)
+    return (dataclasses.replace(s, train_seq_len=seq, train_anchors=anchors),
+            f"train sequence {s.train_seq_len} -> {seq} tokens, {anchors} anchors")
+
+
+SECTIONS: dict[str, Section] = {
+    **INFER_SECTIONS,
+    "train_step": Section(train_step_section, train_step_programs, layer_form_resident,
+                          train_step_shrink)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

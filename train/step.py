@@ -63,6 +63,19 @@ class TrainConfig:
                                        weight_decay=self.weight_decay))
 
 
+def _placed(tree, shardings, dtype=None):
+    """``tree``'s arrays on ``shardings``, a prefix of ``tree`` (as fresh copies in
+    ``dtype`` when given);
+    ``ShapeDtypeStruct`` leaves stay abstract, with the sharding and dtype attached."""
+    def one(x, sharding):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=sharding)
+        return jax.device_put(x if dtype is None else jnp.array(x, dtype, copy=True), sharding)
+
+    return jax.tree.map(lambda sharding, var: jax.tree.map(lambda x: one(x, sharding), var),
+                        shardings, tree)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
@@ -89,10 +102,11 @@ class Trainer:
         self.optimizer = config.optimizer()
         self.graphdef, diffusion, backbone = split_trainable(model)
         diff_sh = state_shardings(diffusion, mesh, rules)
-        self.backbone = jax.device_put(backbone, state_shardings(backbone, mesh, rules))
+        # A model of ShapeDtypeStruct leaves gives an abstract trainer: its step can be
+        # lowered and sized (with abstract_state()) without allocating anything.
+        self.backbone = _placed(backbone, state_shardings(backbone, mesh, rules))
         # A float32 copy: the step donates it, and must not delete the model's arrays.
-        self._diffusion_init = jax.device_put(
-            jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), diffusion), diff_sh)
+        self._diffusion_init = _placed(diffusion, diff_sh, jnp.float32)
         abstract = jax.eval_shape(self.optimizer.init, self._diffusion_init)
         replicated = NamedSharding(mesh, PartitionSpec())
         # Moments mirror the diffusion tensors and shard like them; counters replicate.
@@ -110,6 +124,13 @@ class Trainer:
         init = jax.jit(self.optimizer.init, out_shardings=self.state_shardings.opt_state)
         return TrainState(jax.device_put(jnp.int32(0), self.state_shardings.step),
                           self._diffusion_init, init(self._diffusion_init))
+
+    def abstract_state(self) -> TrainState:
+        """What :meth:`init_state` returns, as ``ShapeDtypeStruct`` leaves with their
+        shardings; allocates nothing."""
+        shapes = jax.eval_shape(lambda d: TrainState(jnp.int32(0), d, self.optimizer.init(d)),
+                                self._diffusion_init)
+        return _placed(shapes, self.state_shardings)
 
     def batch_sharding(self, ndim: int) -> NamedSharding:
         """Sharding of a ``[A, B, ...]`` batch array: ``B`` over the data axes."""

@@ -1,14 +1,27 @@
 """``python -m train.device_check``: every section's numbers, failures recorded without
-stopping the run, the time budget, and the shipped Qwen3-8B shape."""
+stopping the run, the time budget, and the shipped Qwen3-8B shape; the plan: every program
+sized before anything is allocated (and equal to the compiled programs), sections that
+would not fit shrunk or skipped, every program lowered for CUDA."""
 
+import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infer.device_check import CONFIG_DIR, resolve_config
+from infer.device_check import (
+    CONFIG_DIR,
+    Checks,
+    build_parser,
+    resolve_config,
+    settings_from_args,
+)
+from infer.device_plan import FIT_FRACTION, export_for, plan_programs
+from infer.engine import Generator
 from orthrus_jax.config import ModelConfig
+from orthrus_jax.memory import tree_bytes
 from train import device_check
 from train.device_check import SECTIONS, main, peak_flops, synthetic_batch, train_step_flops
 
@@ -26,10 +39,23 @@ def config(tmp_path):
     return path
 
 
+SHAPES = ["--small", "--contexts", "16", "--blocks", "4"]
+
+
 def _run(config, out, *extra):
     # One context and block keep the compiles few; the preset's other shapes are the same code.
-    return main(["--config", str(config), "--small", "--contexts", "16", "--blocks", "4",
-                 "--out", str(out), *extra])
+    return main(["--config", str(config), *SHAPES, "--out", str(out), *extra])
+
+
+def _checks(config, *extra) -> Checks:
+    args = build_parser("test", "", list(SECTIONS)).parse_args(
+        ["--config", str(config), *SHAPES, *extra])
+    return Checks(args, settings_from_args(args), budget=None)
+
+
+def _programs(checks: Checks) -> dict[str, list]:
+    return {name: section.programs(checks, checks.settings)
+            for name, section in SECTIONS.items() if section.programs is not None}
 
 
 def _positive(x) -> bool:
@@ -42,11 +68,17 @@ def test_every_section_reports_numbers(config, tmp_path, capsys):
     assert _run(config, out) == 0
     r = json.loads(out.read_text())
     assert r["complete"] and set(r["sections"]) == set(SECTIONS)
+    assert r["order"][0] == "model" and sorted(r["order"]) == sorted(SECTIONS)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partials
     s = {name: e["result"] for name, e in r["sections"].items() if e["status"] == "ok"}
     assert set(s) == set(SECTIONS), {n: e.get("error") for n, e in r["sections"].items()}
     assert all(_positive(e["seconds"]) for e in r["sections"].values())
     assert r["model"]["built"] and r["model"]["params"] > r["model"]["diffusion_params"] > 0
+    assert s["model"]["param_bytes"] == r["model"]["param_bytes"] > 0
+    for name, entry in r["sections"].items():  # the plan beside what ran
+        assert entry["plan"]["peak_bytes"] >= r["model"]["param_bytes"], name
+        assert entry["plan"]["fits"] is None  # a CPU has no allocator limit
+        assert entry["memory"]["host_peak_rss_bytes"] > 0
 
     assert s["device"]["backend"] == "cpu" and _positive(s["device"]["copy_bandwidth_gb_s"])
     ctx = s["passes"]["contexts"]["16"]
@@ -80,7 +112,7 @@ def test_a_failing_section_is_recorded_and_the_rest_run(config, tmp_path, monkey
     def boom(checks):
         raise RuntimeError("boom")
 
-    monkeypatch.setitem(SECTIONS, "passes", boom)
+    monkeypatch.setitem(SECTIONS, "passes", dataclasses.replace(SECTIONS["passes"], run=boom))
     out = tmp_path / "report.json"
     assert _run(config, out, "--sections", "device,passes,layers") == 1
     sec = json.loads(out.read_text())["sections"]
@@ -88,7 +120,7 @@ def test_a_failing_section_is_recorded_and_the_rest_run(config, tmp_path, monkey
     assert "boom" in sec["passes"]["traceback"]
     assert sec["device"]["status"] == sec["layers"]["status"] == "ok"
     assert _positive(sec["layers"]["result"]["unrolled"]["step_seconds"])
-    assert sec["decode_loop"] == sec["train_step"] == {
+    assert sec["decode_loop"] == sec["train_step"] == sec["model"] == {
         "status": "skipped", "reason": "not selected (--sections)"}
 
 
@@ -99,10 +131,10 @@ def test_a_model_that_cannot_be_built_fails_its_sections_only(tmp_path):
                  "--sections", "device,layers,train_step"]) == 1
     r = json.loads(out.read_text())
     assert r["sections"]["device"]["status"] == "ok"
-    for name in ("layers", "train_step"):
+    for name in ("layers", "train_step"):  # their plans fail: there is no config
         assert r["sections"][name]["status"] == "error"
-    assert str(tmp_path / "empty") in r["model"]["error"]
-    assert "could not be built" in r["sections"]["train_step"]["error"]
+        assert r["sections"][name]["error"].startswith("plan: ")
+    assert "no config.json" in r["sections"]["train_step"]["error"]
 
 
 def test_budget_zero_skips_every_section(config, tmp_path, monkeypatch):
@@ -110,21 +142,27 @@ def test_budget_zero_skips_every_section(config, tmp_path, monkeypatch):
         raise AssertionError("a skipped section ran")
 
     for name in SECTIONS:
-        monkeypatch.setitem(SECTIONS, name, never)
+        monkeypatch.setitem(SECTIONS, name, dataclasses.replace(SECTIONS[name], run=never))
     out = tmp_path / "report.json"
     assert _run(config, out, "--budget-seconds", "0") == 0
     r = json.loads(out.read_text())
     assert r["complete"] and not r["model"]["built"]
     for entry in r["sections"].values():
         assert entry["status"] == "skipped" and "budget" in entry["reason"]
+        assert entry["plan"]["peak_bytes"] > 0  # planned all the same
 
 
 def test_bad_arguments_exit_2(config, tmp_path, capsys):
     out = tmp_path / "report.json"
     assert _run(config, out, "--sections", "device,nope") == 2
     assert main(["--config", "no-such-shape", "--out", str(out)]) == 2
+    assert _run(config, out, "--plan-only", "--device-kind", "abacus") == 2
     err = capsys.readouterr().err
     assert "nope" in err and "qwen3-8b" in err
+    assert "--device-kind abacus" in err and "h100" in err
+    with pytest.raises(SystemExit) as exit_:
+        _run(config, out, "--plan-only", "--device-memory", "lots")
+    assert exit_.value.code == 2 and "'lots' is not a size" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -171,6 +209,159 @@ def test_train_step_flops_match_xla_on_one_layer():
     batch = synthetic_batch(c, batch_size=2, seq_len=128, anchors=16)
     compiled = trainer._step.lower(trainer.init_state(), trainer.backbone,
                                    jax.tree.map(jax.numpy.asarray, batch)).compile()
-    xla = device_check._xla_flops(compiled)
+    xla = device_check.cost_analysis(compiled)["flops"]
     ours = train_step_flops(c, 128, batch["anchors"])["total"]
     assert 0.85 < ours / xla < 1.05
+
+
+def test_plan_only_sizes_every_program_and_allocates_nothing(config, tmp_path):
+    before = sum(a.nbytes for a in jax.live_arrays())
+    out = tmp_path / "plan.json"
+    assert _run(config, out, "--plan-only", "--device-memory", "1GB") == 0
+    assert sum(a.nbytes for a in jax.live_arrays()) - before < 1000  # no model, no cache
+    r = json.loads(out.read_text())
+    assert r["plan_only"] and r["complete"] and not r["model"]["built"]
+    params = r["model"]["param_bytes"]
+    assert params == 4 * r["model"]["params"] > 0  # from the config alone (float32)
+    assert r["plan"]["device_memory_bytes"] == 10**9
+    assert r["plan"]["limit_bytes"] == int(FIT_FRACTION * 10**9)
+    assert r["plan"]["target"]["name"] == "h100"  # a CPU has no figures: the default target
+    names = {}
+    for name in SECTIONS:
+        entry = r["sections"][name]
+        assert entry["status"] == "planned" and "result" not in entry, name
+        plan = entry["plan"]
+        assert plan["fits"] and params <= plan["peak_bytes"] <= plan["limit_bytes"]
+        assert plan["estimated_seconds"] >= plan["compile_seconds"] >= 0
+        names[name] = [p["name"] for p in plan["programs"]]
+        for p in plan["programs"]:
+            assert p["peak_bytes"] == (p["input_bytes"] + p["output_bytes"] - p["alias_bytes"]
+                                       + p["temp_bytes"] + p["held_bytes"])
+            assert p["input_bytes"] >= p["argument_bytes"] > 0
+            assert p["estimated_run_seconds"] > 0 and p["compile_seconds"] > 0
+    assert names["model"] == [] and r["sections"]["model"]["plan"]["peak_bytes"] == params
+    assert names["device"] == ["copy"] and names["train_step"] == ["train_step"]
+    assert names["passes"] == ["ar_step@16", "diffusion_pass@16/K=4", "verify_pass@16/K=4"]
+    assert names["layers"] == ["ar_step:scan@32", "ar_step:unrolled@32"]
+    assert [n.split("@")[0] for n in names["decode_loop"]] == [
+        "start:orthrus", "run:orthrus", "start:ar", "run:ar"]
+    order = r["order"]
+    assert order[0] == "model" and sorted(order) == sorted(SECTIONS)
+    seconds = [r["sections"][n]["plan"]["estimated_seconds"] for n in order[1:]]
+    assert seconds == sorted(seconds)  # cheapest first
+
+
+@pytest.mark.slow
+def test_the_plan_equals_the_compiled_programs(config):
+    """Each planned program, lowered with real arrays in place of its abstract inputs,
+    compiles to the same memory analysis; the decode loop's and the train step's also
+    equal the programs the engine and the trainer compile for the real model."""
+    checks = _checks(config)
+    fields = ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes")
+
+    def real(tree):
+        def one(x):
+            if not isinstance(x, jax.ShapeDtypeStruct):
+                return x
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                return jax.random.key(0)
+            zeros = jnp.zeros(x.shape, x.dtype)
+            return zeros if x.sharding is None else jax.device_put(zeros, x.sharding)
+        return jax.tree.map(one, tree)
+
+    def analysis(compiled) -> dict:
+        m = compiled.memory_analysis()
+        return dict(zip(fields, (m.argument_size_in_bytes, m.output_size_in_bytes,
+                                 m.alias_size_in_bytes, m.temp_size_in_bytes), strict=True))
+
+    planned = {}
+    for name, programs in _programs(checks).items():
+        for p, entry in zip(programs, plan_programs(programs, None), strict=True):
+            planned[entry["name"]] = {k: entry[k] for k in fields}
+            args = real(p.args)
+            assert tree_bytes(args) == entry["input_bytes"], (name, p.name)
+            assert analysis(p.fn.lower(*args).compile()) == planned[entry["name"]], p.name
+
+    gen = Generator(checks.model())  # the engine's own programs for the real model
+    settings = checks.settings
+    prompts = [[1] * settings.prompt_len] * settings.prompts
+    for mode in ("orthrus", "ar"):
+        (key,) = gen.program_keys(prompts, mode=mode, max_new_tokens=settings.max_new_tokens,
+                                  eos_ids=[], batch_size=settings.batch_size)
+        start_c, run_c = gen.compile(key)
+        name = f"{mode}@prompt{key[4]}/cache{key[6]}"
+        assert analysis(start_c) == planned[f"start:{name}"]
+        assert analysis(run_c) == planned[f"run:{name}"]
+
+
+@pytest.mark.slow
+def test_a_section_that_would_not_fit_is_shrunk_or_skipped_and_the_others_run(config,
+                                                                             tmp_path):
+    def plan(*extra):
+        out = tmp_path / "plan.json"
+        assert _run(config, out, "--plan-only", *extra) == 0
+        return {n: e["plan"]["peak_bytes"] for n, e in
+                json.loads(out.read_text())["sections"].items() if "plan" in e}
+
+    one = plan("--sections", "passes,train_step,layers", "--train-remat")
+    two = plan("--sections", "passes", "--contexts", "16,128")
+    assert two["passes"] > one["passes"]
+    others = max(v for n, v in one.items() if n != "train_step")
+    assert one["train_step"] > max(others, two["passes"])
+    # Room for everything but the train step (remat on, it cannot shrink below its
+    # sequence of 32).
+    limit = (max(others, two["passes"]) + one["train_step"]) // 2
+    out = tmp_path / "report.json"
+    assert main(["--config", str(config), "--small", "--blocks", "4", "--contexts", "16,128",
+                 "--train-remat", "--sections", "passes,train_step,layers",
+                 "--device-memory", str(int(limit / FIT_FRACTION) + 1),
+                 "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["sections"]
+    train = r["train_step"]
+    assert train["status"] == "skipped" and "result" not in train
+    assert "exceeds 90% of the device memory" in train["reason"]
+    assert train["plan"]["shrunk"] == [] and "cannot be shrunk" in train["reason"]
+    for name in ("passes", "layers"):
+        assert r[name]["status"] == "ok" and r[name]["plan"]["shrunk"] == [], r[name]
+    assert list(r["passes"]["result"]["contexts"]) == ["16", "128"]
+
+    # Room for the passes at context 16, not at 128: the section is shrunk, and runs.
+    limit = (one["passes"] + two["passes"]) // 2
+    assert main(["--config", str(config), "--small", "--blocks", "4", "--contexts", "16,128",
+                 "--sections", "passes", "--device-memory", str(int(limit / FIT_FRACTION) + 1),
+                 "--out", str(out)]) == 0
+    passes = json.loads(out.read_text())["sections"]["passes"]
+    assert passes["status"] == "ok" and passes["plan"]["shrunk"] == ["context 128 dropped"]
+    assert passes["settings"]["contexts"] == [16]
+    assert list(passes["result"]["contexts"]) == ["16"]
+
+
+def test_every_program_lowers_for_cuda(config):
+    """jax.export for CUDA needs no GPU: a lowering that only fails there fails here."""
+    checks = _checks(config, "--dtype", "bfloat16")
+    exported = 0
+    for name, programs in _programs(checks).items():
+        for p in programs:
+            e = export_for(p, ["cuda"])
+            assert e.platforms == ("cuda",), (name, p.name)
+            assert "stablehlo" in e.mlir_module()
+            exported += 1
+    assert exported == 1 + 3 + 4 + 2 + 1  # device, passes, decode loop, layers, train step
+
+
+def test_a_model_folder_is_planned_and_loaded_in_the_decoding_form(config, tmp_path):
+    from orthrus_jax.checkpoint import save_model
+    from orthrus_jax.random_weights import random_model
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_model(random_model(ModelConfig.from_json_file(config), per_layer=False), folder)
+    out = tmp_path / "report.json"
+    assert main(["--model", str(folder), *SHAPES, "--sections", "model,device",
+                 "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    model = r["sections"]["model"]
+    assert model["status"] == "ok" and model["result"]["built"]
+    assert model["plan"]["peak_bytes"] == model["result"]["param_bytes"] > 0
+    assert r["sections"]["device"]["plan"]["programs"][0]["held_bytes"] == \
+        model["result"]["param_bytes"]
