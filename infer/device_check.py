@@ -701,7 +701,7 @@ def plan_section(checks: Checks, name: str, section: Section, settings: Settings
     """Size ``section`` at ``settings``, shrinking it until it fits ``limit`` bytes.
     Returns the settings to run it with (``None``: skip it) and its plan entry."""
     shrunk: list[str] = []
-    for _ in range(MAX_SHRINKS + 1):
+    for attempt in range(MAX_SHRINKS + 1):
         programs = section.programs(checks, settings) if section.programs else []
         plan = summarize_plan(plan_programs(programs, spec), limit)
         if section.resident is not None:
@@ -716,7 +716,7 @@ def plan_section(checks: Checks, name: str, section: Section, settings: Settings
         if plan["fits"] is not False:
             return settings, plan
         smaller = section.shrink(settings) if section.shrink else None
-        if smaller is None:
+        if smaller is None or attempt == MAX_SHRINKS:
             break
         settings, change = smaller
         shrunk.append(change)
@@ -724,8 +724,8 @@ def plan_section(checks: Checks, name: str, section: Section, settings: Settings
                    f"{format_bytes(limit)}: {change}")
     plan["skip_reason"] = (f"planned peak {format_bytes(plan['peak_bytes'])} exceeds "
                            f"{FIT_FRACTION:.0%} of the device memory ({format_bytes(limit)})"
-                           + (f" even after: {'; '.join(shrunk)}" if shrunk else
-                              " and it cannot be shrunk"))
+                           + (f" even after: {'; '.join(plan['shrunk'])}" if plan["shrunk"]
+                              else " and it cannot be shrunk"))
     return None, plan
 
 
