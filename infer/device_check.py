@@ -210,6 +210,7 @@ class Checks:
         self.t0 = time.perf_counter() if t0 is None else t0
         self.model_info: dict = {"source": args.model or str(args.config), "built": False}
         self._config: ModelConfig | None = None
+        self._abstract: dict[bool, OrthrusLM] = {}
         self._model: OrthrusLM | None = None
         self._model_error: str | None = None
         self._bandwidth: float | None = None
@@ -257,8 +258,11 @@ class Checks:
         return self._config
 
     def abstract(self, per_layer: bool = True) -> OrthrusLM:
-        """The model with ``ShapeDtypeStruct`` leaves, in either layer form: for planning."""
-        return abstract_params(self.config, per_layer=per_layer)
+        """The model with ``ShapeDtypeStruct`` leaves, in either layer form: for planning
+        (made once per form)."""
+        if per_layer not in self._abstract:
+            self._abstract[per_layer] = abstract_params(self.config, per_layer=per_layer)
+        return self._abstract[per_layer]
 
     def held_model_bytes(self) -> int:
         """What the model holds while a section that does not use it runs (it may have

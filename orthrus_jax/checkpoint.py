@@ -181,10 +181,18 @@ def load_model(
         values = _restore_stacked(params_path, target)
     else:
         values = _restore_groups(params_path, target, config.num_hidden_layers, per_layer)
+    model = merge_values(graphdef, state, values)
+    return unstack_layers(model) if version == 1 and per_layer else model
+
+
+def merge_values(graphdef: nnx.GraphDef, state: nnx.State,
+                 values: dict[tuple[str, ...], Any]) -> OrthrusLM:
+    """The model of :func:`param_targets`' ``(graphdef, state)`` with each parameter's
+    value taken from ``values`` by its path (as in ``target``): an array, a tuple of
+    per-layer arrays, or a ``ShapeDtypeStruct``."""
     state = jax.tree.map_with_path(lambda path, var: var.replace(value=values[_key(path)]),
                                    state, is_leaf=_is_var)
-    model = nnx.merge(graphdef, state)
-    return unstack_layers(model) if version == 1 and per_layer else model
+    return nnx.merge(graphdef, state)
 
 
 def read_param_groups(directory: str | Path, param_dtype: str | None = None

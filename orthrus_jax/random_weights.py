@@ -23,11 +23,11 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.sharding import Mesh, Sharding
 
-from orthrus_jax.checkpoint import LAYERS, param_targets
+from orthrus_jax.checkpoint import LAYERS, merge_values, param_targets
 from orthrus_jax.config import ModelConfig
+from orthrus_jax.memory import tree_bytes
 from orthrus_jax.model import AR_VIEW, DIFFUSION_VIEW, OrthrusLM, layer_sharding
 from orthrus_jax.sharding import Rules
 
@@ -70,7 +70,7 @@ def _build(config: ModelConfig, per_layer: bool, mesh: Mesh | None, rules: Rules
     """The model's leaves drawn with ``seed``, or left abstract (``seed=None``)."""
     graphdef, state, target = param_targets(config, mesh, rules)
     values: dict[tuple[str, ...], object] = {}
-    for path in sorted(target, key=lambda p: -_nbytes(target[p])):  # largest first
+    for path in sorted(target, key=lambda p: -tree_bytes(target[p])):  # largest first
         s = target[path]
         if path[0] != LAYERS:
             values[path] = s if seed is None else _value(config, path, s, seed)
@@ -87,10 +87,7 @@ def _build(config: ModelConfig, per_layer: bool, mesh: Mesh | None, rules: Rules
             for i in layers:  # in place: the stack and one layer's draw are held
                 stack = _put_layer(stack, _value(config, (*path, str(i)), one, seed), i)
             values[path] = stack
-    state = jax.tree_util.tree_map_with_path(
-        lambda p, var: var.replace(value=values[_key(p)]), state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return nnx.merge(graphdef, state)
+    return merge_values(graphdef, state, values)
 
 
 def _value(config: ModelConfig, path: tuple[str, ...], s: jax.ShapeDtypeStruct,
@@ -131,14 +128,3 @@ def _uniform(key: jax.Array, shape, dtype, std: float, sharding: Sharding) -> ja
 @partial(jax.jit, donate_argnums=0)
 def _put_layer(stack: jax.Array, part: jax.Array, i: int) -> jax.Array:
     return jax.lax.dynamic_update_index_in_dim(stack, part, i, 0)
-
-
-def _nbytes(s: jax.ShapeDtypeStruct) -> int:
-    n = s.dtype.itemsize
-    for d in s.shape:
-        n *= d
-    return n
-
-
-def _key(path: tuple) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", k)) for k in path)

@@ -65,8 +65,8 @@ class TrainConfig:
 
 def _placed(tree, shardings, dtype=None):
     """``tree``'s arrays on ``shardings``, a prefix of ``tree`` (as fresh copies in
-    ``dtype`` when given);
-    ``ShapeDtypeStruct`` leaves stay abstract, with the sharding and dtype attached."""
+    ``dtype`` when given); ``ShapeDtypeStruct`` leaves stay abstract, with the sharding
+    and dtype attached."""
     def one(x, sharding):
         if isinstance(x, jax.ShapeDtypeStruct):
             return jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=sharding)
