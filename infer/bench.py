@@ -39,8 +39,10 @@ from collections.abc import Sequence
 
 import jax
 
+from infer.buckets import MODES
+from infer.compile_cache import add_compile_cache_args, enable_compile_cache_from
 from infer.default_model import default_model_dir
-from infer.engine import MODES, Generator, check_dtypes, summarize
+from infer.engine import Generator, check_dtypes, summarize
 from infer.generate import add_decoding_args, block_size_arg
 from infer.prompts import read_prompts_file
 from infer.sampling import SamplingParams
@@ -67,11 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows per compiled batch (default 1: per-prompt latency)")
     add_decoding_args(p)  # the same --seed in every round and mode
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_compile_cache_args(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    enable_compile_cache_from(args)
 
     def body() -> None:
         report = run_bench(args)
@@ -109,7 +113,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     per_mode = {"orthrus": dict(block_size=block_size, adaptive=not args.no_adapt), "ar": {}}
     # Warm-up: one batch per prompt-length bucket compiles every program the rounds need.
     warm = {mode: gen.warm_up(ids, mode=mode, **kwargs, **per_mode[mode]) for mode in MODES}
-    compile_s = {m: sum(s for k, s in gen.compile_seconds.items() if k[0] == m) for m in MODES}
+    compile_s = {m: sum(s for k, s in gen.compile_seconds.items() if k.mode == m) for m in MODES}
 
     rounds: dict[str, list[dict]] = {m: [] for m in MODES}
     outputs: dict[str, list[list[list[int]]]] = {m: [] for m in MODES}
@@ -170,6 +174,10 @@ def run_bench(args: argparse.Namespace) -> dict:
                   "batch per prompt-length bucket); compile excluded",
         "modes": modes,
         "speedup": modes["orthrus"]["tokens_per_second"] / ar_tps if ar_tps else None,
+        # the decode loops alone (prefill excluded): what "auto" predicts
+        "loop_speedup": modes["ar"]["loop_seconds"] / modes["orthrus"]["loop_seconds"]
+        if modes["orthrus"]["loop_seconds"] > 0 else None,
+        "predicted_speedup": [p["predicted_speedup"] for p in plans],
         "greedy": greedy,
         # with sampling the two modes draw different random numbers: no comparison
         "outputs_differ": len(differ) if greedy else None,
@@ -213,6 +221,10 @@ def format_report(r: dict) -> str:
     row("compile seconds", "compile_seconds", ".1f")
     speedup = "n/a" if r["speedup"] is None else f"{r['speedup']:.3f}x"
     lines += ["", f"speedup (orthrus tokens/s / ar tokens/s): {speedup}"]
+    if r.get("loop_speedup") is not None:
+        predicted = ", ".join(f"{x:.3f}x" for x in r["predicted_speedup"] if x is not None)
+        lines.append(f"decode loops alone (prefill excluded): {r['loop_speedup']:.3f}x"
+                     + (f"; predicted by auto {predicted}" if predicted else ""))
     for p in r["block_plans"]:
         lines.append(f"block size {p['describe']}")
     if r["decode_block_size"] not in (None, r["block_size"]) or r["block_plans"]:

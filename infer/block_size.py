@@ -6,15 +6,18 @@ Expected tokens per second at block size ``k`` is ``E[tokens | k] / cost(k)``:
   :class:`AcceptanceProfile` (``alpha_i`` = P(draft ``i`` accepted | drafts before it
   were), measured by decoding calibration prompts, saved as ``acceptance.json`` in the
   model folder);
-- ``cost(k)`` = seconds of one loop iteration at size ``k`` on this machine (an AR step
-  for ``k = 1``, a diffusion pass plus a verify pass of ``k`` positions otherwise), from a
-  :class:`CostTable` measured with :func:`infer.passes.time_passes` and cached per machine,
-  model shape, dtype, batch size and cache length (under the user cache folder,
+- ``cost(k)`` = seconds of one iteration of the compiled decode loop at size ``k`` on this
+  machine (the AR loop's step for ``k = 1``), over a cache of the length the batch will
+  decode over, from a :class:`CostTable` measured with :func:`infer.passes.time_passes`
+  (the loop itself, not its passes alone) and cached per machine, model shape, dtype,
+  batch size and cache length (under the user cache folder,
   :func:`infer.default_model.cache_root`).
 
-:func:`plan` picks the best size (1 = plain AR steps, when no block pays) and, for greedy
-decoding, the sizes the loop may switch between as it sees the acceptance of the text at
-hand (see :mod:`infer.decode`).
+:func:`plan` picks the best size, or plain AR steps when no block is predicted to beat
+them by at least ``MIN_GAIN`` (a block that only breaks even under the profile loses
+as soon as the text accepts a little less), and, for greedy decoding, the sizes the loop
+may switch between as it sees the acceptance of the text at hand (see
+:mod:`infer.decode`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,11 @@ from orthrus_jax.checkpoint import ACCEPTANCE_FILE
 from orthrus_jax.config import ModelConfig
 from orthrus_jax.model import OrthrusLM
 
-COST_FORMAT = 1
+COST_FORMAT = 2  # 2: the decode loop's own iterations (1: the passes alone)
+# The least predicted gain over AR steps for which ``auto`` drafts at all.
+MIN_GAIN = 0.03
+# Timed rounds of a cost table's measurement (each round times every size once).
+COST_REPEATS = 3
 # Block sizes whose cost is measured for ``auto`` (those up to the head's own size).
 CANDIDATE_BLOCKS = (2, 3, 4, 5, 6, 8, 12, 16, 24, 32)
 
@@ -127,43 +134,38 @@ class CostTable:
         digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
         self.path = Path(root or cache_root()) / "costs" / f"{digest}.json"
         self.seconds: dict[int, float] = {}
-        self.passes: dict = {}
         if self.path.is_file():
             try:
                 d = json.loads(self.path.read_text())
                 if d.get("key") == self.key:
                     self.seconds = {int(k): float(v) for k, v in d["seconds"].items()}
-                    self.passes = d.get("passes", {})
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 print(f"warning: ignoring unreadable cost table {self.path}", file=sys.stderr)
 
-    def ensure(self, model: OrthrusLM, blocks: Sequence[int], repeats: int = 5) -> CostTable:
-        """Measure the sizes in ``blocks`` (and the AR step) that the table lacks."""
+    def ensure(self, model: OrthrusLM, blocks: Sequence[int],
+               repeats: int = COST_REPEATS) -> CostTable:
+        """Measure the sizes in ``blocks`` (and the AR step) that the table lacks: one
+        iteration of the greedy decode loop at each, over a cache of ``max_len``
+        positions."""
         missing = sorted({1, *blocks} - set(self.seconds))
         if not missing:
             return self
-        print(f"measuring decode pass costs for block sizes {missing} (batch "
+        print(f"measuring decode-loop iteration costs for block sizes {missing} (batch "
               f"{self.key['batch_size']}, cache {self.key['max_len']}); cached in {self.path}",
               file=sys.stderr)
         max_k = max(missing)
-        context = max(self.key["max_len"] - max_k, 1)
+        context = max(self.key["max_len"] - max_k, 1)  # a cache of max_len positions
         t = _time(model, missing, self.key["batch_size"], context, repeats)
         for k in missing:
-            self.seconds[k] = t["ar_step"] if k == 1 else \
-                t["diffusion_pass"][k] + t["verify_pass"][k]
-        self.passes = {"ar_step": t["ar_step"],
-                       "diffusion_pass": {**self.passes.get("diffusion_pass", {}),
-                                          **{str(k): v for k, v in t["diffusion_pass"].items()}},
-                       "verify_pass": {**self.passes.get("verify_pass", {}),
-                                       **{str(k): v for k, v in t["verify_pass"].items()}}}
+            self.seconds[k] = t["ar_iteration"] if k == 1 else t["iteration"][k]
         self.save()
         return self
 
     def save(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
-        tmp.write_text(json.dumps({"key": self.key, "seconds": self.seconds,
-                                   "passes": self.passes}, indent=1) + "\n")
+        tmp.write_text(json.dumps({"key": self.key, "seconds": self.seconds}, indent=1)
+                       + "\n")
         os.replace(tmp, self.path)
         return self.path
 
@@ -173,7 +175,7 @@ def _time(model: OrthrusLM, blocks: Sequence[int], batch_size: int, context: int
     from infer.passes import time_passes
 
     return time_passes(model, blocks=blocks, batch_size=batch_size, context=context,
-                       repeats=repeats)
+                       repeats=repeats, passes=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,40 +189,55 @@ class BlockPlan:
     costs: tuple[float, ...] = ()  # seconds per iteration at sizes 1, 2, .. (0: unmeasured)
     predicted_tokens_per_iteration: float | None = None
     predicted_speedup: float | None = None  # expected tokens/s over AR tokens/s
+    best_block: int | None = None  # the best drafting size, chosen or not
+    best_block_speedup: float | None = None  # its predicted speedup over AR steps
+    min_gain: float = 0.0  # the least predicted gain for which it drafts
 
     @property
     def adaptive(self) -> bool:
         return len(self.blocks) > 1
 
+    @property
+    def ar_step_seconds(self) -> float | None:
+        """The measured cost of an AR step of the loop (None for a plan not from costs)."""
+        return self.costs[0] if self.costs else None
+
     def describe(self) -> str:
         if self.predicted_speedup is None:
             return f"block size {self.best}"
+        if self.best == 1:
+            why = ("no block pays" if self.best_block is None else
+                   f"block {self.best_block} predicted {self.best_block_speedup:.2f}x, below "
+                   f"the {1 + self.min_gain:.2f}x that drafting needs")
+            return f"auto: plain AR steps ({why})"
         how = (f", switching among {list(self.blocks)} by the acceptance seen"
                if self.adaptive else "")
-        what = "plain AR steps (no block pays)" if self.best == 1 else f"block size {self.best}"
-        return (f"auto: {what}{how}; predicted {self.predicted_tokens_per_iteration:.2f} "
-                f"tokens/iteration, {self.predicted_speedup:.2f}x AR")
+        return (f"auto: block size {self.best}{how}; predicted "
+                f"{self.predicted_tokens_per_iteration:.2f} tokens/iteration, "
+                f"{self.predicted_speedup:.2f}x AR")
 
 
 def plan(profile: AcceptanceProfile, seconds: dict[int, float], *, max_block: int,
-         adaptive: bool = True) -> BlockPlan:
+         adaptive: bool = True, min_gain: float = MIN_GAIN) -> BlockPlan:
     """The block plan maximising expected tokens/s. Deterministic in its inputs.
 
     ``seconds``: cost per iteration by block size (must include 1, the AR step); sizes
-    above ``max_block`` (the head's trained size) are not considered. With ``adaptive``,
-    the loop may also run plain AR steps where the text at hand accepts less than the
-    profile (only when a block beats AR under the profile)."""
+    above ``max_block`` (the head's trained size) are not considered. Drafting is chosen
+    only when its predicted speedup is at least ``1 + min_gain``. With ``adaptive``, the
+    loop may also run plain AR steps where the text at hand accepts less than the
+    profile."""
     if 1 not in seconds:
         raise ValueError("the cost table has no AR step (block size 1)")
     sizes = sorted(k for k in seconds if 1 <= k <= max_block)
     rate = {k: profile.expected_tokens(k) / seconds[k] for k in sizes}
-    best = max(sizes, key=lambda k: (rate[k], -k))  # ties: the smaller block
-    blocks = (best,) if best == 1 or not adaptive else (best, 1)  # ties: the block
+    drafting = [k for k in sizes if k > 1]
+    top = max(drafting, key=lambda k: (rate[k], -k)) if drafting else None  # ties: smaller
+    best = top if top is not None and rate[top] >= (1 + min_gain) * rate[1] else 1
+    blocks = (best,) if best == 1 or not adaptive else (best, 1)
     return BlockPlan(
         blocks=blocks, best=best,
-        prior=tuple(profile.expected_tokens(k) for k in range(1, best + 1))
-        if len(blocks) > 1 else (),
-        costs=tuple(float(seconds.get(k, 0.0)) for k in range(1, best + 1))
-        if len(blocks) > 1 else (),
+        prior=tuple(profile.expected_tokens(k) for k in range(1, best + 1)),
+        costs=tuple(float(seconds.get(k, 0.0)) for k in range(1, best + 1)),
         predicted_tokens_per_iteration=profile.expected_tokens(best),
-        predicted_speedup=rate[best] / rate[1])
+        predicted_speedup=rate[best] / rate[1], best_block=top,
+        best_block_speedup=None if top is None else rate[top] / rate[1], min_gain=min_gain)

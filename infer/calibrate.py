@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from infer.block_size import AcceptanceProfile
+from infer.compile_cache import add_compile_cache_args, enable_compile_cache_from
 from infer.engine import Generator, summarize
 from infer.prompts import read_prompts_file
 from orthrus_jax.cli import positive_int, run_command
@@ -44,7 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--dry-run", action="store_true", help="print the profile, save nothing")
+    add_compile_cache_args(p)
     args = p.parse_args(argv)
+    enable_compile_cache_from(args)
     return run_command(lambda: _calibrate(args))
 
 

@@ -1,23 +1,28 @@
 """The decode loops: Orthrus draft-and-verify and plain AR, each one ``lax.while_loop``
-over a :class:`DecodeState` pytree.
+over a :class:`DecodeState` pytree, compiled per :class:`infer.buckets.DecodeSpec`.
 
 One Orthrus iteration (docs/decoding.md), for every active row at once:
 
-1. draft: the diffusion view on ``[anchor, MASK x (K-1)]`` at the row's own position;
-2. verify: the AR view on ``[anchor, d_1 .. d_{K-1}]``, writing their K/V into the cache;
-3. accept ``j`` drafts (greedy prefix match, or rejection sampling) and pick the next
-   anchor; the row's cache length becomes ``n + j + 1``: rollback moves a length only.
+1. :func:`draft`: the diffusion view on ``[anchor, MASK x (K-1)]`` at the row's own
+   position proposes ``K - 1`` tokens;
+2. :func:`verify_and_accept`: the AR view on ``[anchor, d_1 .. d_{K-1}]``, writing their
+   K/V into the cache, accepts ``j`` drafts (greedy prefix match, or rejection sampling)
+   and picks the next anchor;
+3. :func:`commit`: the row's tokens and cache length advance by ``j + 1`` (rollback moves
+   a length only), cut at an end-of-sequence id, the budget and the cache's capacity;
+   :func:`record` updates the histograms and the controller's statistics.
 
 The block size ``K`` is a decode-time choice, independent of the size the diffusion view
-was trained at: the loop drafts ``K - 1`` tokens per iteration (``K = 1`` is a plain AR
-step). Given several sizes, :func:`run` picks one per iteration inside the loop
-(``lax.switch``): the size with the most expected tokens per second, from the tokens per
-iteration each size has committed lately (decayed counts, pulled towards a prior from the
-head's acceptance profile) and each size's measured cost per iteration. Greedy output does
-not depend on the choice.
+was trained at: ``K - 1`` drafts per iteration, ``K = 1`` is a plain AR step. Given
+several sizes, :func:`run` picks one per iteration inside the loop (:func:`choose_block`,
+a ``lax.switch``): the size with the most expected tokens per second over the batch. Each
+row keeps decayed counts of what drafting committed for it lately (pulled towards the
+prior of the head's acceptance profile), and a row that has run ``PROBE_AFTER`` plain AR
+steps in a row drafts once more, so a row whose text becomes predictable again returns to
+drafting within a bounded number of steps. Greedy output never depends on the choice.
 
 Rows stop on their own: an end-of-sequence id, their ``max_new_tokens``, or a cache that
-could not hold another verify block. Finished rows keep riding along, masked.
+could not hold another token. Finished rows keep riding along, masked.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from infer.buckets import DecodeSpec
 from infer.sampling import (
     SamplingParams,
     argmax,
@@ -45,11 +51,21 @@ RUNNING, FINISH_EOS, FINISH_LENGTH, FINISH_CACHE = 0, 1, 2, 3
 FINISH_REASONS = {RUNNING: None, FINISH_EOS: "eos", FINISH_LENGTH: "length",
                   FINISH_CACHE: "cache_full"}
 
+# The block-size controller (see the module doc and docs/decoding.md): how fast a row's
+# counts at a block size fade with each iteration that observes that size, how many
+# iterations the prior is worth, and after how many consecutive AR steps a row drafts
+# again to see whether its text has become predictable.
+CONTROL_DECAY = 0.5
+PRIOR_WEIGHT = 1.0
+PROBE_AFTER = 8
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeState:
-    """Everything the loop carries. ``B`` rows, output room ``N`` tokens, block ``K``."""
+    """Everything the loop carries. ``B`` rows, output room ``N`` tokens, statistics over
+    block sizes ``1 .. M`` (``M = spec.max_block``, size ``k`` at index ``k - 1``). Every
+    field but ``step`` is per row (leading axis ``B``; the cache's batch axis)."""
 
     cache: KVCache
     anchor: jax.Array  # [B] newest generated token, not yet in the cache
@@ -58,9 +74,11 @@ class DecodeState:
     finish: jax.Array  # [B] finish code, RUNNING while active
     key: jax.Array  # [B] PRNG key per row (a row's draws never depend on its neighbours)
     iterations: jax.Array  # [B] loop iterations the row was active in
-    accepted_hist: jax.Array  # [B, K] iterations whose verify accepted j drafts, at j
-    block_hist: jax.Array  # [B, K] iterations the row ran at block size k, at k - 1
-    accept_stats: jax.Array  # [2, K] decayed (tokens, iterations) at block size k, at k - 1
+    accepted_hist: jax.Array  # [B, M] iterations whose verify accepted j drafts, at j
+    block_hist: jax.Array  # [B, M] iterations the row ran at block size k, at k - 1
+    seen_tokens: jax.Array  # [B, M] decayed tokens committed per iteration at size k
+    seen_iterations: jax.Array  # [B, M] decayed iterations observed at size k
+    ar_run: jax.Array  # [B] consecutive plain AR steps the row has run
     step: jax.Array  # [] iterations of the loop so far
 
     @property
@@ -77,16 +95,19 @@ class DecodeInputs:
     eos_ids: jax.Array  # [E] end-of-sequence ids, -1 = padding
     sampling: SamplingParams
     # Only for a choice among several block sizes (see ``run``):
-    prior: jax.Array | None = None  # [K] expected tokens per iteration at size k, at k - 1
-    costs: jax.Array | None = None  # [K] seconds per iteration at size k, at k - 1
+    prior: jax.Array | None = None  # [M] expected tokens per iteration at size k, at k - 1
+    costs: jax.Array | None = None  # [M] seconds per iteration at size k, at k - 1
 
 
-# Adaptive block size: how fast old counts fade per iteration at a block and per AR step
-# (slower: after a stretch of AR steps the prior brings drafting back, to test whether
-# the text has become predictable again), and how many iterations the prior is worth.
-STATS_DECAY = 0.9
-AR_STATS_DECAY = 0.98
-PRIOR_WEIGHT = 1.0
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Draft:
+    """What :func:`draft` proposes for each row: ``tokens [B, K-1]``, and for a sampling
+    program the filtered log-probabilities ``[B, K-1, V]`` they were drawn from (the
+    ``q`` of rejection sampling; None in a greedy program)."""
+
+    tokens: jax.Array
+    log_probs: jax.Array | None = None
 
 
 def _is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
@@ -107,6 +128,9 @@ def _iteration_keys(state: DecodeState, n: int) -> jax.Array:
     return jax.vmap(lambda k: jax.random.split(k, n), out_axes=1)(keys)
 
 
+# Sampling. A greedy program (``spec.greedy``) holds none of this code. A sampling program
+# serves rows of any temperature: its temperature-0 rows take the argmax, and when every
+# row is at temperature 0 a ``lax.cond`` skips the draws.
 def _greedy_rows(sampling: SamplingParams, batch: int) -> jax.Array:
     """``[B]`` rows decoded greedily inside a sampling program (temperature 0)."""
     return jnp.broadcast_to(sampling.temperature == 0, (batch,))
@@ -131,117 +155,141 @@ def _accept_rows(keys, drafts, q_logp, p_logp) -> tuple[jax.Array, jax.Array]:
     return jax.vmap(one)(keys, drafts, q_logp, p_logp)
 
 
-def _pick(keys: jax.Array, logits: jax.Array, sampling: SamplingParams, greedy: bool):
-    """Next token of each row from ``logits [B, V]``: argmax, or a draw with ``keys [B]``
-    (argmax for rows at temperature 0)."""
+def pick(keys: jax.Array | None, logits: jax.Array, sampling: SamplingParams,
+         greedy: bool) -> jax.Array:
+    """Next token of each row from ``logits [B, V]``: argmax (``greedy``, or a row at
+    temperature 0), else a draw with the row's key of ``keys [B]``."""
     best = argmax(logits)
     if greedy:
         return best
     greedy_rows = _greedy_rows(sampling, logits.shape[0])
-    drawn = jax.lax.cond(  # no draws at all when every row is greedy
+    drawn = jax.lax.cond(
         jnp.all(greedy_rows), lambda: best,
         lambda: _sample_rows(keys, filtered_log_probs(logits, _safe(sampling))))
     return jnp.where(greedy_rows, best, drawn)
 
 
-def _commit(state: DecodeState, new: jax.Array, count: jax.Array, cache: KVCache,
-            old_lengths: jax.Array, inputs: DecodeInputs, block: int) -> DecodeState:
-    """Append ``new[b, :count[b]]`` to active rows, cut at the first EOS, at the budget
-    and at the cache's capacity, set cache lengths to ``old + count`` and finish rows
-    that are done.
+# One iteration.
+def draft(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs, block: int,
+          greedy: bool, keys: jax.Array | None = None) -> Draft:
+    """The proposer: ``block - 1`` draft tokens per row from one diffusion pass over
+    ``[anchor, MASK x (block - 1)]`` at the row's cache length; writes nothing. ``keys
+    [B]``: each row's draw key (sampling programs)."""
+    B = state.anchor.shape[0]
+    masks = jnp.full((B, block - 1), model.config.mask_token_id, jnp.int32)
+    q_logits = model.logits(model.diffusion_hidden(
+        jnp.concatenate([state.anchor[:, None], masks], axis=1), state.cache)[:, :-1])
+    tokens = argmax(q_logits)  # [B, block - 1]
+    if greedy:
+        return Draft(tokens)
+    greedy_rows = _greedy_rows(inputs.sampling, B)
+    all_greedy = jnp.all(greedy_rows)  # then skip every draw
+    q_logp = jax.lax.cond(all_greedy, lambda x: jnp.zeros(x.shape, jnp.float32),
+                          lambda x: filtered_log_probs(x, _safe(inputs.sampling)), q_logits)
+    drawn = jax.lax.cond(all_greedy, lambda: tokens, lambda: _sample_rows(keys, q_logp))
+    return Draft(jnp.where(greedy_rows[:, None], tokens, drawn), q_logp)
+
+
+def verify_and_accept(model: OrthrusLM, state: DecodeState, proposal: Draft,
+                      inputs: DecodeInputs, greedy: bool, keys: jax.Array | None = None
+                      ) -> tuple[jax.Array, jax.Array, KVCache]:
+    """The verifier: one AR pass over ``[anchor, drafts]`` writes their K/V after each
+    row's cache length, then accepts the longest agreeing prefix (greedy) or by rejection
+    sampling (``keys [B]``). Returns ``new [B, K]`` (the accepted drafts, then the next
+    anchor at index ``j``; entries past it are filler), ``count = j + 1 [B]`` and the
+    cache with the K/V written (its lengths not yet advanced)."""
+    drafts = proposal.tokens
+    B, K = drafts.shape[0], drafts.shape[1] + 1
+    hidden, verified = model.ar_hidden(
+        jnp.concatenate([state.anchor[:, None], drafts], axis=1), state.cache)
+    p_logits = model.logits(hidden)  # [B, K, V]
+    j, nxt = greedy_accept(drafts, p_logits)
+    if not greedy:
+        greedy_rows = _greedy_rows(inputs.sampling, B)
+        j_s, nxt_s = jax.lax.cond(
+            jnp.all(greedy_rows), lambda: (j, nxt),
+            lambda: _accept_rows(keys, drafts, proposal.log_probs,
+                                 filtered_log_probs(p_logits, _safe(inputs.sampling))))
+        j, nxt = jnp.where(greedy_rows, j, j_s), jnp.where(greedy_rows, nxt, nxt_s)
+    new = jnp.where(jnp.arange(K)[None, :] == j[:, None], nxt[:, None],
+                    jnp.concatenate([drafts, drafts[:, :1]], axis=1))
+    return new, j + 1, dataclasses.replace(verified, lengths=state.cache.lengths)
+
+
+def commit(state: DecodeState, new: jax.Array, count: jax.Array, cache: KVCache,
+           inputs: DecodeInputs) -> DecodeState:
+    """Append ``new[b, :count[b]]`` to each active row, cut at the first EOS, at the
+    budget and at the cache's capacity; advance the row's cache length by what was
+    appended (``cache.lengths`` are the lengths before), make the last token the anchor and
+    finish rows that are done.
 
     Near a full cache the verify block's last K/V fall past ``max_len`` and are dropped;
     the tokens before them are exact (the verify pass is causal), so both modes commit
     up to the last cache position and stop on the same token.
     """
     active = ~state.done
-    accepted = count  # j + 1 before any cut: the acceptance-length statistic
     K = new.shape[1]
     idx = jnp.arange(K)[None, :]
     eos_at = jnp.where(_is_eos(new, inputs.eos_ids) & (idx < count[:, None]), idx, K)
     first_eos = jnp.min(eos_at, axis=1)
     budget = inputs.max_new_tokens - state.num_generated
     count = jnp.minimum(jnp.minimum(count, first_eos + 1), budget)
-    count = jnp.minimum(count, cache.max_len - old_lengths)
+    count = jnp.minimum(count, cache.max_len - cache.lengths)
     count = jnp.where(active, count, 0)
     positions = jnp.where(idx < count[:, None], state.num_generated[:, None] + idx,
                           state.tokens.shape[1])  # out of range: dropped
     rows = jnp.arange(new.shape[0])[:, None]
-    tokens = state.tokens.at[rows, positions].set(new, mode="drop")
     num_generated = state.num_generated + count
-    lengths = jnp.where(active, old_lengths + count, old_lengths)
+    lengths = cache.lengths + count
     finish = state.finish
     finish = jnp.where(active & (first_eos < count), FINISH_EOS, finish)  # EOS committed
     finish = jnp.where((finish == RUNNING) & (num_generated >= inputs.max_new_tokens),
                        FINISH_LENGTH, finish)
     finish = jnp.where((finish == RUNNING) & (lengths >= cache.max_len), FINISH_CACHE, finish)
     last = jnp.take_along_axis(new, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
-    rows_b = jnp.arange(new.shape[0])
     return dataclasses.replace(
-        state, cache=KVCache(cache.k, cache.v, lengths),
-        anchor=jnp.where(active, last, state.anchor), tokens=tokens,
-        num_generated=num_generated, finish=finish,
-        iterations=state.iterations + active.astype(jnp.int32),
-        accepted_hist=state.accepted_hist.at[rows_b, accepted - 1].add(active.astype(jnp.int32)),
-        block_hist=state.block_hist.at[:, block - 1].add(active.astype(jnp.int32)),
-        accept_stats=_update_stats(state.accept_stats, accepted, active, block),
+        state, cache=dataclasses.replace(cache, lengths=lengths),
+        anchor=jnp.where(active, last, state.anchor),
+        tokens=state.tokens.at[rows, positions].set(new, mode="drop"),
+        num_generated=num_generated, finish=finish)
+
+
+def record(state: DecodeState, active: jax.Array, accepted: jax.Array,
+           block: int) -> DecodeState:
+    """Count one iteration at size ``block`` for the ``active [B]`` rows, which committed
+    ``accepted [B]`` tokens before any cut (``j + 1``): iterations, histograms, the
+    controller's statistics and the loop's step.
+
+    An iteration at ``block`` also tells what every smaller size would have committed
+    (``min(accepted, k)``: the first drafts are those a smaller block proposes), so it
+    updates the statistics of sizes ``2 .. block`` (decayed by ``CONTROL_DECAY``)."""
+    on = active.astype(jnp.int32)
+    sizes = jnp.arange(1, state.seen_tokens.shape[1] + 1)[None, :]
+    seen = active[:, None] & (sizes >= 2) & (sizes <= block)
+    rows = jnp.arange(active.shape[0])
+    return dataclasses.replace(
+        state,
+        iterations=state.iterations + on,
+        accepted_hist=state.accepted_hist.at[rows, accepted - 1].add(on),
+        block_hist=state.block_hist.at[:, block - 1].add(on),
+        seen_tokens=jnp.where(seen, CONTROL_DECAY * state.seen_tokens
+                              + jnp.minimum(accepted[:, None], sizes), state.seen_tokens),
+        seen_iterations=jnp.where(seen, CONTROL_DECAY * state.seen_iterations + 1,
+                                  state.seen_iterations),
+        ar_run=jnp.where(active, state.ar_run + 1 if block == 1 else 0, state.ar_run),
         step=state.step + 1)
 
 
-def _update_stats(stats: jax.Array, tokens: jax.Array, active: jax.Array,
-                  block: int) -> jax.Array:
-    """Decay the ``[2, K]`` (tokens, iterations) counts of every block size and add this
-    iteration's at ``block``: ``tokens [B]`` committed per active row (before any cut at
-    EOS or the budget)."""
-    decay = AR_STATS_DECAY if block == 1 else STATS_DECAY
-    row = jnp.stack([jnp.sum(jnp.where(active, tokens, 0)), jnp.sum(active)])
-    return (decay * stats).at[:, block - 1].add(row.astype(stats.dtype))
-
-
-def choose_block(state: DecodeState, inputs: DecodeInputs, blocks: tuple[int, ...]) -> jax.Array:
-    """Index into ``blocks`` of the size with the most expected tokens per second: tokens
-    per iteration seen lately at each size, with ``PRIOR_WEIGHT`` iterations of the prior."""
-    tokens, iterations = state.accept_stats
-    expected = (tokens + PRIOR_WEIGHT * inputs.prior) / (iterations + PRIOR_WEIGHT)
-    idx = jnp.asarray(blocks) - 1
-    return jnp.argmax(expected[idx] / inputs.costs[idx]).astype(jnp.int32)
-
-
-def orthrus_step(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs,
-                 greedy: bool, block: int) -> DecodeState:
+def orthrus_step(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs, block: int,
+                 greedy: bool) -> DecodeState:
     """One draft + verify + accept iteration for every active row, drafting ``block - 1``
     tokens (``block`` need not be the size the diffusion view was trained at)."""
-    c = model.config
-    K = block
-    B = state.anchor.shape[0]
-    cache = state.cache
-    block = jnp.concatenate(
-        [state.anchor[:, None], jnp.full((B, K - 1), c.mask_token_id, jnp.int32)], axis=1)
-    q_logits = model.logits(model.diffusion_hidden(block, cache)[:, :-1])  # [B, K-1, V]
-    drafts = argmax(q_logits)
+    k_draft = k_accept = None
     if not greedy:
         k_draft, k_accept = _iteration_keys(state, 2)
-        sampling = _safe(inputs.sampling)
-        greedy_rows = _greedy_rows(inputs.sampling, B)
-        all_greedy = jnp.all(greedy_rows)  # then skip every draw (lax.cond)
-        q_logp = jax.lax.cond(all_greedy, lambda x: jnp.zeros(x.shape, jnp.float32),
-                              lambda x: filtered_log_probs(x, sampling), q_logits)
-        drawn = jax.lax.cond(all_greedy, lambda: drafts,
-                             lambda: _sample_rows(k_draft, q_logp))
-        drafts = jnp.where(greedy_rows[:, None], drafts, drawn)
-    hidden, verified = model.ar_hidden(jnp.concatenate([state.anchor[:, None], drafts], 1), cache)
-    p_logits = model.logits(hidden)  # [B, K, V]
-    j, nxt = greedy_accept(drafts, p_logits)
-    if not greedy:
-        j_s, nxt_s = jax.lax.cond(
-            all_greedy, lambda: (j, nxt),
-            lambda: _accept_rows(k_accept, drafts, q_logp,
-                                 filtered_log_probs(p_logits, sampling)))
-        j, nxt = jnp.where(greedy_rows, j, j_s), jnp.where(greedy_rows, nxt, nxt_s)
-    # New tokens d_1 .. d_j then the next anchor; j + 1 of them.
-    new = jnp.where(jnp.arange(K)[None, :] == j[:, None], nxt[:, None],
-                    jnp.concatenate([drafts, drafts[:, :1]], axis=1))
-    return _commit(state, new, j + 1, verified, cache.lengths, inputs, K)
+    proposal = draft(model, state, inputs, block, greedy, k_draft)
+    new, count, cache = verify_and_accept(model, state, proposal, inputs, greedy, k_accept)
+    return record(commit(state, new, count, cache, inputs), ~state.done, count, block)
 
 
 def ar_step(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs,
@@ -249,20 +297,40 @@ def ar_step(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs,
     """One plain AR step for every active row: the baseline in the same engine."""
     hidden, cache = model.ar_hidden(state.anchor[:, None], state.cache)
     keys = None if greedy else _iteration_keys(state, 1)[0]
-    nxt = _pick(keys, model.logits(hidden[:, 0]), inputs.sampling, greedy)
-    return _commit(state, nxt[:, None], jnp.ones_like(nxt), cache, state.cache.lengths, inputs,
-                   1)
+    nxt = pick(keys, model.logits(hidden[:, 0]), inputs.sampling, greedy)
+    ones = jnp.ones_like(nxt)
+    cache = dataclasses.replace(cache, lengths=state.cache.lengths)
+    return record(commit(state, nxt[:, None], ones, cache, inputs), ~state.done, ones, 1)
 
 
-def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array, inputs: DecodeInputs,
-          keys: jax.Array, *, max_len: int, out_len: int, greedy: bool, max_block: int,
-          chunk_size: int | None = None, mesh: Mesh | None = None,
+# The controller.
+def expected_tokens(state: DecodeState, inputs: DecodeInputs) -> jax.Array:
+    """``[B, M]`` each row's expected tokens per iteration at size ``k`` (index ``k - 1``):
+    its decayed counts with ``PRIOR_WEIGHT`` iterations of the prior; 1 for AR steps."""
+    e = (state.seen_tokens + PRIOR_WEIGHT * inputs.prior) / (
+        state.seen_iterations + PRIOR_WEIGHT)
+    return e.at[:, 0].set(1.0)
+
+
+def choose_block(state: DecodeState, inputs: DecodeInputs,
+                 blocks: tuple[int, ...]) -> jax.Array:
+    """Index into ``blocks`` of the size to run next: the most expected tokens per second
+    summed over the active rows (``expected_tokens`` over ``inputs.costs``); if that is
+    a plain AR step while an active row has run ``PROBE_AFTER`` AR steps in a row, the
+    block drafting the most (a probe). Deterministic in its inputs."""
+    idx = jnp.asarray(blocks) - 1
+    active = ~state.done
+    rate = expected_tokens(state, inputs)[:, idx] / inputs.costs[idx]  # [B, n]
+    choice = jnp.argmax(jnp.sum(jnp.where(active[:, None], rate, 0.0), axis=0))
+    probe = jnp.any(active & (state.ar_run >= PROBE_AFTER)) & (idx[choice] == 0)
+    return jnp.where(probe, jnp.argmax(idx), choice).astype(jnp.int32)
+
+
+def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array,
+          inputs: DecodeInputs, keys: jax.Array, spec: DecodeSpec, *, mesh: Mesh | None = None,
           rules: Rules | None = None) -> DecodeState:
     """Prefill right-padded ``prompts [B, P]`` and pick each row's first token; ``keys [B]``
     are the rows' PRNG keys (:func:`row_keys`).
-
-    ``max_block``: the most tokens one iteration commits (the head's trained block size
-    ``K`` in Orthrus mode, 1 in AR mode), the size of the histograms.
 
     With ``mesh``, the cache is laid out by the logical-axis ``rules`` (batch over the
     data axes, KV heads over ``tensor``), matching a model placed with the same rules.
@@ -270,50 +338,49 @@ def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array, input
     c = model.config
     B = prompts.shape[0]
     # Per-layer K/V for a per-layer model (each unrolled layer updates its own array in place).
-    cache = init_cache(c, B, max_len, mesh=mesh, rules=rules, per_layer=model.per_layer)
-    logits, cache = prefill(model, prompts, cache, prompt_lengths, chunk_size)
-    first = _pick(jax.vmap(jax.random.fold_in)(keys, jnp.zeros((B,), jnp.int32)), logits,
-                  inputs.sampling, greedy)
+    cache = init_cache(c, B, spec.max_len, mesh=mesh, rules=rules, per_layer=model.per_layer)
+    logits, cache = prefill(model, prompts, cache, prompt_lengths, spec.prefill_chunk)
+    first = pick(jax.vmap(jax.random.fold_in)(keys, jnp.zeros((B,), jnp.int32)), logits,
+                 inputs.sampling, spec.greedy)
     zeros = jnp.zeros((B,), jnp.int32)
-    state = DecodeState(cache=cache, anchor=first, tokens=jnp.zeros((B, out_len), jnp.int32),
+    stats = jnp.zeros((B, spec.max_block), jnp.float32)
+    state = DecodeState(cache=cache, anchor=first, tokens=jnp.zeros((B, spec.out_len), jnp.int32),
                         num_generated=zeros, finish=zeros, key=keys, iterations=zeros,
-                        accepted_hist=jnp.zeros((B, max_block), jnp.int32),
-                        block_hist=jnp.zeros((B, max_block), jnp.int32),
-                        accept_stats=jnp.zeros((2, max_block), jnp.float32),
+                        accepted_hist=jnp.zeros((B, spec.max_block), jnp.int32),
+                        block_hist=jnp.zeros((B, spec.max_block), jnp.int32),
+                        seen_tokens=stats, seen_iterations=stats, ar_run=zeros,
                         step=jnp.int32(0))
-    first_state = _commit(state, first[:, None], jnp.ones_like(first), cache, cache.lengths,
-                          inputs, 1)
     # The first token is the anchor: generated, not yet in the cache.
-    return dataclasses.replace(first_state, cache=cache, iterations=zeros, step=jnp.int32(0),
-                               accepted_hist=state.accepted_hist,
-                               block_hist=state.block_hist, accept_stats=state.accept_stats)
+    first_state = commit(state, first[:, None], jnp.ones_like(first), cache, inputs)
+    return dataclasses.replace(first_state, cache=cache)
 
 
-def run(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs, max_steps: jax.Array, *,
-        blocks: tuple[int, ...], greedy: bool) -> DecodeState:
-    """Iterate until every row is done or ``max_steps`` more iterations have run.
+def run(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs, max_steps: jax.Array,
+        spec: DecodeSpec) -> DecodeState:
+    """Iterate until every row is done or ``max_steps`` more iterations have run
+    (:data:`infer.buckets.NO_LIMIT`: until done).
 
-    ``blocks``: the block size of every iteration (``(1,)``: plain AR; ``(K,)``: Orthrus
-    drafting ``K - 1`` tokens), or several sizes to choose among per iteration
+    ``spec.blocks``: the block size of every iteration (``(1,)``: plain AR; ``(K,)``:
+    Orthrus drafting ``K - 1`` tokens), or several sizes to choose among per iteration
     (:func:`choose_block`, which needs ``inputs.prior`` and ``inputs.costs``). Only
     the sampled rows' random draws depend on the sizes chosen, never their distribution.
     """
-    limit = state.step + max_steps
+    first_step = state.step  # counting from here never overflows, whatever max_steps
 
     def step_fn(k: int):
         if k == 1:
-            return lambda s: ar_step(model, s, inputs, greedy)
-        return lambda s: orthrus_step(model, s, inputs, greedy, k)
+            return lambda s: ar_step(model, s, inputs, spec.greedy)
+        return lambda s: orthrus_step(model, s, inputs, k, spec.greedy)
 
-    if len(blocks) == 1:
-        body = step_fn(blocks[0])
+    if not spec.adaptive:
+        body = step_fn(spec.blocks[0])
     else:
-        branches = [step_fn(k) for k in blocks]
+        branches = [step_fn(k) for k in spec.blocks]
 
         def body(s: DecodeState) -> DecodeState:
-            return jax.lax.switch(choose_block(s, inputs, blocks), branches, s)
+            return jax.lax.switch(choose_block(s, inputs, spec.blocks), branches, s)
 
     def cond(s: DecodeState) -> jax.Array:
-        return jnp.any(~s.done) & (s.step < limit)
+        return jnp.any(~s.done) & (s.step - first_step < max_steps)
 
     return jax.lax.while_loop(cond, body, state)

@@ -63,8 +63,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
 
+from infer.compile_cache import enable_compile_cache, restored_compile_cache
 from infer.device_plan import (
     DEVICES,
     FIT_FRACTION,
@@ -76,11 +76,14 @@ from infer.device_plan import (
 )
 from infer.engine import Generator, summarize
 from infer.passes import (
+    LOOP_STEPS,
     ar_pass,
     bytes_read,
     copy_bandwidth,
     copy_pass,
     diffusion_pass,
+    loop_args,
+    loop_pass,
     on_device,
     time_passes,
 )
@@ -438,24 +441,31 @@ def passes_section(checks: Checks) -> dict:
                         repeats=s.repeats, seed=s.seed)
         ar_floor = bytes_read(model, AR_VIEW, probe, context) / bandwidth
         diff_floor = bytes_read(model, DIFFUSION_VIEW, probe, context) / bandwidth
-        entry: dict[str, Any] = {"ar_step": _floor(t["ar_step"], ar_floor), "blocks": {}}
+        entry: dict[str, Any] = {"ar_step": _floor(t["ar_step"], ar_floor),
+                                 "ar_loop_step_seconds": t["ar_iteration"], "blocks": {}}
         for k in blocks:
-            d, v = t["diffusion_pass"][k], t["verify_pass"][k]
+            d, v, loop = t["diffusion_pass"][k], t["verify_pass"][k], t["iteration"][k]
             entry["blocks"][str(k)] = {
                 "diffusion_pass": _floor(d, diff_floor), "verify_pass": _floor(v, ar_floor),
-                "iteration_seconds": d + v, "iteration_to_ar_step": (d + v) / t["ar_step"]}
+                "iteration_seconds": d + v, "iteration_to_ar_step": (d + v) / t["ar_step"],
+                # the compiled decode loop's own iteration, beside its two passes
+                "loop_iteration_seconds": loop, "loop_to_passes": loop / (d + v),
+                "loop_to_ar_loop_step": loop / t["ar_iteration"]}
         out["contexts"][str(context)] = entry
         top = entry["blocks"][str(max(blocks))]
         checks.log(f"passes: context {context}: AR step {t['ar_step'] * 1e3:.2f} ms "
                    f"({entry['ar_step']['ratio_to_floor']:.2f}x floor); K={max(blocks)} "
-                   f"iteration {top['iteration_to_ar_step']:.2f} AR steps")
+                   f"iteration {top['iteration_to_ar_step']:.2f} AR steps, in the loop "
+                   f"{top['loop_to_ar_loop_step']:.2f} ({top['loop_to_passes']:.3f}x its "
+                   "passes)")
     return out
 
 
 def passes_programs(checks: Checks, s: Settings) -> list[Program]:
-    """Per context: the AR step and, per block size, the diffusion and verify passes, as
+    """Per context: the AR step and, per block size, the diffusion and verify passes and
+    the decode loop's iterations (at each block size and at 1), as
     :func:`infer.passes.time_passes` runs them (one context at a time, each with its own
-    cache of ``context + max(blocks)`` positions)."""
+    cache of ``context + max(blocks)`` positions, and each loop with its own copy)."""
     model = checks.abstract()
     c = model.config
     blocks = _pass_blocks(s, c)
@@ -465,13 +475,23 @@ def passes_programs(checks: Checks, s: Settings) -> list[Program]:
     calls = s.repeats + 1
     for context, cache in caches.items():  # one context's cache is held at a time
         kv = (cache.k, cache.v, cache.lengths)
+        # each loop decodes over its own copy of the cache, all held while the context runs
+        held = (len(blocks) + 1) * tree_bytes(cache)
         programs.append(Program(f"ar_step@{context}", ar_pass,
-                                (model, _tokens(s.batch_size, 1), *kv), calls))
+                                (model, _tokens(s.batch_size, 1), *kv), calls,
+                                held_bytes=held))
         for k in blocks:
             programs.append(Program(f"diffusion_pass@{context}/K={k}", diffusion_pass,
-                                    (model, _tokens(s.batch_size, k), cache), calls))
+                                    (model, _tokens(s.batch_size, k), cache), calls,
+                                    held_bytes=held))
             programs.append(Program(f"verify_pass@{context}/K={k}", ar_pass,
-                                    (model, _tokens(s.batch_size, k), *kv), calls))
+                                    (model, _tokens(s.batch_size, k), *kv), calls,
+                                    held_bytes=held))
+        for k in (1, *blocks):
+            args, _ = loop_args(model, cache, k)
+            steps = max(1, min(LOOP_STEPS, (cache.max_len - 2) // k))
+            programs.append(Program(f"loop@{context}/K={k}", loop_pass, args, calls,
+                                    trips=steps, held_bytes=held))
     return programs
 
 
@@ -481,12 +501,6 @@ def passes_shrink(s: Settings) -> tuple[Settings, str] | None:
     drop = max(s.contexts)
     return (dataclasses.replace(s, contexts=tuple(c for c in s.contexts if c != drop)),
             f"context {drop} dropped")
-
-
-def _bucket_name(key: tuple) -> dict:
-    mode, blocks, greedy, batch, prompt_len, out_len, max_len, n_eos = key
-    return {"mode": mode, "blocks": list(blocks), "greedy": greedy, "batch": batch,
-            "prompt_len": prompt_len, "out_len": out_len, "max_len": max_len, "eos_slots": n_eos}
 
 
 def _decode_prompts(s: Settings, c: ModelConfig) -> tuple[np.ndarray, list[list[int]]]:
@@ -530,7 +544,7 @@ def decode_loop_section(checks: Checks) -> dict:
         for r in results:
             iterations[r.batch] = max(iterations.get(r.batch, 0), r.iterations)
             loop_seconds[r.batch] = r.seconds - r.time_to_first_token
-        compiled = [{"bucket": _bucket_name(k), "seconds": v}
+        compiled = [{"bucket": k.describe(), "seconds": v}
                     for k, v in gen.compile_seconds.items() if k not in before]
         out["modes"][mode] = {
             "tokens": totals["tokens"], "iterations": totals["iterations"],
@@ -568,7 +582,7 @@ def decode_loop_programs(checks: Checks, s: Settings) -> list[Program]:
                                 eos_ids=[], batch_size=s.batch_size)
         for key in keys:
             (start_fn, start_args), (run_fn, run_args) = gen.lowering(key)
-            name = f"{mode}@prompt{key[4]}/cache{key[6]}"
+            name = f"{mode}@prompt{key.prompt_len}/cache{key.max_len}"
             programs += [Program(f"start:{name}", start_fn, start_args, calls=1 + batches),
                          Program(f"run:{name}", run_fn, run_args, calls=1 + batches,
                                  trips=s.max_new_tokens)]
@@ -870,20 +884,10 @@ def _run(args: argparse.Namespace, sections: Mapping[str, Section], prog: str,
     cache_dir = args.compile_cache
     if cache_dir is None and args.plan_only:
         return _checks(args, sections, prog, argv)
-    previous = {name: getattr(jax.config, name) for name in (
-        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes")}
-    with tempfile.TemporaryDirectory(prefix="orthrus-device-check-xla-") as temporary:
-        compilation_cache.reset_cache()
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir or temporary))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-        try:
-            return _checks(args, sections, prog, argv)
-        finally:
-            for name, value in previous.items():
-                jax.config.update(name, value)
-            compilation_cache.reset_cache()
+    with (tempfile.TemporaryDirectory(prefix="orthrus-device-check-xla-") as temporary,
+          restored_compile_cache()):
+        enable_compile_cache(cache_dir or temporary, enabled=True)
+        return _checks(args, sections, prog, argv)
 
 
 def _checks(args: argparse.Namespace, sections: Mapping[str, Section], prog: str,

@@ -21,6 +21,18 @@ import numpy as np
 from jax.sharding import Mesh
 
 from infer.block_size import CANDIDATE_BLOCKS, AcceptanceProfile, BlockPlan, CostTable, plan
+from infer.buckets import (
+    MODES,
+    NO_LIMIT,
+    DecodeSpec,
+    bucket,
+    cache_len,
+    check_prompt_ids,
+    default_batch_size,
+    eos_array,
+    max_block,
+    prompt_bucket,
+)
 from infer.decode import FINISH_REASONS, DecodeInputs, row_keys, run, start
 from infer.prompts import check_messages, check_prompt_item, load_tokenizer
 from infer.sampling import SamplingParams
@@ -30,31 +42,6 @@ from orthrus_jax.config import DTYPE_NAMES, ModelConfig
 from orthrus_jax.memory import peak_memory, tree_bytes
 from orthrus_jax.model import OrthrusLM, copy_diffusion, unstack_layers
 from orthrus_jax.sharding import Rules
-
-MODES = ("orthrus", "ar")
-MIN_PROMPT_BUCKET = 16
-# Default rows per batch: the prompts rounded up to 2^n, at most this many (each row holds
-# a whole KV cache: 1000 rows of an 8B model would need ~77 GB).
-DEFAULT_MAX_BATCH = 8
-NO_LIMIT = np.iinfo(np.int32).max
-
-
-def bucket(n: int, minimum: int = 1) -> int:
-    """Next power of two >= max(n, minimum): the engine's shape buckets."""
-    return 1 << (max(n, minimum) - 1).bit_length()
-
-
-def eos_array(config_eos: Sequence[int], eos_ids: Sequence[int] | None) -> jax.Array:
-    """``int32 [E]``: ``eos_ids`` (default: the config's), padded with -1 to a power of two
-    of at least 8 (a bucket: a different number of ids compiles nothing new)."""
-    eos = [int(t) for t in (config_eos if eos_ids is None else eos_ids)]
-    return jnp.asarray(eos + [-1] * (bucket(len(eos), 8) - len(eos)), jnp.int32)
-
-
-def default_batch_size(n_prompts: int) -> int:
-    """Rows per batch when none is given: ``n_prompts`` rounded up to a power of two, at
-    most :data:`DEFAULT_MAX_BATCH`."""
-    return min(bucket(n_prompts), DEFAULT_MAX_BATCH)
 
 
 @dataclasses.dataclass
@@ -74,6 +61,10 @@ class GenerationResult:
     seconds: float  # wall time of the batch this prompt ran in
     time_to_first_token: float  # prefill + first token, wall time of the batch
     batch: int = 0  # index of that batch within the generate call
+    # With block size "auto": the seconds plain AR steps would have taken for the batch's
+    # loop (its longest row's tokens after the first, at the cost table's AR step), to set
+    # against its loop seconds (``seconds - time_to_first_token``).
+    ar_loop_seconds: float | None = None
 
     def to_json(self) -> dict:
         return {"prompt": self.prompt, "text": self.text, "token_ids": self.token_ids,
@@ -90,12 +81,18 @@ def summarize(results: Sequence[GenerationResult]) -> dict:
     tokens = sum(len(r.token_ids) for r in results)
     iterations = sum(r.iterations for r in results)
     seconds = sum(r.seconds for r in batches)
+    predicted_ar = [r.ar_loop_seconds for r in batches]
+    loop = sum(r.seconds - r.time_to_first_token for r in batches)
     return {
         "tokens": tokens,
         "iterations": iterations,
+        # the decode loop against AR steps at the measured cost (block size "auto" only)
+        "loop_speedup_vs_cost_table": sum(predicted_ar) / loop
+        if None not in predicted_ar and loop > 0 else None,
         # the first token of each prompt comes from prefill, not from an iteration
         "tokens_per_iteration": (tokens - len(results)) / iterations if iterations else 0.0,
         "seconds": seconds,
+        "loop_seconds": loop,  # after each batch's prefill and first token
         "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
         "time_to_first_token": float(np.mean([r.time_to_first_token for r in batches])),
         "accepted_hist": np.sum([r.accepted_hist for r in results], axis=0).tolist(),
@@ -247,73 +244,54 @@ class Generator:
             return None
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def _check_ids(self, ids: Sequence[int]) -> None:
-        if isinstance(ids, str):
-            raise ValueError("prompt is text: encode it first (Generator.encode), or use "
-                             "infer.engine.generate(model_dir, texts)")
-        if len(ids) == 0:
-            raise ValueError("empty prompt: give at least one token")
-        bad = [t for t in ids if not 0 <= int(t) < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"token id(s) {bad[:5]} outside the vocabulary "
-                             f"[0, {self.config.vocab_size})")
-        if len(ids) >= self.max_len:
-            raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of "
-                             f"{self.max_len} tokens (at least one position must stay free)")
+    def check_ids(self, ids: Sequence[int]) -> None:
+        """Raise ``ValueError`` naming the problem unless ``ids`` is a prompt this engine
+        can decode (:func:`infer.buckets.check_prompt_ids`)."""
+        check_prompt_ids(ids, self.config.vocab_size, self.max_len)
 
     # ----------------------------------------------------------------- compile
-    def _max_block(self, mode: str) -> int:
-        """The most tokens one iteration may commit: the head's trained block (whatever
-        size decodes) for Orthrus, 1 for AR. It sizes the cache and the histograms."""
-        return self.config.block_size if mode == "orthrus" else 1
+    def prompt_bucket(self, rows: Sequence[Sequence[int]]) -> int:
+        """The padded prompt length of a batch of ``rows`` (:func:`infer.buckets.prompt_bucket`)."""
+        return prompt_bucket(max(len(r) for r in rows), self.chunk_size)
 
-    def _max_len(self, prompt_len: int, out_len: int) -> int:
-        """Cache positions for a batch of padded prompt length ``prompt_len`` and output
-        room ``out_len`` (both already bucketed): their sum, at most ``max_len``.
+    def spec(self, mode: str, blocks: tuple[int, ...], greedy: bool, batch: int,
+             prompt_len: int, out_len: int, n_eos: int) -> DecodeSpec:
+        """The :class:`~infer.buckets.DecodeSpec` of a batch of bucketed shape."""
+        return DecodeSpec(mode=mode, blocks=tuple(blocks), greedy=greedy, batch=batch,
+                          prompt_len=prompt_len, out_len=out_len,
+                          max_len=cache_len(prompt_len, out_len, self.max_len), n_eos=n_eos,
+                          max_block=max_block(mode, self.config.block_size),
+                          prefill_chunk=self.chunk_size if prompt_len > self.chunk_size
+                          else None)
 
-        The sum is not rounded again: it adds no compiled shape (the buckets fix it), and
-        attention reads the whole cache, so every position kept beyond what a row can hold
-        costs time in every pass (a 1024-position prompt with 128 new tokens decodes over
-        1152 positions, not 2048). A row holds at most ``prompt + max_new_tokens - 1``
-        positions (its newest token is not cached), so no room is kept for a verify block
-        either: K/V written past the end are dropped and never committed
-        (``decode._commit``).
-        """
-        return min(prompt_len + out_len, self.max_len)
+    def compile(self, spec: DecodeSpec) -> tuple[Callable, Callable]:
+        """The compiled (start, run) programs of a spec (:meth:`program_keys`), compiled
+        on first use and run once on a dummy batch (the seconds of both recorded in
+        ``compile_seconds``).
 
-    def _cost_len(self, cache_len: int) -> int:
-        """The cache length whose measured costs stand for ``cache_len`` in the block-size
-        choice: the next power of two (at most ``max_len``), so that calibrations are shared
-        between nearby lengths."""
-        return min(bucket(cache_len), self.max_len)
-
-    def _programs(self, mode: str, blocks: tuple[int, ...], greedy: bool, batch: int,
-                  prompt_len: int, out_len: int, n_eos: int):
-        """Compiled (start, run) for one bucketed shape and block plan."""
-        return self.compile(self._key(mode, blocks, greedy, batch, prompt_len, out_len, n_eos))
-
-    def compile(self, key: tuple) -> tuple[Callable, Callable]:
-        """The compiled (start, run) programs of a program key (:meth:`program_keys`),
-        compiled on first use (the seconds recorded in ``compile_seconds``)."""
-        if key not in self._compiled:
+        XLA's first execution of a program costs more than the next ones (on the CPU
+        backend about 0.6 s for SmolLM2's prefill, and a slower first loop iteration):
+        paid here, it is part of getting the program ready, and the first real batch
+        decodes at the speed of every later one."""
+        if spec not in self._compiled:
             t0 = time.perf_counter()
-            (start_fn, start_args), (run_fn, run_args) = self.lowering(key)
+            (start_fn, start_args), (run_fn, run_args) = self.lowering(spec)
             start_c = start_fn.lower(*start_args).compile()
             run_c = run_fn.lower(*run_args).compile()
-            self._compiled[key] = (start_c, run_c)
-            self.compile_seconds[key] = time.perf_counter() - t0
-        return self._compiled[key]
-
-    def _key(self, mode: str, blocks: tuple[int, ...], greedy: bool, batch: int,
-             prompt_len: int, out_len: int, n_eos: int) -> tuple:
-        return (mode, blocks, greedy, batch, prompt_len, out_len,
-                self._max_len(prompt_len, out_len), n_eos)
+            model, prompts, lengths, inputs, key, rows = start_args
+            inputs = dataclasses.replace(inputs, max_new_tokens=jnp.full((spec.batch,), 2,
+                                                                         jnp.int32))
+            state = start_c(model, prompts, lengths, inputs, key, rows)
+            jax.block_until_ready(run_c(model, state, inputs, jnp.int32(1)))  # one iteration
+            self._compiled[spec] = (start_c, run_c)
+            self.compile_seconds[spec] = time.perf_counter() - t0
+        return self._compiled[spec]
 
     def program_keys(self, prompts: Sequence[Sequence[int]], *, mode: str = "orthrus",
                      max_new_tokens: int = 256, greedy: bool = True,
                      eos_ids: Sequence[int] | None = None, batch_size: int | None = None,
-                     block_size: int | None = None) -> list[tuple]:
-        """The keys of the programs ``generate(prompts, ...)`` with these arguments runs
+                     block_size: int | None = None) -> list[DecodeSpec]:
+        """The specs of the programs ``generate(prompts, ...)`` with these arguments runs
         (one per prompt-length bucket), in order of first use; a fixed block size only
         (``"auto"`` measures costs first)."""
         if block_size == "auto":
@@ -323,37 +301,30 @@ class Generator:
         out_len = bucket(max_new_tokens)
         n_eos = eos_array(self.config.eos_token_id, eos_ids).shape[0]
         blocks = (1,) if mode == "ar" else self.block_plan(block_size).blocks
-        keys: list[tuple] = []
+        specs: list[DecodeSpec] = []
         for lo in range(0, len(prompts), batch_size):
-            key = self._key(mode, blocks, greedy, batch_size,
-                            self._prompt_bucket(prompts[lo:lo + batch_size]), out_len, n_eos)
-            if key not in keys:
-                keys.append(key)
-        return keys
+            spec = self.spec(mode, blocks, greedy, batch_size,
+                             self.prompt_bucket(prompts[lo:lo + batch_size]), out_len, n_eos)
+            if spec not in specs:
+                specs.append(spec)
+        return specs
 
-    def lowering(self, key: tuple) -> tuple[tuple[Callable, tuple], tuple[Callable, tuple]]:
-        """The jitted start and run programs of a program key (:meth:`program_keys`), each
+    def lowering(self, spec: DecodeSpec) -> tuple[tuple[Callable, tuple], tuple[Callable, tuple]]:
+        """The jitted start and run programs of a spec (:meth:`program_keys`), each
         with the arguments it is lowered with (the run's state abstract). With a model of
         ``ShapeDtypeStruct`` leaves nothing is allocated: that is how a plan sizes them."""
-        mode, blocks, greedy, batch, prompt_len, out_len, max_len, n_eos = key
-        max_block = self._max_block(mode)
-        chunk = self.chunk_size if prompt_len > self.chunk_size else None
-        adaptive = len(blocks) > 1
-        inputs = DecodeInputs(jnp.zeros((batch,), jnp.int32), jnp.zeros((n_eos,), jnp.int32),
+        batch, M = spec.batch, spec.max_block
+        inputs = DecodeInputs(jnp.zeros((batch,), jnp.int32), jnp.zeros((spec.n_eos,), jnp.int32),
                               SamplingParams.make(1.0),
-                              jnp.zeros((max_block,), jnp.float32) if adaptive else None,
-                              jnp.ones((max_block,), jnp.float32) if adaptive else None)
-        prompts = jnp.zeros((batch, prompt_len), jnp.int32)
+                              jnp.zeros((M,), jnp.float32) if spec.adaptive else None,
+                              jnp.ones((M,), jnp.float32) if spec.adaptive else None)
+        prompts = jnp.zeros((batch, spec.prompt_len), jnp.int32)
         lengths = jnp.ones((batch,), jnp.int32)
-        start_fn = jax.jit(
-            lambda m, p, n, i, k, r: start(
-                m, p, n, i, row_keys(k, r), max_len=max_len, out_len=out_len,
-                greedy=greedy, max_block=max_block, chunk_size=chunk, mesh=self.mesh,
-                rules=self.rules))
+        start_fn = jax.jit(lambda m, p, n, i, k, r: start(
+            m, p, n, i, row_keys(k, r), spec, mesh=self.mesh, rules=self.rules))
         args = (self.model, prompts, lengths, inputs, jax.random.key(0), lengths)
         state = jax.eval_shape(start_fn, *args)
-        run_fn = jax.jit(lambda m, s, i, n: run(m, s, i, n, blocks=blocks, greedy=greedy),
-                         donate_argnums=1)
+        run_fn = jax.jit(lambda m, s, i, n: run(m, s, i, n, spec), donate_argnums=1)
         return (start_fn, args), (run_fn, (self.model, state, inputs, jnp.int32(0)))
 
     # ----------------------------------------------------------------- generate
@@ -397,7 +368,7 @@ class Generator:
             raise ValueError(f"block_size={block_size!r} applies to mode 'orthrus' only")
         self._check_block_size(block_size)
         for ids in prompts:
-            self._check_ids(ids)
+            self.check_ids(ids)
         eos_arr = eos_array(self.config.eos_token_id, eos_ids)
         batch_size = batch_size or default_batch_size(len(prompts))
         out_len = bucket(max_new_tokens)  # tokens past a row's budget are never stored
@@ -405,10 +376,10 @@ class Generator:
         results: list[GenerationResult] = []
         for lo in range(0, len(prompts), batch_size):
             rows = list(prompts[lo:lo + batch_size])
-            prompt_len = self._prompt_bucket(rows)
+            prompt_len = self.prompt_bucket(rows)
             block_plan = BlockPlan((1,), 1) if mode == "ar" else self.block_plan(
                 block_size, greedy=greedy, batch_size=batch_size,
-                max_len=self._max_len(prompt_len, out_len), adaptive=adaptive)
+                max_len=cache_len(prompt_len, out_len, self.max_len), adaptive=adaptive)
             results += self._batch(rows, lo, batch_size, out_len, mode, block_plan, greedy,
                                    sampling, max_new_tokens, eos_arr, key, stream, stream_every)
         for r, label in zip(results, labels or [None] * len(results), strict=True):
@@ -425,21 +396,13 @@ class Generator:
         batch_size = batch_size or default_batch_size(len(prompts))
         first: dict[int, int] = {}  # prompt bucket -> offset of its first batch
         for lo in range(0, len(prompts), batch_size):
-            first.setdefault(self._prompt_bucket(prompts[lo:lo + batch_size]), lo)
+            first.setdefault(self.prompt_bucket(prompts[lo:lo + batch_size]), lo)
         done: dict[int, GenerationResult] = {}
         for lo in first.values():
             results = self.generate(prompts[lo:lo + batch_size], batch_size=batch_size,
                                     **kwargs)
             done.update({lo + i: r for i, r in enumerate(results)})
         return done
-
-    def _prompt_bucket(self, rows: Sequence[Sequence[int]]) -> int:
-        """The padded prompt length of a batch: a power of two, or whole prefill chunks."""
-        longest = max(len(r) for r in rows)
-        prompt_len = bucket(longest, MIN_PROMPT_BUCKET)
-        if prompt_len > self.chunk_size:
-            prompt_len = -(-longest // self.chunk_size) * self.chunk_size
-        return prompt_len
 
     # ----------------------------------------------------------------- block size
     def _check_block_size(self, block_size: int | str | None) -> None:
@@ -462,13 +425,14 @@ class Generator:
         model shape, batch size and cache length; then cached on disk) the cost of an
         iteration at each candidate size up to the head's, and maximises expected
         tokens/s under the head's acceptance profile; sampled batches keep one size.
-        A cache length ``max_len`` is measured at :meth:`_cost_len` of it."""
+        The costs are those of the decode loop itself over a cache of ``max_len``
+        positions (default: the engine's), the length the batch will decode over."""
         self._check_block_size(block_size)
         K = self.config.block_size
         if block_size != "auto":
             k = K if block_size is None else int(block_size)
             return BlockPlan((k,), k)
-        max_len = self._cost_len(max_len or self.max_len)
+        max_len = max_len or self.max_len
         key = (greedy and adaptive, batch_size, max_len)
         if key not in self.plans:
             table = CostTable(self.config, batch_size, max_len, self.cost_root)
@@ -480,9 +444,12 @@ class Generator:
     def _batch(self, rows, offset, batch_size, out_len, mode, block_plan, greedy, sampling,
                max_new, eos, key, stream, stream_every) -> list[GenerationResult]:
         n = len(rows)
-        prompt_len = self._prompt_bucket(rows)
-        start_c, run_c = self._programs(mode, block_plan.blocks, greedy, batch_size, prompt_len,
-                                        out_len, eos.shape[0])
+        prompt_len = self.prompt_bucket(rows)
+        # A plan of plain AR steps runs the AR program itself (compiled once for both).
+        program_mode = "ar" if block_plan.blocks == (1,) else mode
+        spec = self.spec(program_mode, block_plan.blocks, greedy, batch_size, prompt_len,
+                         out_len, eos.shape[0])
+        start_c, run_c = self.compile(spec)
         padded = np.zeros((batch_size, prompt_len), np.int32)
         lengths = np.ones((batch_size,), np.int32)
         for i, r in enumerate(rows):
@@ -492,7 +459,7 @@ class Generator:
         budget[n:] = 1  # padding rows finish with their first token
         prior = costs = None
         if block_plan.adaptive:
-            prior, costs = (np.ones((self._max_block(mode),), np.float32) for _ in range(2))
+            prior, costs = (np.ones((spec.max_block,), np.float32) for _ in range(2))
             prior[:len(block_plan.prior)] = block_plan.prior
             costs[:len(block_plan.costs)] = block_plan.costs
             prior, costs = jnp.asarray(prior), jnp.asarray(costs)
@@ -519,8 +486,14 @@ class Generator:
         seconds = time.perf_counter() - t0
         finish = np.asarray(state.finish)
         iterations = np.asarray(state.iterations)
-        hist = np.asarray(state.accepted_hist)
-        block_hist = np.asarray(state.block_hist)
+        width = max_block(mode, self.config.block_size)  # [K] in Orthrus mode, whatever ran
+        hist = np.zeros((batch_size, width), np.int64)
+        block_hist = np.zeros((batch_size, width), np.int64)
+        hist[:, :spec.max_block] = np.asarray(state.accepted_hist)
+        block_hist[:, :spec.max_block] = np.asarray(state.block_hist)
+        ar_loop = None
+        if block_plan.ar_step_seconds is not None:
+            ar_loop = float(max(counts[:n]) - 1) * block_plan.ar_step_seconds
         out = []
         for i, r in enumerate(rows):
             ids = tokens[i, :counts[i]].tolist()
@@ -531,7 +504,8 @@ class Generator:
                 iterations=it, tokens_per_iteration=(len(ids) - 1) / it if it else 0.0,
                 tokens_per_second=len(ids) / seconds, accepted_hist=hist[i].tolist(),
                 block_hist=block_hist[i].tolist(),
-                seconds=seconds, time_to_first_token=ttft, batch=offset // batch_size))
+                seconds=seconds, time_to_first_token=ttft, batch=offset // batch_size,
+                ar_loop_seconds=ar_loop))
         return out
 
     @staticmethod

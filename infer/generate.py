@@ -13,8 +13,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from infer.buckets import DEFAULT_MAX_BATCH, MODES
+from infer.compile_cache import add_compile_cache_args, enable_compile_cache_from
 from infer.default_model import default_model_dir
-from infer.engine import DEFAULT_MAX_BATCH, MODES, Generator, check_dtypes, summarize
+from infer.engine import Generator, check_dtypes, summarize
 from infer.prompts import read_prompts_file
 from infer.sampling import SamplingParams
 from orthrus_jax.cli import non_negative_int, positive_int, run_command
@@ -115,11 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-ar", action="store_true",
                    help="also decode the prompts with plain AR steps and print Orthrus's speed "
                         "against it (and whether the tokens match)")
+    add_compile_cache_args(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    enable_compile_cache_from(args)
     return run_command(lambda: _main(args))
 
 
@@ -194,6 +198,9 @@ def _main(args: argparse.Namespace) -> int:
               f"compile {compile_s:.1f} s, total {wall:.1f} s)", file=sys.stderr)
         for plan in {p.describe() for p in gen.plans.values()}:
             print(f"[{args.mode}] {plan}", file=sys.stderr)
+        if t["loop_speedup_vs_cost_table"] is not None:
+            print(f"[{args.mode}] auto: measured {t['loop_speedup_vs_cost_table']:.2f}x AR in "
+                  "the decode loop (against the AR step of the cost table)", file=sys.stderr)
     memory = gen.memory_report()
     if args.json:
         print(json.dumps({"memory": memory, "dtype": gen.config.param_dtype,

@@ -1,5 +1,5 @@
 """``python -m infer.passes``: the three passes of decoding timed alone, against the memory
-floor.
+floor, beside an iteration of the compiled decode loop that runs them.
 
 For a model folder (``--model DIR``) or a model of random weights built from an HF
 ``config.json`` (``--config FILE``: no checkpoint needed, e.g. a Qwen3-8B shape on a GPU),
@@ -10,7 +10,11 @@ of a shared machine falls on all of them):
 - ``ar_step``: one token through the AR view, writing its K/V, plus its logits;
 - ``diffusion_pass``: the block ``[anchor, MASK x (K-1)]`` through the diffusion view,
   plus the logits of the K-1 drafted positions (writes nothing);
-- ``verify_pass``: K tokens through the AR view, writing their K/V, plus their logits.
+- ``verify_pass``: K tokens through the AR view, writing their K/V, plus their logits;
+- the decode loop (the engine's own greedy ``lax.while_loop``) at each block size
+  ``K`` of ``--blocks`` and at ``K = 1`` (plain AR), ``--loop-steps`` iterations per call
+  over a cache of the same size: its cost per iteration beside its two passes
+  (``iteration_to_passes``: what the loop adds to them) and beside the AR loop's step.
 
 Each pass reads at least its view's weights, the final norm and LM head, and the cache's
 K/V of ``--context`` positions; the memory floor is those bytes over the device's copy
@@ -26,6 +30,7 @@ cache, and the report adds each pass's time at every context relative to the fir
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -39,12 +44,20 @@ import numpy as np
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
+from infer.buckets import DecodeSpec
+from infer.compile_cache import add_compile_cache_args, enable_compile_cache_from
+from infer.decode import RUNNING, DecodeInputs, DecodeState, run
+from infer.sampling import SamplingParams
 from orthrus_jax.cache import KVCache, init_cache
 from orthrus_jax.checkpoint import load_model
-from orthrus_jax.cli import positive_int, run_command
+from orthrus_jax.cli import non_negative_int, positive_int, run_command
 from orthrus_jax.config import DTYPE_NAMES, ModelConfig
 from orthrus_jax.model import AR_VIEW, DIFFUSION_VIEW, OrthrusLM, unstack_layers
 from orthrus_jax.random_weights import random_model
+
+# Iterations of the decode loop per timed call (the loop's cost per iteration is the call's
+# time over them).
+LOOP_STEPS = 8
 
 
 def _interleaved_medians(calls: dict[Any, Callable[[], Any]], repeats: int) -> dict[Any, float]:
@@ -129,18 +142,99 @@ def bytes_read(model: OrthrusLM, view: str, cache: KVCache, context: int) -> int
 
 
 def time_passes(model: OrthrusLM, *, blocks: Sequence[int], batch_size: int = 1,
-                context: int = 2048, repeats: int = 10, seed: int = 0) -> dict:
+                context: int = 2048, repeats: int = 10, seed: int = 0,
+                loop_steps: int = LOOP_STEPS, passes: bool = True) -> dict:
     """Median seconds of the decode passes over a cache filled to ``context`` positions
     (of ``context + max(blocks)``): ``{"ar_step": s, "diffusion_pass": {K: s},
-    "verify_pass": {K: s}}`` for every ``K >= 2`` in ``blocks``. Compile excluded."""
+    "verify_pass": {K: s}, "iteration": {K: s}, "ar_iteration": s}`` for every ``K >= 2``
+    in ``blocks``; ``iteration`` is one iteration of the compiled decode loop at block
+    ``K`` (:func:`time_loop`), ``ar_iteration`` one step of the AR loop, over a cache of the
+    same size. Compile excluded."""
     return time_passes_at(model, blocks=blocks, batch_size=batch_size, contexts=[context],
-                          repeats=repeats, seed=seed)[context]
+                          repeats=repeats, seed=seed, loop_steps=loop_steps,
+                          passes=passes)[context]
+
+
+def _loop_state(model: OrthrusLM, cache: KVCache, block: int, steps: int) -> DecodeState:
+    """A decode state over ``cache`` (its K/V random, its rows at a length from which
+    ``steps`` iterations at ``block`` stay inside it) that never finishes by itself."""
+    B, max_len = cache.batch_size, cache.max_len
+    start = max(1, max_len - 1 - steps * block)
+    zeros = np.zeros((B,), np.int32)
+    stats = np.zeros((B, block), np.float32)
+    return DecodeState(
+        cache=dataclasses.replace(cache, lengths=jnp.full((B,), start, jnp.int32)),
+        anchor=jnp.asarray(zeros + 1), tokens=jnp.zeros((B, steps * block + 1), jnp.int32),
+        num_generated=jnp.asarray(zeros + 1), finish=jnp.asarray(zeros + RUNNING),
+        key=jax.random.split(jax.random.key(0), B), iterations=jnp.asarray(zeros),
+        accepted_hist=jnp.asarray(stats.astype(np.int32)),
+        block_hist=jnp.asarray(stats.astype(np.int32)), seen_tokens=jnp.asarray(stats),
+        seen_iterations=jnp.asarray(stats), ar_run=jnp.asarray(zeros), step=jnp.int32(0))
+
+
+@partial(jax.jit, donate_argnums=0)
+def _rewind(state: DecodeState, lengths: jax.Array) -> DecodeState:
+    """The state back at its first position (cache lengths, tokens and step), in place."""
+    B = lengths.shape[0]
+    return dataclasses.replace(
+        state, cache=dataclasses.replace(state.cache, lengths=lengths),
+        num_generated=jnp.ones((B,), jnp.int32), finish=jnp.zeros((B,), jnp.int32),
+        step=jnp.int32(0))
+
+
+@partial(jax.jit, static_argnums=4, donate_argnums=1)
+def loop_pass(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs, steps: jax.Array,
+              spec: DecodeSpec) -> DecodeState:
+    """``steps`` iterations of the engine's decode loop (:func:`infer.decode.run`, greedy,
+    one block size) from ``state`` (donated)."""
+    return run(model, state, inputs, steps, spec)
+
+
+def loop_args(model: OrthrusLM, cache: KVCache, block: int, steps: int = LOOP_STEPS
+              ) -> tuple[tuple, jax.Array]:
+    """The arguments of :func:`loop_pass` for ``steps`` iterations at ``block`` (1: the AR
+    loop) over ``cache`` (not copied; a cache of ``ShapeDtypeStruct`` leaves gives abstract
+    arguments, for a plan), and the rows' first cache lengths (for :func:`_rewind`)."""
+    B = cache.batch_size
+    steps = max(1, min(steps, (cache.max_len - 2) // block))
+    make = partial(_loop_state, model, block=block, steps=steps)
+    abstract = isinstance(jax.tree.leaves(cache)[0], jax.ShapeDtypeStruct)
+    state = on_device(jax.eval_shape(make, cache) if abstract else make(cache))
+    spec = DecodeSpec(mode="ar" if block == 1 else "orthrus", blocks=(block,), greedy=True,
+                      batch=B, prompt_len=1, out_len=state.tokens.shape[1],
+                      max_len=cache.max_len, n_eos=8, max_block=block)
+    inputs = DecodeInputs(jnp.full((B,), 2**30, jnp.int32), jnp.full((8,), -1, jnp.int32),
+                          SamplingParams.make(0.0))
+    n = jnp.int32(steps)
+    if abstract:
+        inputs, n = jax.eval_shape(lambda: (inputs, n))
+    return (model, state, on_device(inputs), on_device(n), spec), state.cache.lengths
+
+
+def time_loop(model: OrthrusLM, cache: KVCache, block: int, steps: int = LOOP_STEPS
+              ) -> Callable[[], jax.Array]:
+    """A call of ``steps`` iterations of the compiled greedy decode loop at ``block``
+    (1: the AR loop) over a copy of ``cache`` (its K/V; its size is the cache size timed),
+    rewound before each call: its wall time over ``call.steps`` is the loop's cost per
+    iteration, every pass and all the loop's own work included."""
+    (model, state, inputs, n, spec), lengths = loop_args(
+        model, jax.tree.map(jnp.copy, cache), block, steps)
+    held = [state]
+
+    def call() -> jax.Array:
+        held[0] = loop_pass(model, _rewind(held[0], lengths), inputs, n, spec)
+        return held[0].tokens
+    call.steps = int(n)  # type: ignore[attr-defined]
+    return call
 
 
 def time_passes_at(model: OrthrusLM, *, blocks: Sequence[int], contexts: Sequence[int],
-                   batch_size: int = 1, repeats: int = 10, seed: int = 0) -> dict[int, dict]:
+                   batch_size: int = 1, repeats: int = 10, seed: int = 0,
+                   loop_steps: int = LOOP_STEPS, passes: bool = True) -> dict[int, dict]:
     """:func:`time_passes` at every context of ``contexts``, all timed in the same rounds
-    (each round runs every pass at every context once): ``{context: result}``."""
+    (each round runs every pass and loop at every context once): ``{context: result}``.
+    ``loop_steps = 0`` times the passes only, ``passes=False`` the loops only (their
+    entries are then missing)."""
     c = model.config
     blocks = sorted({int(k) for k in blocks if k >= 2})
     room = max(blocks, default=1)  # positions one pass writes or reads past the context
@@ -158,6 +252,7 @@ def time_passes_at(model: OrthrusLM, *, blocks: Sequence[int], contexts: Sequenc
         return on_device(jnp.asarray(rng.integers(0, c.vocab_size, (batch_size, k)), jnp.int32))
 
     calls: dict[tuple, Callable[[], jax.Array]] = {}
+    steps: dict[tuple, int] = {}
     for context in contexts:
         cache = init_cache(c, batch_size, context + room, per_layer=True)
         # Random K/V (their values do not change the cost) in the first `context` positions.
@@ -173,17 +268,25 @@ def time_passes_at(model: OrthrusLM, *, blocks: Sequence[int], contexts: Sequenc
                 return logits
             return call
 
-        calls[(context, "ar_step", 1)] = ar_call(tokens(1))
-        for k in blocks:
-            block = on_device(tokens(k).at[:, 1:].set(mask))
-            calls[(context, "diffusion_pass", k)] = (
-                lambda b=block, held=held: diffusion_pass(model, b, held[0]))
-            calls[(context, "verify_pass", k)] = ar_call(tokens(k))
+        if passes:
+            calls[(context, "ar_step", 1)] = ar_call(tokens(1))
+            for k in blocks:
+                block = on_device(tokens(k).at[:, 1:].set(mask))
+                calls[(context, "diffusion_pass", k)] = (
+                    lambda b=block, held=held: diffusion_pass(model, b, held[0]))
+                calls[(context, "verify_pass", k)] = ar_call(tokens(k))
+        if loop_steps:
+            for k in [1, *blocks]:
+                name = "ar_iteration" if k == 1 else "iteration"
+                calls[(context, name, k)] = time_loop(model, held[0], k, loop_steps)
+                steps[(context, name, k)] = calls[(context, name, k)].steps
     medians = _interleaved_medians(calls, repeats)
     out: dict[int, dict] = {}
     for (context, name, k), t in medians.items():
-        r = out.setdefault(context, {"ar_step": None, "diffusion_pass": {}, "verify_pass": {}})
-        if name == "ar_step":
+        r = out.setdefault(context, {"ar_step": None, "diffusion_pass": {}, "verify_pass": {},
+                                     "iteration": {}, "ar_iteration": None})
+        t = t / steps.get((context, name, k), 1)
+        if name in ("ar_step", "ar_iteration"):
             r[name] = t
         else:
             r[name][k] = t
@@ -191,45 +294,69 @@ def time_passes_at(model: OrthrusLM, *, blocks: Sequence[int], contexts: Sequenc
 
 
 def measure(model: OrthrusLM, *, batch_size: int = 1, context: int | Sequence[int] = 2048,
-            repeats: int = 10, copy_mib: int = 1024, seed: int = 0) -> dict:
-    """Time the three passes over a cache filled to ``context`` (one context, or several
-    timed in the same rounds); see the module doc.
+            blocks: Sequence[int] | None = None, repeats: int = 10, copy_mib: int = 1024,
+            seed: int = 0, loop_steps: int = LOOP_STEPS) -> dict:
+    """Time the passes and the decode loop over a cache filled to ``context`` (one
+    context, or several timed in the same rounds) at each block size of ``blocks``
+    (default: the head's); see the module doc.
 
     One context: ``{"context": C, "passes": {name: {"seconds", "floor_seconds",
-    "ratio_to_floor"}}, ...}``. Several: ``"contexts"`` lists them and ``"passes"`` holds
-    one such mapping per context (keyed by the context as a string), each pass also with
+    "ratio_to_floor"}}, "iterations": {K: {...}}, ...}`` where ``passes`` holds
+    ``ar_step`` and ``diffusion_pass@K`` / ``verify_pass@K`` per block size and
+    ``iterations`` the loop's iteration at each ``K`` beside its two passes
+    (``iteration_to_passes``) and the AR loop's step beside the AR step. Several:
+    ``"contexts"`` lists them and ``"passes"`` / ``"iterations"`` hold one such mapping
+    per context (keyed by the context as a string), each pass also with
     ``relative_to_first_context``.
     """
     c = model.config
-    K = c.block_size
+    blocks = sorted({int(k) for k in (blocks or [c.block_size])})
+    if any(k < 2 for k in blocks):
+        raise ValueError(f"blocks {blocks}: block sizes are >= 2 (1 is the AR step)")
     contexts = [context] if isinstance(context, int) else list(context)
     if len(set(contexts)) != len(contexts):
         raise ValueError(f"contexts {contexts} repeat a value")
-    seconds = time_passes_at(model, blocks=[K], batch_size=batch_size, contexts=contexts,
-                             repeats=repeats, seed=seed)
+    seconds = time_passes_at(model, blocks=blocks, batch_size=batch_size, contexts=contexts,
+                             repeats=repeats, seed=seed, loop_steps=loop_steps)
     bandwidth = copy_bandwidth(copy_mib)
     cache = init_cache(c, batch_size, 1)
     out = {"model_type": c.model_type, "layers": c.num_hidden_layers,
-           "hidden_size": c.hidden_size, "block_size": K, "dtype": c.dtype,
-           "batch_size": batch_size, "backend": jax.default_backend(),
-           "device": str(jax.devices()[0]), "copy_bandwidth_gb_s": bandwidth / 1e9}
-    by_context = {}
+           "hidden_size": c.hidden_size, "block_size": c.block_size, "blocks": blocks,
+           "dtype": c.dtype, "batch_size": batch_size, "backend": jax.default_backend(),
+           "device": str(jax.devices()[0]), "copy_bandwidth_gb_s": bandwidth / 1e9,
+           "loop_steps": loop_steps}
+    by_context, loops = {}, {}
     for ctx in contexts:
+        t = seconds[ctx]
+        timed = [("ar_step", AR_VIEW, t["ar_step"])]
+        for k in blocks:
+            timed += [(f"diffusion_pass@{k}", DIFFUSION_VIEW, t["diffusion_pass"][k]),
+                      (f"verify_pass@{k}", AR_VIEW, t["verify_pass"][k])]
         passes = {}
-        for name, view, t in (("ar_step", AR_VIEW, seconds[ctx]["ar_step"]),
-                              ("diffusion_pass", DIFFUSION_VIEW,
-                               seconds[ctx]["diffusion_pass"][K]),
-                              ("verify_pass", AR_VIEW, seconds[ctx]["verify_pass"][K])):
+        for name, view, sec in timed:
             floor = bytes_read(model, view, cache, ctx) / bandwidth
-            passes[name] = {"seconds": t, "floor_seconds": floor, "ratio_to_floor": t / floor}
+            passes[name] = {"seconds": sec, "floor_seconds": floor, "ratio_to_floor": sec / floor}
         by_context[ctx] = passes
+        if loop_steps:
+            loops[ctx] = {"1": {"passes_seconds": t["ar_step"],
+                                "iteration_seconds": t["ar_iteration"],
+                                "iteration_to_passes": t["ar_iteration"] / t["ar_step"],
+                                "iteration_to_ar_iteration": 1.0}}
+            for k in blocks:
+                both = t["diffusion_pass"][k] + t["verify_pass"][k]
+                loops[ctx][str(k)] = {
+                    "passes_seconds": both, "iteration_seconds": t["iteration"][k],
+                    "iteration_to_passes": t["iteration"][k] / both,
+                    "iteration_to_ar_iteration": t["iteration"][k] / t["ar_iteration"]}
     if len(contexts) == 1:
-        return out | {"context": contexts[0], "passes": by_context[contexts[0]]}
+        return out | {"context": contexts[0], "passes": by_context[contexts[0]],
+                      "iterations": loops.get(contexts[0], {})}
     first = by_context[contexts[0]]
     for passes in by_context.values():
         for name, p in passes.items():
             p["relative_to_first_context"] = p["seconds"] / first[name]["seconds"]
-    return out | {"contexts": contexts, "passes": {str(k): v for k, v in by_context.items()}}
+    return out | {"contexts": contexts, "passes": {str(k): v for k, v in by_context.items()},
+                  "iterations": {str(k): v for k, v in loops.items()}}
 
 
 def format_report(r: dict) -> str:
@@ -241,15 +368,32 @@ def format_report(r: dict) -> str:
     several = "contexts" in r
     for ctx in contexts:
         passes = r["passes"][str(ctx)] if several else r["passes"]
-        head = f"{'context ' + str(ctx):16}{'ms':>10}{'floor ms':>10}{'x floor':>9}"
+        head = f"{'context ' + str(ctx):20}{'ms':>10}{'floor ms':>10}{'x floor':>9}"
         lines += ["", head + (f"{'x first':>9}" if several else "")]
         for name, p in passes.items():
-            line = (f"{name:16}{p['seconds'] * 1e3:10.2f}{p['floor_seconds'] * 1e3:10.2f}"
+            line = (f"{name:20}{p['seconds'] * 1e3:10.2f}{p['floor_seconds'] * 1e3:10.2f}"
                     f"{p['ratio_to_floor']:9.2f}")
             if several:
                 line += f"{p['relative_to_first_context']:9.2f}"
             lines.append(line)
+        loops = r["iterations"][str(ctx)] if several else r["iterations"]
+        if loops:
+            lines += ["", f"{'decode loop, block':20}{'passes ms':>10}{'loop ms':>10}"
+                          f"{'x passes':>9}{'x AR':>9}"]
+            for k, p in loops.items():
+                lines.append(f"{k:20}{p['passes_seconds'] * 1e3:10.2f}"
+                             f"{p['iteration_seconds'] * 1e3:10.2f}"
+                             f"{p['iteration_to_passes']:9.3f}"
+                             f"{p['iteration_to_ar_iteration']:9.2f}")
     return "\n".join(lines)
+
+
+def _sizes(text: str) -> list[int]:
+    """``--blocks``: block sizes separated by commas, each >= 2."""
+    values = [positive_int(part) for part in text.split(",")]
+    if min(values) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: block sizes are >= 2 (1 is the AR step)")
+    return values
 
 
 def _contexts(text: str) -> list[int]:
@@ -274,10 +418,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=_contexts, default=[2048],
                    help="cached positions per row; several, comma-separated (256,2048), "
                         "are timed in the same rounds")
+    p.add_argument("--blocks", type=_sizes, default=None,
+                   help="block sizes to time, comma-separated (default: the head's)")
+    p.add_argument("--loop-steps", type=non_negative_int, default=LOOP_STEPS,
+                   help="decode-loop iterations per timed call (0: time the passes only)")
     p.add_argument("--repeats", type=positive_int, default=10)
     p.add_argument("--copy-mib", type=positive_int, default=1024,
                    help="size of the bandwidth probe")
     p.add_argument("--json", action="store_true")
+    add_compile_cache_args(p)
     return p
 
 
@@ -293,11 +442,13 @@ def _model(args: argparse.Namespace) -> OrthrusLM:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    enable_compile_cache_from(args)
 
     def body() -> None:
         context = args.context[0] if len(args.context) == 1 else args.context
         r = measure(_model(args), batch_size=args.batch_size, context=context,
-                    repeats=args.repeats, copy_mib=args.copy_mib)
+                    blocks=args.blocks, repeats=args.repeats, copy_mib=args.copy_mib,
+                    loop_steps=args.loop_steps)
         print(json.dumps(r) if args.json else format_report(r))
 
     return run_command(body)

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from infer.compile_cache import add_compile_cache_args, enable_compile_cache_from
 from infer.sampling import MAX_TOP_K
 from infer.slots import SlotEngine, SlotParams
 from orthrus_jax.cli import (
@@ -639,7 +640,7 @@ def build_server(gen, *, slots: int, mode: str = "orthrus", block_size: int | st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from infer.engine import MODES
+    from infer.buckets import MODES
     from infer.generate import parse_block_size
     from orthrus_jax.config import DTYPE_NAMES
 
@@ -674,11 +675,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request may take, queue included (504 past it)")
     p.add_argument("--max-body", type=positive_int, default=1 << 20,
                    help="largest request body in bytes (413 past it)")
+    add_compile_cache_args(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    enable_compile_cache_from(args)
     return run_command(lambda: _main(args))
 
 

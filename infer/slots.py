@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infer.buckets import MODES, bucket, eos_array, max_block, prompt_bucket, prompt_buckets
 from infer.decode import (
     FINISH_LENGTH,
     FINISH_REASONS,
@@ -38,7 +39,7 @@ from infer.decode import (
     run,
     start,
 )
-from infer.engine import MODES, Generator, bucket, eos_array
+from infer.engine import Generator
 from infer.sampling import SamplingParams
 from orthrus_jax.cache import init_cache
 
@@ -73,11 +74,6 @@ class SlotUpdate:
     iterations: int
 
 
-def prompt_buckets(gen: Generator, max_len: int) -> list[int]:
-    """Every padded prompt length a prompt of 1 .. ``max_len - 1`` tokens can get."""
-    return sorted({gen._prompt_bucket([[0] * n]) for n in range(1, max_len)})
-
-
 class SlotEngine:
     """``slots`` rows decoding together over the Generator's model; see the module doc.
 
@@ -95,13 +91,13 @@ class SlotEngine:
             raise ValueError(f"block_size={block_size!r} applies to mode 'orthrus' only")
         self.gen, self.slots, self.mode = gen, slots, mode
         self.max_len = gen.max_len
-        self.max_block = gen._max_block(mode)
+        self.max_block = max_block(mode, gen.config.block_size)
         self.block = 1 if mode == "ar" else gen.block_plan(
             block_size, greedy=False, batch_size=slots, max_len=self.max_len,
             adaptive=False).blocks[0]
         self.out_len = bucket(self.max_len + self.max_block)
         self.eos = eos_array(gen.config.eos_token_id, eos_ids)
-        self.buckets = prompt_buckets(gen, self.max_len)
+        self.buckets = prompt_buckets(self.max_len, gen.chunk_size)
         self._budget = np.ones((slots,), np.int32)
         self._temperature = np.zeros((slots,), np.float32)
         self._top_k = np.zeros((slots,), np.int32)
@@ -110,8 +106,8 @@ class SlotEngine:
         self.busy = [False] * slots  # host view: slot holds a request
         self._shown = [0] * slots  # tokens of each slot already reported
         self._inserts: dict[int, object] = {}
-        self._run = jax.jit(lambda m, s, i, n: run(m, s, i, n, blocks=(self.block,),
-                                                   greedy=False), donate_argnums=1)
+        run_spec = self._spec(self.buckets[0], slots)
+        self._run = jax.jit(lambda m, s, i, n: run(m, s, i, n, run_spec), donate_argnums=1)
         self._free = jax.jit(lambda s, slot: dataclasses.replace(
             s, finish=s.finish.at[slot].set(FINISH_LENGTH)), donate_argnums=0)
         self.state = jax.jit(self._empty)()
@@ -122,6 +118,7 @@ class SlotEngine:
         """All slots free (finished), over a zero cache."""
         S, K = self.slots, self.max_block
         zeros = jnp.zeros((S,), jnp.int32)
+        stats = jnp.zeros((S, K), jnp.float32)
         cache = init_cache(self.gen.config, S, self.max_len, mesh=self.gen.mesh,
                            rules=self.gen.rules, per_layer=self.gen.model.per_layer)
         return DecodeState(cache=cache, anchor=zeros,
@@ -130,17 +127,22 @@ class SlotEngine:
                            key=row_keys(jax.random.key(0), zeros), iterations=zeros,
                            accepted_hist=jnp.zeros((S, K), jnp.int32),
                            block_hist=jnp.zeros((S, K), jnp.int32),
-                           accept_stats=jnp.zeros((2, K), jnp.float32), step=jnp.int32(0))
+                           seen_tokens=stats, seen_iterations=stats, ar_run=zeros,
+                           step=jnp.int32(0))
+
+    def _spec(self, prompt_len: int, batch: int):
+        """The decode spec of a program over ``batch`` rows (1: an insert's prefill) of
+        cache ``max_len``: one fixed block, sampling code for rows of any temperature."""
+        return self.gen.spec(self.mode, (self.block,), False, batch, prompt_len, self.out_len,
+                             self.eos.shape[0])
 
     def _insert_fn(self, prompt_len: int):
         gen = self.gen
-        chunk = gen.chunk_size if prompt_len > gen.chunk_size else None
+        spec = self._spec(prompt_len, 1)
 
         def insert(model, state: DecodeState, slot, prompt, length, inputs, key):
             row = start(model, prompt, length, inputs, row_keys(key, jnp.zeros((1,), jnp.int32)),
-                        max_len=self.max_len, out_len=self.out_len, greedy=False,
-                        max_block=self.max_block, chunk_size=chunk, mesh=gen.mesh,
-                        rules=gen.rules)
+                        spec, mesh=gen.mesh, rules=gen.rules)
 
             def put(big, one, axis=0):
                 return jax.lax.dynamic_update_index_in_dim(big, one.astype(big.dtype), slot,
@@ -152,7 +154,7 @@ class SlotEngine:
                 v=jax.tree.map(lambda big, one: put(big, one, axis), state.cache.v, row.cache.v),
                 lengths=put(state.cache.lengths, row.cache.lengths))
             fields = ("anchor", "tokens", "num_generated", "finish", "key", "iterations",
-                      "accepted_hist", "block_hist")
+                      "accepted_hist", "block_hist", "seen_tokens", "seen_iterations", "ar_run")
             return dataclasses.replace(
                 state, cache=cache,
                 **{f: put(getattr(state, f), getattr(row, f)) for f in fields})
@@ -186,9 +188,9 @@ class SlotEngine:
         Raises ``ValueError`` for a bad prompt or settings."""
         if self.busy[slot]:
             raise ValueError(f"slot {slot} is busy")
-        self.gen._check_ids(prompt_ids)
+        self.gen.check_ids(prompt_ids)
         params.check()
-        P = self.gen._prompt_bucket([prompt_ids])
+        P = prompt_bucket(len(prompt_ids), self.gen.chunk_size)
         if P not in self._inserts:
             self._inserts[P] = self._insert_fn(P)
         prompt = np.zeros((1, P), np.int32)

@@ -1,4 +1,5 @@
-"""Test set-up: 8 simulated CPU devices (set before JAX is imported) and shared fixtures.
+"""Test set-up: 8 simulated CPU devices (set before JAX is imported), no persistent
+compilation cache, and shared fixtures.
 
 A device count already in ``XLA_FLAGS`` is kept; any other flags there are kept too and
 the count is appended.
@@ -11,6 +12,10 @@ if "--xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The command lines turn on JAX's persistent compilation cache in the user cache folder
+# (infer.compile_cache): off for the suite, in this process and every child it starts, so
+# that no test writes there. Tests of the cache set a folder of their own.
+os.environ["ORTHRUS_COMPILE_CACHE"] = "off"
 
 
 import jax  # noqa: E402  (after the environment above)

@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from infer.compile_cache import add_compile_cache_args, enable_compile_cache_from
 from orthrus_jax.cli import non_negative_int, positive_int, run_command
 from orthrus_jax.config import DTYPE_NAMES
 from train.records import (
@@ -356,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=positive_int, default=None,
                    help="answer at most the first N records from --start")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_compile_cache_args(p)
     return p
 
 
@@ -373,6 +375,7 @@ def load_generator(model_dir: str, max_len: int | None, dtype: str | None):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    enable_compile_cache_from(args)
     return run_command(lambda: _main(args))
 
 

@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from infer.compile_cache import add_compile_cache_args, enable_compile_cache_from
 from orthrus_jax.cli import CommandError, non_negative_int, positive_int, run_command
 from orthrus_jax.config import DTYPE_NAMES
 
@@ -99,11 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--process-id", type=int,
                    default=int(os.environ.get("ORTHRUS_PROCESS_ID", "0")))
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_compile_cache_args(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    enable_compile_cache_from(args)
     return run_command(lambda: run(args))
 
 

@@ -21,6 +21,7 @@ from infer import block_size as bs
 from infer import calibrate as calibrate_cli
 from infer import generate as generate_cli
 from infer.block_size import AcceptanceProfile, CostTable, plan
+from infer.buckets import cache_len
 from tests.infer.test_decode import SPECS, _gen, _prompts, _run, _summary
 
 K = SPECS["agree"][2]  # 8
@@ -95,6 +96,13 @@ def test_plan_is_deterministic_and_maximises_expected_tokens_per_second():
     slow = plan(profile, {1: 1.0, 2: 3.0, 3: 3.5, 4: 4.0}, max_block=4)
     assert slow.blocks == (1,) and slow.best == 1 and slow.predicted_speedup == 1.0
     assert "plain AR" in slow.describe() and "3" in p1.describe()
+    # a block that only breaks even is not worth the risk: AR steps, and the report says so
+    even = {1: 1.0, 2: profile.expected_tokens(2) / 1.02, 3: 9.0, 4: 9.0}
+    marginal = plan(profile, even, max_block=4)
+    assert marginal.blocks == (1,) and marginal.best_block == 2
+    assert marginal.best_block_speedup == pytest.approx(1.02)
+    assert "block 2 predicted 1.02x, below the 1.03x" in marginal.describe()
+    assert plan(profile, even, max_block=4, min_gain=0.0).blocks == (2, 1)
     with pytest.raises(ValueError, match="AR step"):
         plan(profile, {2: 1.0}, max_block=4)
 
@@ -105,13 +113,15 @@ def test_cost_table_is_measured_once_then_read_from_disk(tmp_path, monkeypatch):
     def fake_time(model, blocks, batch_size, context, repeats):
         calls.append(tuple(blocks))
         return {"ar_step": 0.01, "diffusion_pass": {k: 0.005 * k for k in blocks if k > 1},
-                "verify_pass": {k: 0.006 * k for k in blocks if k > 1}}
+                "verify_pass": {k: 0.006 * k for k in blocks if k > 1},
+                "iteration": {k: 0.011 * k for k in blocks if k > 1}, "ar_iteration": 0.0105}
 
     monkeypatch.setattr(bs, "_time", fake_time)
     config = _gen("agree").config
     t = CostTable(config, 2, 128, tmp_path).ensure(None, [2, 4])
     assert calls == [(1, 2, 4)]
-    assert t.seconds == {1: 0.01, 2: pytest.approx(0.022), 4: pytest.approx(0.044)}
+    # the loop's own iterations, not the passes
+    assert t.seconds == {1: 0.0105, 2: pytest.approx(0.022), 4: pytest.approx(0.044)}
     t.ensure(None, [2, 4])
     again = CostTable(config, 2, 128, tmp_path).ensure(None, [2, 4, 3])
     assert calls == [(1, 2, 4), (3,)]  # only the missing size
@@ -148,7 +158,7 @@ def test_adaptive_loop_switches_and_stays_lossless(tmp_path):
         prompts = _prompts(seed=23, n=4)
         ar = _run(gen, prompts, "ar", 2, max_new_tokens=40)
         res = _run(gen, prompts, "orthrus", 2, max_new_tokens=40, block_size="auto")
-        chosen = gen.block_plan("auto", batch_size=2, max_len=gen._max_len(16, 64))
+        chosen = gen.block_plan("auto", batch_size=2, max_len=cache_len(16, 64, gen.max_len))
         assert chosen.adaptive and chosen.best == K
         assert _summary(res) == _summary(ar)
         hist = np.sum([r.block_hist for r in res], axis=0)

@@ -399,7 +399,7 @@ def test_a_full_prompt_bucket_and_a_power_of_two_budget_fit_their_cache():
     row to its budget (never ``cache_full``), Orthrus's last blocks running past the end
     of the cache, and the same tokens as AR."""
     gen = _gen("agree")
-    assert gen._max_len(gen._prompt_bucket([[0] * 16]), 16) == 32
+    assert gen.spec("orthrus", (8,), True, 3, gen.prompt_bucket([[0] * 16]), 16, 8).max_len == 32
     rng = np.random.default_rng(29)
     prompts = [rng.integers(0, 512, 16).tolist() for _ in range(3)]
     out = {m: _run(gen, prompts, m, 3, max_new_tokens=16) for m in ("orthrus", "ar")}
@@ -453,7 +453,7 @@ def test_update_diffusion_swaps_the_drafter_without_recompiling(backend_compiles
 
 
 def test_default_batch_is_bounded():
-    from infer.engine import DEFAULT_MAX_BATCH, default_batch_size
+    from infer.buckets import DEFAULT_MAX_BATCH, default_batch_size
 
     assert [default_batch_size(n) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
     assert default_batch_size(1000) == DEFAULT_MAX_BATCH == 8

@@ -40,7 +40,7 @@ def test_model_folder_and_random_config_give_every_pass(model_dir, tmp_path):
     assert status == 0, err
     r = json.loads(out)
     assert r["context"] == 40 and r["block_size"] == 4 and r["copy_bandwidth_gb_s"] > 0
-    assert set(r["passes"]) == {"ar_step", "diffusion_pass", "verify_pass"}
+    assert set(r["passes"]) == {"ar_step", "diffusion_pass@4", "verify_pass@4"}
     for p in r["passes"].values():
         assert p["seconds"] > 0 and p["floor_seconds"] > 0
         assert p["ratio_to_floor"] == pytest.approx(p["seconds"] / p["floor_seconds"])
@@ -62,12 +62,12 @@ def test_several_contexts_are_timed_in_one_run(model_dir):
     model = load_model(model_dir)
     bandwidth = r["copy_bandwidth_gb_s"] * 1e9
     for ctx, by_pass in r["passes"].items():
-        assert set(by_pass) == {"ar_step", "diffusion_pass", "verify_pass"}
+        assert set(by_pass) == {"ar_step", "diffusion_pass@4", "verify_pass@4"}
         for name, p in by_pass.items():
             assert p["seconds"] > 0
             assert p["relative_to_first_context"] == pytest.approx(
                 p["seconds"] / r["passes"]["40"][name]["seconds"])
-            view = "diff_attn" if name == "diffusion_pass" else "attn"
+            view = "diff_attn" if name.startswith("diffusion_pass") else "attn"
             cache = init_cache(model.config, 1, 1)
             assert p["floor_seconds"] == pytest.approx(
                 passes.bytes_read(model, view, cache, int(ctx)) / bandwidth)
@@ -76,6 +76,37 @@ def test_several_contexts_are_timed_in_one_run(model_dir):
                            "--copy-mib", 8)
     assert status == 0, err
     assert "context 16, 40" in out and "x first" in out and out.count("verify_pass") == 2
+    # the decode loop beside its passes, in every context
+    assert out.count("decode loop, block") == 2 and "x passes" in out
+
+
+def test_the_loop_is_timed_beside_its_passes(model_dir):
+    """Per block size: the compiled loop's iteration and its two passes, measured in the
+    same rounds; the loop's program is the engine's (greedy, one size) and commits
+    ``loop_steps`` iterations per call."""
+    status, out, err = run("--model", model_dir, "--context", 24, "--blocks", "2,4",
+                           "--repeats", 2, "--copy-mib", 8, "--loop-steps", 3, "--json")
+    assert status == 0, err
+    r = json.loads(out)
+    assert r["blocks"] == [2, 4] and r["loop_steps"] == 3
+    assert set(r["passes"]) == {"ar_step", "diffusion_pass@2", "verify_pass@2",
+                                "diffusion_pass@4", "verify_pass@4"}
+    assert set(r["iterations"]) == {"1", "2", "4"}
+    for k, it in r["iterations"].items():
+        passes_s = (r["passes"]["ar_step"]["seconds"] if k == "1" else
+                    r["passes"][f"diffusion_pass@{k}"]["seconds"]
+                    + r["passes"][f"verify_pass@{k}"]["seconds"])
+        assert it["passes_seconds"] == pytest.approx(passes_s)
+        assert it["iteration_to_passes"] == pytest.approx(it["iteration_seconds"] / passes_s)
+        assert it["iteration_seconds"] > 0
+    # one loop call runs its steps: the state it leaves has advanced that many iterations
+    model = load_model(model_dir, per_layer=True)
+    call = passes.time_loop(model, init_cache(model.config, 1, 28, per_layer=True), 4, 3)
+    assert call.steps == 3
+    tokens = call()
+    assert tokens.shape == (1, 13)
+    status, _, err = run("--model", model_dir, "--blocks", "1,4")
+    assert status == 2 and "block sizes are >= 2" in err
 
 
 def test_passes_take_turns():

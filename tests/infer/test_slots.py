@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from infer.buckets import prompt_buckets
 from infer.engine import Generator
-from infer.slots import SlotEngine, SlotParams, prompt_buckets
+from infer.slots import SlotEngine, SlotParams
 from tests.hf_reference import hf_model, to_orthrus
 
 MAX_LEN = 64
@@ -80,7 +81,7 @@ def _serve(engine: SlotEngine, reqs, cancel_after: dict[int, int]):
 @pytest.mark.parametrize("mode", ["orthrus", "ar"])
 def test_slots_equal_offline_and_never_recompile(gen, eos, backend_compiles, mode):
     engine = SlotEngine(gen, slots=4, mode=mode, eos_ids=eos)
-    assert engine.buckets == prompt_buckets(gen, MAX_LEN) == [16, 32, 64]
+    assert engine.buckets == prompt_buckets(MAX_LEN, gen.chunk_size) == [16, 32, 64]
     engine.warm_up()
     # one output bucket offline: max_new + block <= 16
     reqs = _requests(seed=1 if mode == "orthrus" else 2, n=12,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from infer.buckets import DecodeSpec, cache_len
 from infer.decode import DecodeInputs, row_keys, run, start
 from infer.engine import Generator
 from infer.sampling import SamplingParams
@@ -144,10 +145,10 @@ def test_cache_length_is_the_engines():
     config = tiny()
     gen = Generator(build(config), max_len=1024, chunk_size=32)
     for prompt, new in ((5, 3), (20, 100), (100, 30), (300, 600)):
-        prompt_len = gen._prompt_bucket([[0] * prompt])
+        prompt_len = gen.prompt_bucket([[0] * prompt])
         out_len = 1 << (new - 1).bit_length()
         assert decode_cache_len(config, prompt, max_new_tokens=new, max_len=1024,
-                                chunk_size=32) == gen._max_len(prompt_len, out_len)
+                                chunk_size=32) == cache_len(prompt_len, out_len, 1024)
     assert decode_cache_len(config, 120) == 128 and decode_cache_len(config, 121) == 256
 
 
@@ -170,14 +171,14 @@ def xla_decode_temp(c: ModelConfig, plan) -> int:
     prompts = jax.ShapeDtypeStruct((batch, prefill), jnp.int32)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
     keys = jax.eval_shape(lambda: row_keys(jax.random.key(0), jnp.arange(batch)))
-    start_fn = jax.jit(lambda m, p, n, i, k: start(m, p, n, i, k, max_len=cache_len,
-                                                   out_len=cache_len, greedy=True,
-                                                   max_block=K))
+    spec = DecodeSpec(mode="orthrus", blocks=(K,), greedy=True, batch=batch,
+                      prompt_len=prefill, out_len=cache_len, max_len=cache_len, n_eos=8,
+                      max_block=K)
+    start_fn = jax.jit(lambda m, p, n, i, k: start(m, p, n, i, k, spec))
     start_temp = start_fn.lower(model, prompts, lengths, inputs, keys).compile() \
         .memory_analysis().temp_size_in_bytes
     state = jax.eval_shape(start_fn, model, prompts, lengths, inputs, keys)
-    run_fn = jax.jit(lambda m, st, i, n: run(m, st, i, n, blocks=(K,), greedy=True),
-                     donate_argnums=1)
+    run_fn = jax.jit(lambda m, st, i, n: run(m, st, i, n, spec), donate_argnums=1)
     run_temp = run_fn.lower(model, state, inputs, jnp.int32(0)).compile() \
         .memory_analysis().temp_size_in_bytes
     return int(max(start_temp, run_temp))

@@ -86,6 +86,11 @@ def test_every_section_reports_numbers(config, tmp_path, capsys):
               ctx["blocks"]["4"]["verify_pass"]):
         assert all(_positive(p[k]) for k in ("seconds", "floor_seconds", "ratio_to_floor"))
     assert _positive(ctx["blocks"]["4"]["iteration_to_ar_step"])
+    # the compiled decode loop's iteration beside its two passes
+    loop = ctx["blocks"]["4"]
+    assert _positive(loop["loop_iteration_seconds"]) and _positive(ctx["ar_loop_step_seconds"])
+    assert loop["loop_to_passes"] == pytest.approx(
+        loop["loop_iteration_seconds"] / loop["iteration_seconds"])
     for mode in ("orthrus", "ar"):
         m = s["decode_loop"]["modes"][mode]
         assert m["tokens"] == 2 * 8  # two prompts, no EOS: every row runs to its budget
@@ -241,7 +246,8 @@ def test_plan_only_sizes_every_program_and_allocates_nothing(config, tmp_path):
             assert p["estimated_run_seconds"] > 0 and p["compile_seconds"] > 0
     assert names["model"] == [] and r["sections"]["model"]["plan"]["peak_bytes"] == params
     assert names["device"] == ["copy"] and names["train_step"] == ["train_step"]
-    assert names["passes"] == ["ar_step@16", "diffusion_pass@16/K=4", "verify_pass@16/K=4"]
+    assert names["passes"] == ["ar_step@16", "diffusion_pass@16/K=4", "verify_pass@16/K=4",
+                               "loop@16/K=1", "loop@16/K=4"]
     assert names["layers"] == ["ar_step:scan@32", "ar_step:unrolled@32"]
     assert [n.split("@")[0] for n in names["decode_loop"]] == [
         "start:orthrus", "run:orthrus", "start:ar", "run:ar"]
@@ -346,7 +352,7 @@ def test_every_program_lowers_for_cuda(config):
             assert e.platforms == ("cuda",), (name, p.name)
             assert "stablehlo" in e.mlir_module()
             exported += 1
-    assert exported == 1 + 3 + 4 + 2 + 1  # device, passes, decode loop, layers, train step
+    assert exported == 1 + 5 + 4 + 2 + 1  # device, passes (2 loops), decode loop, layers, train
 
 
 def test_a_model_folder_is_planned_and_loaded_in_the_decoding_form(config, tmp_path):
