@@ -43,7 +43,7 @@ COST_FORMAT = 2  # 2: the decode loop's own iterations (1: the passes alone)
 # The least predicted gain over AR steps for which ``auto`` drafts at all.
 MIN_GAIN = 0.03
 # Timed rounds of a cost table's measurement (each round times every size once).
-COST_REPEATS = 3
+COST_REPEATS = 5
 # Block sizes whose cost is measured for ``auto`` (those up to the head's own size).
 CANDIDATE_BLOCKS = (2, 3, 4, 5, 6, 8, 12, 16, 24, 32)
 

@@ -345,6 +345,7 @@ class Generator:
         labels: Sequence[Any] | None = None,
         block_size: int | str | None = None,
         adaptive: bool = True,
+        first_row: int = 0,
     ) -> list[GenerationResult]:
         """Generate for each prompt (a list of token ids); results in prompt order.
 
@@ -357,6 +358,11 @@ class Generator:
         and back as the acceptance seen while decoding suggests when ``adaptive`` and
         greedy. The output does not depend on it (greedy: token for token; sampling: in
         distribution).
+
+        ``first_row``: the index of ``prompts[0]`` in a larger call split into pieces (a
+        multiple of the batch size): row ``i`` draws with the key of row ``first_row + i``
+        and its batch is numbered as in the whole call, so the pieces give what the whole
+        call would.
         """
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: choose one of {MODES}")
@@ -380,8 +386,9 @@ class Generator:
             block_plan = BlockPlan((1,), 1) if mode == "ar" else self.block_plan(
                 block_size, greedy=greedy, batch_size=batch_size,
                 max_len=cache_len(prompt_len, out_len, self.max_len), adaptive=adaptive)
-            results += self._batch(rows, lo, batch_size, out_len, mode, block_plan, greedy,
-                                   sampling, max_new_tokens, eos_arr, key, stream, stream_every)
+            results += self._batch(rows, first_row + lo, batch_size, out_len, mode, block_plan,
+                                   greedy, sampling, max_new_tokens, eos_arr, key, stream,
+                                   stream_every)
         for r, label in zip(results, labels or [None] * len(results), strict=True):
             r.prompt = label if labels is not None else r.prompt_ids
         return results
@@ -400,7 +407,7 @@ class Generator:
         done: dict[int, GenerationResult] = {}
         for lo in first.values():
             results = self.generate(prompts[lo:lo + batch_size], batch_size=batch_size,
-                                    **kwargs)
+                                    first_row=lo, **kwargs)
             done.update({lo + i: r for i, r in enumerate(results)})
         return done
 

@@ -135,15 +135,15 @@ def test_cost_table_is_measured_once_then_read_from_disk(tmp_path, monkeypatch):
 
 
 def _auto_generator(name, profile, seconds, root):
-    """A Generator for ``name`` with ``profile`` whose cost tables (every batch and cache
-    bucket these tests use) hold ``seconds``: nothing is measured."""
+    """A Generator for ``name`` with ``profile`` whose cost tables (every batch size and
+    cache length these tests use: 16-token prompt buckets and 64-token outputs) hold
+    ``seconds``: nothing is measured."""
     gen = _gen(name)
     gen.profile, gen.cost_root = profile, root
     for batch in (1, 2, 4):
-        for max_len in (32, 64, 128):
-            t = CostTable(gen.config, batch, max_len, root)
-            t.seconds = dict(seconds)
-            t.save()
+        t = CostTable(gen.config, batch, cache_len(16, 64, gen.max_len), root)
+        t.seconds = dict(seconds)
+        t.save()
     return gen
 
 
@@ -196,7 +196,7 @@ def test_calibrate_then_generate_auto(tmp_path, monkeypatch, capsys):
     assert generate_cli.main(args) == 0  # auto: the folder has a profile
     out = capsys.readouterr()
     assert json.loads(out.out)["token_ids"] == ar["token_ids"]
-    assert "measuring decode pass costs" in out.err
+    assert "measuring decode-loop iteration costs" in out.err
     tables = list((tmp_path / "cache" / "costs").glob("*.json"))
     assert len(tables) == 1 and set(json.loads(tables[0].read_text())["seconds"]) == \
         {"1", "2", "3", "4"}

@@ -457,3 +457,18 @@ def test_default_batch_is_bounded():
 
     assert [default_batch_size(n) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
     assert default_batch_size(1000) == DEFAULT_MAX_BATCH == 8
+
+
+def test_a_call_in_pieces_gives_the_whole_call():
+    """``first_row`` numbers a piece's rows as in the whole call: sampled rows draw the
+    same tokens and batches keep their indices (the bench runs the modes batch by batch)."""
+    gen = _gen("agree")
+    prompts = _prompts(seed=43, n=4)
+    kw = dict(max_new_tokens=10, temperature=0.9, seed=3)
+    whole = _run(gen, prompts, "orthrus", 2, **kw)
+    pieces = [r for lo in (0, 2) for r in
+              _run(gen, prompts[lo:lo + 2], "orthrus", 2, first_row=lo, **kw)]
+    assert [r.token_ids for r in pieces] == [r.token_ids for r in whole]
+    assert [r.batch for r in pieces] == [r.batch for r in whole] == [0, 0, 1, 1]
+    shifted = _run(gen, prompts[2:], "orthrus", 2, **kw)  # numbered from 0: other draws
+    assert [r.token_ids for r in shifted] != [r.token_ids for r in whole[2:]]
