@@ -207,8 +207,8 @@ class BlockPlan:
             return f"block size {self.best}"
         if self.best == 1:
             why = ("no block pays" if self.best_block is None else
-                   f"block {self.best_block} predicted {self.best_block_speedup:.2f}x, below "
-                   f"the {1 + self.min_gain:.2f}x that drafting needs")
+                   f"block {self.best_block} predicted {self.best_block_speedup:.3f}x, below "
+                   f"the {1 + self.min_gain:.3f}x that drafting needs")
             return f"auto: plain AR steps ({why})"
         how = (f", switching among {list(self.blocks)} by the acceptance seen"
                if self.adaptive else "")

@@ -16,10 +16,11 @@ The block size ``K`` is a decode-time choice, independent of the size the diffus
 was trained at: ``K - 1`` drafts per iteration, ``K = 1`` is a plain AR step. Given
 several sizes, :func:`run` picks one per iteration inside the loop (:func:`choose_block`,
 a ``lax.switch``): the size with the most expected tokens per second over the batch. Each
-row keeps decayed counts of what drafting committed for it lately (pulled towards the
-prior of the head's acceptance profile), and a row that has run ``PROBE_AFTER`` plain AR
-steps in a row drafts once more, so a row whose text becomes predictable again returns to
-drafting within a bounded number of steps. Greedy output never depends on the choice.
+row keeps decayed counts of what drafting committed for it lately (starting from the
+prior of the head's acceptance profile, which fades like any count), and a row that has
+run ``PROBE_AFTER`` plain AR steps in a row drafts once more, so a row whose text
+becomes predictable again returns to drafting within a bounded number of steps. Greedy
+output never depends on the choice.
 
 Rows stop on their own: an end-of-sequence id, their ``max_new_tokens``, or a cache that
 could not hold another token. Finished rows keep riding along, masked.
@@ -53,9 +54,10 @@ FINISH_REASONS = {RUNNING: None, FINISH_EOS: "eos", FINISH_LENGTH: "length",
 
 # The block-size controller (see the module doc and docs/decoding.md): how fast a row's
 # counts at a block size fade with each iteration that observes that size, how many
-# iterations the prior is worth, and after how many consecutive AR steps a row drafts
-# again to see whether its text has become predictable.
-CONTROL_DECAY = 0.5
+# iterations the prior is worth when a row starts (it fades like any observation), and
+# after how many consecutive AR steps a row drafts again to see whether its text has
+# become predictable.
+CONTROL_DECAY = 0.7
 PRIOR_WEIGHT = 1.0
 PROBE_AFTER = 8
 
@@ -304,11 +306,13 @@ def ar_step(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs,
 
 
 # The controller.
-def expected_tokens(state: DecodeState, inputs: DecodeInputs) -> jax.Array:
+def expected_tokens(state: DecodeState) -> jax.Array:
     """``[B, M]`` each row's expected tokens per iteration at size ``k`` (index ``k - 1``):
-    its decayed counts with ``PRIOR_WEIGHT`` iterations of the prior; 1 for AR steps."""
-    e = (state.seen_tokens + PRIOR_WEIGHT * inputs.prior) / (
-        state.seen_iterations + PRIOR_WEIGHT)
+    its decayed counts, which start as ``PRIOR_WEIGHT`` iterations of the prior
+    (:func:`start`) and fade with every observation; 1 for AR steps (and for a size
+    with no counts)."""
+    n = state.seen_iterations
+    e = jnp.where(n > 0, state.seen_tokens / jnp.where(n > 0, n, 1.0), 1.0)
     return e.at[:, 0].set(1.0)
 
 
@@ -320,7 +324,7 @@ def choose_block(state: DecodeState, inputs: DecodeInputs,
     block drafting the most (a probe). Deterministic in its inputs."""
     idx = jnp.asarray(blocks) - 1
     active = ~state.done
-    rate = expected_tokens(state, inputs)[:, idx] / inputs.costs[idx]  # [B, n]
+    rate = expected_tokens(state)[:, idx] / inputs.costs[idx]  # [B, n]
     choice = jnp.argmax(jnp.sum(jnp.where(active[:, None], rate, 0.0), axis=0))
     probe = jnp.any(active & (state.ar_run >= PROBE_AFTER)) & (idx[choice] == 0)
     return jnp.where(probe, jnp.argmax(idx), choice).astype(jnp.int32)
@@ -343,12 +347,16 @@ def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array,
     first = pick(jax.vmap(jax.random.fold_in)(keys, jnp.zeros((B,), jnp.int32)), logits,
                  inputs.sampling, spec.greedy)
     zeros = jnp.zeros((B,), jnp.int32)
-    stats = jnp.zeros((B, spec.max_block), jnp.float32)
+    # the controller's counts start as PRIOR_WEIGHT iterations of the prior
+    prior = jnp.zeros((spec.max_block,)) if inputs.prior is None else inputs.prior
+    seen = jnp.broadcast_to(PRIOR_WEIGHT * prior, (B, spec.max_block)).astype(jnp.float32)
+    weight = jnp.full((B, spec.max_block), PRIOR_WEIGHT if inputs.prior is not None else 0.0,
+                      jnp.float32)
     state = DecodeState(cache=cache, anchor=first, tokens=jnp.zeros((B, spec.out_len), jnp.int32),
                         num_generated=zeros, finish=zeros, key=keys, iterations=zeros,
                         accepted_hist=jnp.zeros((B, spec.max_block), jnp.int32),
                         block_hist=jnp.zeros((B, spec.max_block), jnp.int32),
-                        seen_tokens=stats, seen_iterations=stats, ar_run=zeros,
+                        seen_tokens=seen, seen_iterations=weight, ar_run=zeros,
                         step=jnp.int32(0))
     # The first token is the anchor: generated, not yet in the cache.
     first_state = commit(state, first[:, None], jnp.ones_like(first), cache, inputs)

@@ -287,7 +287,7 @@ def test_one_compile_per_bucket_and_sampling_values_do_not_recompile(backend_com
             else:
                 assert backend_compiles() == n0, (mode, call)
         new = set(gen._compiled) - before
-        assert len(new) == 1 and next(iter(new))[0] == mode, new
+        assert len(new) == 1 and next(iter(new)).mode == mode, new
 
     before = set(gen._compiled)
     prompt = rng.integers(0, 512, 12).tolist()

@@ -295,7 +295,7 @@ def test_the_plan_equals_the_compiled_programs(config):
         (key,) = gen.program_keys(prompts, mode=mode, max_new_tokens=settings.max_new_tokens,
                                   eos_ids=[], batch_size=settings.batch_size)
         start_c, run_c = gen.compile(key)
-        name = f"{mode}@prompt{key[4]}/cache{key[6]}"
+        name = f"{mode}@prompt{key.prompt_len}/cache{key.max_len}"
         assert analysis(start_c) == planned[f"start:{name}"]
         assert analysis(run_c) == planned[f"run:{name}"]
 
