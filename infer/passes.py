@@ -155,7 +155,7 @@ def time_passes(model: OrthrusLM, *, blocks: Sequence[int], batch_size: int = 1,
                           passes=passes)[context]
 
 
-def _loop_state(model: OrthrusLM, cache: KVCache, block: int, steps: int) -> DecodeState:
+def _loop_state(cache: KVCache, block: int, steps: int) -> DecodeState:
     """A decode state over ``cache`` (its K/V random, its rows at a length from which
     ``steps`` iterations at ``block`` stay inside it) that never finishes by itself."""
     B, max_len = cache.batch_size, cache.max_len
@@ -197,7 +197,7 @@ def loop_args(model: OrthrusLM, cache: KVCache, block: int, steps: int = LOOP_ST
     arguments, for a plan), and the rows' first cache lengths (for :func:`_rewind`)."""
     B = cache.batch_size
     steps = max(1, min(steps, (cache.max_len - 2) // block))
-    make = partial(_loop_state, model, block=block, steps=steps)
+    make = partial(_loop_state, block=block, steps=steps)
     abstract = isinstance(jax.tree.leaves(cache)[0], jax.ShapeDtypeStruct)
     state = on_device(jax.eval_shape(make, cache) if abstract else make(cache))
     spec = DecodeSpec(mode="ar" if block == 1 else "orthrus", blocks=(block,), greedy=True,
