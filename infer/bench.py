@@ -111,7 +111,8 @@ def run_bench(args: argparse.Namespace) -> dict:
                   batch_size=args.batch_size)
 
     block_size = block_size_arg(args, gen)
-    per_mode = {"orthrus": dict(block_size=block_size, adaptive=not args.no_adapt), "ar": {}}
+    per_mode = {"orthrus": dict(block_size=block_size, tree_budget=args.tree_budget,
+                                adaptive=not args.no_adapt), "ar": {}}
     # Warm-up: one batch per prompt-length bucket compiles every program the rounds need.
     warm = {mode: gen.warm_up(ids, mode=mode, **kwargs, **per_mode[mode]) for mode in MODES}
     compile_s = {m: sum(s for k, s in gen.compile_seconds.items() if k.mode == m) for m in MODES}

@@ -22,6 +22,9 @@ MIN_PROMPT_BUCKET = 16
 # Default rows per batch: the prompts rounded up to 2^n, at most this many (each row holds
 # a whole KV cache: 1000 rows of an 8B model would need ~77 GB).
 DEFAULT_MAX_BATCH = 8
+# Largest draft-tree budget (drafted nodes) a program may take: its verify pass has
+# budget + 1 rows.
+MAX_TREE_BUDGET = 255
 # ``max_steps`` of a decode loop that runs until every row is done.
 NO_LIMIT = int(np.iinfo(np.int32).max)
 
@@ -106,7 +109,9 @@ class DecodeSpec:
     drafting ``K - 1`` tokens per iteration; several: a per-iteration choice among them,
     see :mod:`infer.decode`). ``greedy``: the program has no sampling code at all (a
     sampling program still decodes its temperature-0 rows greedily). ``max_block``: the
-    size of the per-row histograms and statistics (:func:`max_block`).
+    size of the per-row histograms and statistics (:func:`max_block`). ``tree_budget``:
+    0 verifies each drafting iteration's drafts as a chain; ``N > 0`` verifies a tree of
+    ``N`` drafted nodes of depth at most ``K - 1`` instead (:mod:`infer.tree`).
     """
 
     mode: str
@@ -119,6 +124,7 @@ class DecodeSpec:
     n_eos: int
     max_block: int
     prefill_chunk: int | None = None  # prefill in chunks of this many tokens
+    tree_budget: int = 0  # drafted nodes per tree (0: a chain)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -126,6 +132,11 @@ class DecodeSpec:
         if not self.blocks or any(not 1 <= k <= self.max_block for k in self.blocks):
             raise ValueError(f"blocks={self.blocks}: each size must be in [1, "
                              f"{self.max_block}]")
+        if not 0 <= self.tree_budget <= MAX_TREE_BUDGET:
+            raise ValueError(f"tree_budget={self.tree_budget}: must be in [0, "
+                             f"{MAX_TREE_BUDGET}] (0 = chain)")
+        if self.tree_budget and self.blocks == (1,):
+            raise ValueError("tree_budget applies to drafting programs, not plain AR steps")
 
     @property
     def adaptive(self) -> bool:

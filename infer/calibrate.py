@@ -4,8 +4,10 @@ model folder (``acceptance.json``), which ``--block-size auto`` needs.
 Decodes the calibration prompts greedily with Orthrus at one block size (default: the
 head's trained size) and records how many iterations accepted ``j`` drafts. From that
 histogram, the conditional acceptance of each draft position gives the expected tokens
-per iteration at every smaller block size. Use prompts like the ones the model will
-serve, and never the ones you report speed on.
+per iteration at every smaller block size. It then decodes them again verifying draft
+trees of each of ``--tree-budgets`` nodes at that block size (``--tree-budget auto``
+chooses among those). Use prompts like the ones the model will serve, and never the ones
+you report speed on.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from infer.block_size import AcceptanceProfile
+from infer.block_size import TREE_BUDGETS, AcceptanceProfile
+from infer.buckets import MAX_TREE_BUDGET
 from infer.compile_cache import add_compile_cache_args, enable_compile_cache_from
 from infer.engine import Generator, summarize
 from infer.prompts import read_prompts_file
@@ -22,14 +25,34 @@ from orthrus_jax.cli import positive_int, run_command
 
 
 def calibrate(gen: Generator, prompts: Sequence[Sequence[int]], *, block_size: int | None = None,
-              max_new_tokens: int = 128, batch_size: int = 1,
-              source: str = "") -> AcceptanceProfile:
-    """The acceptance profile of ``gen``'s head on ``prompts`` (token ids), greedy."""
-    results = gen.generate(prompts, max_new_tokens=max_new_tokens, block_size=block_size,
-                           batch_size=batch_size)
+              max_new_tokens: int = 128, batch_size: int = 1, source: str = "",
+              tree_budgets: Sequence[int] = ()) -> AcceptanceProfile:
+    """The acceptance profile of ``gen``'s head on ``prompts`` (token ids), greedy: the
+    chain's, and the trees' of each of ``tree_budgets`` nodes."""
     k = block_size or gen.config.block_size
-    hist = summarize(results)["accepted_hist"][:k]
-    return AcceptanceProfile(k, tuple(int(h) for h in hist), source)
+
+    def hist(tree_budget: int | None) -> tuple[int, ...]:
+        results = gen.generate(prompts, max_new_tokens=max_new_tokens, block_size=k,
+                               batch_size=batch_size, tree_budget=tree_budget)
+        return tuple(int(h) for h in summarize(results)["accepted_hist"][:k])
+
+    trees = tuple((int(n), hist(int(n))) for n in sorted(set(tree_budgets)))
+    return AcceptanceProfile(k, hist(None), source, trees)
+
+
+def tree_budgets_arg(text: str) -> list[int]:
+    """``--tree-budgets``: budgets in ``[1, MAX_TREE_BUDGET]`` separated by commas, or
+    ``none``."""
+    if text == "none":
+        return []
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = [0]
+    if not all(1 <= n <= MAX_TREE_BUDGET for n in values):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected 'none' or budgets from 1 to {MAX_TREE_BUDGET}, comma-separated")
+    return values
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--limit", type=positive_int, default=None, help="use the first N prompts only")
     p.add_argument("--block-size", type=positive_int, default=None,
                    help="block size to measure at (default: the head's trained size)")
+    p.add_argument("--tree-budgets", type=tree_budgets_arg,
+                   default=list(TREE_BUDGETS),
+                   help="draft-tree budgets to measure, comma-separated, or 'none' (default: "
+                        f"{','.join(map(str, TREE_BUDGETS))})")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--dry-run", action="store_true", help="print the profile, save nothing")
@@ -59,13 +86,16 @@ def _calibrate(args: argparse.Namespace) -> None:
     profile = calibrate(gen, ids, block_size=args.block_size,
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                         source=f"{len(ids)} prompts of {args.prompts_file}, greedy, "
-                               f"{args.max_new_tokens} new tokens")
+                               f"{args.max_new_tokens} new tokens",
+                        tree_budgets=args.tree_budgets)
     alpha = profile.alpha(profile.block_size - 1)
     print(f"block size {profile.block_size}, {sum(profile.accepted_hist)} iterations")
     print("P(draft i accepted | drafts before it were): "
           + " ".join(f"{a:.3f}" for a in alpha))
     print("expected tokens/iteration by block size: " + " ".join(
         f"{k}:{profile.expected_tokens(k):.2f}" for k in range(1, profile.block_size + 1)))
+    for n, _ in profile.trees:
+        print(f"trees of {n} nodes: {profile.tree_expected_tokens(n):.2f} tokens/iteration")
     if not args.dry_run:
         print(f"saved {profile.save(args.model)}")
 

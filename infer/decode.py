@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from infer import tree as trees
 from infer.buckets import DecodeSpec
 from infer.sampling import (
     SamplingParams,
@@ -43,7 +44,7 @@ from infer.sampling import (
     sample,
     speculative_accept,
 )
-from orthrus_jax.cache import KVCache, init_cache
+from orthrus_jax.cache import KVCache, init_cache, write_rows
 from orthrus_jax.model import OrthrusLM, prefill
 from orthrus_jax.sharding import Rules
 
@@ -172,15 +173,23 @@ def pick(keys: jax.Array | None, logits: jax.Array, sampling: SamplingParams,
 
 
 # One iteration.
+def draft_logits(model: OrthrusLM, state: DecodeState, block: int) -> jax.Array:
+    """The diffusion view's float32 logits ``[B, block - 1, V]`` for the ``block - 1``
+    positions after each row's anchor: one pass over ``[anchor, MASK x (block - 1)]`` at
+    the row's cache length, writing nothing."""
+    B = state.anchor.shape[0]
+    masks = jnp.full((B, block - 1), model.config.mask_token_id, jnp.int32)
+    return model.logits(model.diffusion_hidden(
+        jnp.concatenate([state.anchor[:, None], masks], axis=1), state.cache)[:, :-1])
+
+
 def draft(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs, block: int,
           greedy: bool, keys: jax.Array | None = None) -> Draft:
     """The proposer: ``block - 1`` draft tokens per row from one diffusion pass over
     ``[anchor, MASK x (block - 1)]`` at the row's cache length; writes nothing. ``keys
     [B]``: each row's draw key (sampling programs)."""
     B = state.anchor.shape[0]
-    masks = jnp.full((B, block - 1), model.config.mask_token_id, jnp.int32)
-    q_logits = model.logits(model.diffusion_hidden(
-        jnp.concatenate([state.anchor[:, None], masks], axis=1), state.cache)[:, :-1])
+    q_logits = draft_logits(model, state, block)
     tokens = argmax(q_logits)  # [B, block - 1]
     if greedy:
         return Draft(tokens)
@@ -216,6 +225,44 @@ def verify_and_accept(model: OrthrusLM, state: DecodeState, proposal: Draft,
     new = jnp.where(jnp.arange(K)[None, :] == j[:, None], nxt[:, None],
                     jnp.concatenate([drafts, drafts[:, :1]], axis=1))
     return new, j + 1, dataclasses.replace(verified, lengths=state.cache.lengths)
+
+
+def draft_tree(model: OrthrusLM, state: DecodeState, block: int, budget: int) -> trees.Tree:
+    """The tree proposer: ``budget`` nodes of depth at most ``block - 1`` per row, built
+    best-first (:func:`infer.tree.build`) from one diffusion pass's distributions.
+
+    A tree of ``budget`` nodes is at most ``budget`` deep, so the diffusion pass drafts
+    ``min(block, budget + 1)`` positions: a small tree does not pay for a long block."""
+    block = min(block, budget + 1)
+    return trees.build(jax.nn.log_softmax(draft_logits(model, state, block), axis=-1), budget)
+
+
+def verify_tree(model: OrthrusLM, state: DecodeState, tree: trees.Tree, inputs: DecodeInputs,
+                block: int, greedy: bool, keys: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array, KVCache]:
+    """The tree verifier: one AR pass over ``[anchor, nodes]`` (each node sees the cache
+    and its ancestors), then the walk of :func:`infer.tree.walk` on the AR view's argmax
+    at every row, or for sampled rows on a draw from its filtered distribution at every
+    row (independent keys from ``keys [B]``: the accepted tokens and the next anchor are
+    then distributed exactly as AR sampling). Only the accepted path's K/V enter the cache,
+    at the positions after each row's length. Returns ``new [B, block]``, ``count = j + 1
+    [B]`` and the cache (lengths not yet advanced), like :func:`verify_and_accept`."""
+    hidden, (new_k, new_v) = model.tree_hidden(tree.rows(state.anchor), tree.offsets,
+                                               tree.visible, state.cache)
+    p_logits = model.logits(hidden)  # [B, N + 1, V]
+    chosen = argmax(p_logits)
+    if not greedy:
+        B, T = chosen.shape
+        greedy_rows = _greedy_rows(inputs.sampling, B)
+
+        def draws():
+            logp = filtered_log_probs(p_logits, _safe(inputs.sampling))
+            return jax.vmap(lambda k, lp: jax.vmap(sample)(jax.random.split(k, T), lp))(
+                keys, logp)
+        drawn = jax.lax.cond(jnp.all(greedy_rows), lambda: chosen, draws)
+        chosen = jnp.where(greedy_rows[:, None], chosen, drawn)
+    new, count, path = trees.walk(tree, state.anchor, chosen, block - 1)
+    return new, count, write_rows(state.cache, new_k, new_v, path)
 
 
 def commit(state: DecodeState, new: jax.Array, count: jax.Array, cache: KVCache,
@@ -283,14 +330,19 @@ def record(state: DecodeState, active: jax.Array, accepted: jax.Array,
 
 
 def orthrus_step(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs, block: int,
-                 greedy: bool) -> DecodeState:
+                 greedy: bool, tree_budget: int = 0) -> DecodeState:
     """One draft + verify + accept iteration for every active row, drafting ``block - 1``
-    tokens (``block`` need not be the size the diffusion view was trained at)."""
+    positions (``block`` need not be the size the diffusion view was trained at): a chain,
+    or with ``tree_budget`` a tree of that many nodes."""
     k_draft = k_accept = None
     if not greedy:
         k_draft, k_accept = _iteration_keys(state, 2)
-    proposal = draft(model, state, inputs, block, greedy, k_draft)
-    new, count, cache = verify_and_accept(model, state, proposal, inputs, greedy, k_accept)
+    if tree_budget:
+        tree = draft_tree(model, state, block, tree_budget)
+        new, count, cache = verify_tree(model, state, tree, inputs, block, greedy, k_accept)
+    else:
+        proposal = draft(model, state, inputs, block, greedy, k_draft)
+        new, count, cache = verify_and_accept(model, state, proposal, inputs, greedy, k_accept)
     return record(commit(state, new, count, cache, inputs), ~state.done, count, block)
 
 
@@ -369,7 +421,8 @@ def run(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs, max_steps: j
     (:data:`infer.buckets.NO_LIMIT`: until done).
 
     ``spec.blocks``: the block size of every iteration (``(1,)``: plain AR; ``(K,)``:
-    Orthrus drafting ``K - 1`` tokens), or several sizes to choose among per iteration
+    Orthrus drafting ``K - 1`` positions, as a chain or as a tree of ``spec.tree_budget``
+    nodes), or several sizes to choose among per iteration
     (:func:`choose_block`, which needs ``inputs.prior`` and ``inputs.costs``). Only
     the sampled rows' random draws depend on the sizes chosen, never their distribution.
     """
@@ -378,7 +431,7 @@ def run(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs, max_steps: j
     def step_fn(k: int):
         if k == 1:
             return lambda s: ar_step(model, s, inputs, spec.greedy)
-        return lambda s: orthrus_step(model, s, inputs, k, spec.greedy)
+        return lambda s: orthrus_step(model, s, inputs, k, spec.greedy, spec.tree_budget)
 
     if not spec.adaptive:
         body = step_fn(spec.blocks[0])

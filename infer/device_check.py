@@ -14,6 +14,11 @@ holds what does not need ``train/``:
   verify pass (:func:`infer.passes.time_passes`), each against its memory floor
   (:func:`infer.passes.bytes_read` over the copy bandwidth), and the cost of one
   iteration (diffusion + verify) in AR steps;
+- ``trees``: at one context and the passes' largest block ``K``, the verify pass of draft
+  trees of ``N`` nodes (``N + 1`` rows; :func:`infer.passes.tree_verify_pass`) for each
+  budget, against the AR step, the memory floor and the chain's verify pass (``K``
+  rows), and the decode loop's iteration verifying those trees against the AR loop's
+  step and the chain loop's;
 - ``decode_loop``: the whole compiled decode loop (:class:`infer.engine.Generator`) on
   random token-id prompts, greedy, in modes ``orthrus`` (the model's block size) and
   ``ar``: tokens/s, iterations/s, tokens/iteration and compile seconds per bucket;
@@ -64,6 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from infer.buckets import MAX_TREE_BUDGET
 from infer.compile_cache import enable_compile_cache, restored_compile_cache
 from infer.device_plan import (
     DEVICES,
@@ -85,7 +91,9 @@ from infer.passes import (
     loop_args,
     loop_pass,
     on_device,
+    random_tree,
     time_passes,
+    tree_verify_pass,
 )
 from orthrus_jax.cache import KVCache, init_cache
 from orthrus_jax.checkpoint import load_model
@@ -124,7 +132,8 @@ class Settings:
     """The shapes and repeats of every section; :data:`PRESETS` holds the two defaults."""
 
     contexts: tuple[int, ...]  # cached positions per row (passes)
-    blocks: tuple[int, ...]  # block sizes K (passes; those above the model's K are dropped)
+    blocks: tuple[int, ...]  # block sizes K (passes, trees at the largest; those above the
+    # model's K are dropped)
     batch_size: int  # rows (passes, layers, decode loop)
     repeats: int  # timed calls per pass (median)
     copy_mib: int  # size of the bandwidth probe
@@ -132,6 +141,8 @@ class Settings:
     prompt_len: int  # their longest length (the others are up to 1/8 shorter)
     max_new_tokens: int
     layers_context: int  # cached positions of the scan-vs-unrolled step
+    tree_budgets: tuple[int, ...]  # drafted nodes N per tree (trees; N + 1 verify rows)
+    tree_context: int  # cached positions per row (trees)
     train_batch_size: int  # sequences of the train step
     train_seq_len: int
     train_anchors: int  # anchor blocks per sequence
@@ -144,13 +155,14 @@ PRESETS = {
     # One H100 and a Qwen3-8B shape in bfloat16: planned and run in about 8 minutes.
     "full": Settings(contexts=(512, 2048, 8192), blocks=(8, 16, 32), batch_size=1, repeats=10,
                      copy_mib=1024, prompts=4, prompt_len=100, max_new_tokens=128,
-                     layers_context=2048, train_batch_size=1, train_seq_len=2048,
-                     train_anchors=64, train_steps=3, train_remat=True),
+                     layers_context=2048, tree_budgets=(16, 32, 64, 128), tree_context=2048,
+                     train_batch_size=1, train_seq_len=2048, train_anchors=64, train_steps=3,
+                     train_remat=True),
     # CPU and tests: tiny shapes, few repeats.
     "small": Settings(contexts=(16, 32), blocks=(2, 4), batch_size=1, repeats=2, copy_mib=8,
                       prompts=2, prompt_len=8, max_new_tokens=8, layers_context=32,
-                      train_batch_size=1, train_seq_len=32, train_anchors=4, train_steps=2,
-                      train_remat=False),
+                      tree_budgets=(3, 7), tree_context=16, train_batch_size=1,
+                      train_seq_len=32, train_anchors=4, train_steps=2, train_remat=False),
 }
 
 
@@ -470,28 +482,59 @@ def passes_programs(checks: Checks, s: Settings) -> list[Program]:
     c = model.config
     blocks = _pass_blocks(s, c)
     contexts, _ = _pass_contexts(s, c)
-    caches = {ctx: _abstract_cache(model, s.batch_size, ctx + max(blocks)) for ctx in contexts}
     programs = []
+    for context in contexts:  # one context's cache is held at a time
+        programs += _context_programs(model, s, context, blocks)
+    return programs
+
+
+def _abstract_tree(model: OrthrusLM, batch_size: int, block: int, budget: int
+                   ) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The verify pass's abstract inputs for a tree of ``budget`` nodes (of
+    :func:`infer.passes.random_tree` at ``block``): tokens and offsets ``[B, N + 1]``,
+    visible ``[B, N + 1, N + 1]``."""
+    def rows():
+        t = random_tree(model, batch_size, block, budget, 0)
+        return t.rows(jnp.ones((batch_size,), jnp.int32)), t.offsets, t.visible
+    return on_device(jax.eval_shape(rows))
+
+
+def _context_programs(model: OrthrusLM, s: Settings, context: int, blocks: Sequence[int],
+                      tree_budgets: Sequence[int] = ()) -> list[Program]:
+    """The programs :func:`infer.passes.time_passes` runs at one ``context`` over a cache of
+    ``context + max(blocks)`` positions: the AR step, per block size the diffusion and
+    verify passes, the loop at 1 and at each block size, and per tree budget ``N`` the
+    tree's verify pass (``N + 1`` rows) and the loop verifying trees at ``max(blocks)``.
+    Every loop decodes over its own copy of the cache, all held (with the trees) while the
+    context runs."""
+    B, room = s.batch_size, max(blocks)
+    cache = _abstract_cache(model, B, context + room)
+    kv = (cache.k, cache.v, cache.lengths)
+    tree_rows = {n: _abstract_tree(model, B, room, n) for n in tree_budgets}
+    held = ((len(blocks) + 1 + len(tree_budgets)) * tree_bytes(cache)
+            + sum(tree_bytes(jax.eval_shape(lambda n=n: random_tree(model, B, room, n, 0)))
+                  for n in tree_budgets))
     calls = s.repeats + 1
-    for context, cache in caches.items():  # one context's cache is held at a time
-        kv = (cache.k, cache.v, cache.lengths)
-        # each loop decodes over its own copy of the cache, all held while the context runs
-        held = (len(blocks) + 1) * tree_bytes(cache)
-        programs.append(Program(f"ar_step@{context}", ar_pass,
-                                (model, _tokens(s.batch_size, 1), *kv), calls,
-                                held_bytes=held))
-        for k in blocks:
-            programs.append(Program(f"diffusion_pass@{context}/K={k}", diffusion_pass,
-                                    (model, _tokens(s.batch_size, k), cache), calls,
-                                    held_bytes=held))
-            programs.append(Program(f"verify_pass@{context}/K={k}", ar_pass,
-                                    (model, _tokens(s.batch_size, k), *kv), calls,
-                                    held_bytes=held))
-        for k in (1, *blocks):
-            args, _ = loop_args(model, cache, k)
-            steps = max(1, min(LOOP_STEPS, (cache.max_len - 2) // k))
-            programs.append(Program(f"loop@{context}/K={k}", loop_pass, args, calls,
-                                    trips=steps, held_bytes=held))
+
+    def program(name: str, fn: Callable, args: tuple, trips: int = 1) -> Program:
+        return Program(name, fn, args, calls, trips=trips, held_bytes=held)
+
+    def loop(name: str, k: int, budget: int = 0) -> Program:
+        args, _ = loop_args(model, cache, k, tree_budget=budget)
+        steps = max(1, min(LOOP_STEPS, (cache.max_len - 2) // k))
+        return program(name, loop_pass, args, trips=steps)
+
+    programs = [program(f"ar_step@{context}", ar_pass, (model, _tokens(B, 1), *kv))]
+    for k in blocks:
+        programs.append(program(f"diffusion_pass@{context}/K={k}", diffusion_pass,
+                                (model, _tokens(B, k), cache)))
+        programs.append(program(f"verify_pass@{context}/K={k}", ar_pass,
+                                (model, _tokens(B, k), *kv)))
+    programs += [loop(f"loop@{context}/K={k}", k) for k in (1, *blocks)]
+    for n in tree_budgets:
+        programs.append(program(f"tree_verify_pass@{context}/N={n}", tree_verify_pass,
+                                (model, *tree_rows[n], cache)))
+        programs.append(loop(f"loop@{context}/K={room}/N={n}", room, n))
     return programs
 
 
@@ -501,6 +544,72 @@ def passes_shrink(s: Settings) -> tuple[Settings, str] | None:
     drop = max(s.contexts)
     return (dataclasses.replace(s, contexts=tuple(c for c in s.contexts if c != drop)),
             f"context {drop} dropped")
+
+
+def _tree_shape(s: Settings, c: ModelConfig) -> tuple[int, int, list[int]]:
+    """The trees section's context, block size (the passes' largest) and budgets."""
+    block = max(_pass_blocks(s, c))
+    context = max(1, min(s.tree_context, c.max_position_embeddings - block))
+    return context, block, sorted(set(s.tree_budgets))
+
+
+def trees_section(checks: Checks) -> dict:
+    s = checks.settings
+    model = checks.model()
+    c = model.config
+    context, K, budgets = _tree_shape(s, c)
+    bandwidth = checks.bandwidth()
+    t = time_passes(model, blocks=[K], batch_size=s.batch_size, context=context,
+                    repeats=s.repeats, seed=s.seed, tree_budgets=budgets)
+    probe = init_cache(c, s.batch_size, 1)
+    ar_floor = bytes_read(model, AR_VIEW, probe, context) / bandwidth
+    diff_floor = bytes_read(model, DIFFUSION_VIEW, probe, context) / bandwidth
+    ar, ar_loop = t["ar_step"], t["ar_iteration"]
+    d, v, chain_loop = t["diffusion_pass"][K], t["verify_pass"][K], t["iteration"][K]
+    out: dict[str, Any] = {
+        "context": context, "block": K, "batch_size": s.batch_size, "repeats": s.repeats,
+        "tree_budgets": budgets, "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "ar_step": _floor(ar, ar_floor), "ar_loop_step_seconds": ar_loop,
+        "diffusion_pass": _floor(d, diff_floor),
+        # the chain the trees replace: K - 1 drafted nodes, K verify rows
+        "chain": {"nodes": K - 1, "rows": K, **_floor(v, ar_floor), "to_ar_step": v / ar,
+                  "loop_iteration_seconds": chain_loop,
+                  "loop_to_ar_loop_step": chain_loop / ar_loop,
+                  "loop_to_passes": chain_loop / (d + v)},
+        "budgets": {}}
+    checks.log(f"trees: context {context}, K={K}: chain verify ({K} rows) {v / ar:.2f} AR "
+               f"steps, loop {chain_loop / ar_loop:.2f} AR loop steps")
+    for n in budgets:
+        tv, loop = t["tree_verify_pass"][n], t["tree_iteration"][n]
+        entry = out["budgets"][str(n)] = {
+            "nodes": n, "rows": n + 1, **_floor(tv, ar_floor), "to_ar_step": tv / ar,
+            "to_chain_verify": tv / v, "loop_iteration_seconds": loop,
+            "loop_to_ar_loop_step": loop / ar_loop, "loop_to_chain_loop": loop / chain_loop,
+            "loop_to_passes": loop / (d + tv)}
+        checks.log(f"trees: N={n} ({n + 1} rows): verify {tv * 1e3:.2f} ms, "
+                   f"{entry['to_ar_step']:.2f} AR steps ({entry['ratio_to_floor']:.2f}x "
+                   f"floor, {entry['to_chain_verify']:.2f}x the chain's); loop "
+                   f"{entry['loop_to_ar_loop_step']:.2f} AR loop steps "
+                   f"({entry['loop_to_chain_loop']:.2f}x the chain's)")
+    return out
+
+
+def trees_programs(checks: Checks, s: Settings) -> list[Program]:
+    """The programs of :func:`infer.passes.time_passes` at the trees' context and block
+    with their budgets: the AR step and loop, the chain's passes and loop at ``K``, and per
+    budget the tree's verify pass and the loop verifying trees."""
+    model = checks.abstract()
+    context, block, budgets = _tree_shape(s, model.config)
+    return _context_programs(model, s, context, [block], budgets)
+
+
+def trees_shrink(s: Settings) -> tuple[Settings, str] | None:
+    budgets = set(s.tree_budgets)
+    if len(budgets) < 2:
+        return None
+    drop = max(budgets)
+    return (dataclasses.replace(s, tree_budgets=tuple(sorted(budgets - {drop}))),
+            f"tree budget {drop} dropped")
 
 
 def _decode_prompts(s: Settings, c: ModelConfig) -> tuple[np.ndarray, list[list[int]]]:
@@ -677,6 +786,7 @@ INFER_SECTIONS: dict[str, Section] = {
     "model": Section(model_section, resident=model_resident),
     "device": Section(device_section, device_programs, shrink=device_shrink),
     "passes": Section(passes_section, passes_programs, shrink=passes_shrink),
+    "trees": Section(trees_section, trees_programs, shrink=trees_shrink),
     "decode_loop": Section(decode_loop_section, decode_loop_programs),
     "layers": Section(layers_section, layers_programs, layer_form_resident, layers_shrink),
 }
@@ -769,6 +879,13 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _tree_budgets(text: str) -> tuple[int, ...]:
+    values = _int_list(text)
+    if max(values) > MAX_TREE_BUDGET:
+        raise argparse.ArgumentTypeError(f"a tree budget is at most {MAX_TREE_BUDGET}: {text!r}")
+    return values
+
+
 def _size(text: str) -> str:
     try:
         parse_bytes(text)
@@ -815,9 +932,11 @@ def build_parser(prog: str, description: str, sections: Sequence[str]) -> argpar
     g = p.add_argument_group("shapes (default: the preset's)")
     g.add_argument("--contexts", type=_int_list, help="e.g. 512,2048,8192")
     g.add_argument("--blocks", type=_int_list, help="e.g. 8,16,32")
+    g.add_argument("--tree-budgets", type=_tree_budgets,
+                   help="drafted nodes per tree (trees section), e.g. 16,32,64,128")
     for name in ("batch-size", "repeats", "copy-mib", "prompts", "prompt-len",
-                 "max-new-tokens", "layers-context", "train-batch-size", "train-seq-len",
-                 "train-anchors", "train-steps", "seed"):
+                 "max-new-tokens", "layers-context", "tree-context", "train-batch-size",
+                 "train-seq-len", "train-anchors", "train-steps", "seed"):
         g.add_argument(f"--{name}", type=int)
     g.add_argument("--train-remat", action=argparse.BooleanOptionalAction, default=None)
     return p

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from infer.block_size import CANDIDATE_BLOCKS, AcceptanceProfile, BlockPlan, CostTable, plan
 from infer.buckets import (
+    MAX_TREE_BUDGET,
     MODES,
     NO_LIMIT,
     DecodeSpec,
@@ -255,9 +256,10 @@ class Generator:
         return prompt_bucket(max(len(r) for r in rows), self.chunk_size)
 
     def spec(self, mode: str, blocks: tuple[int, ...], greedy: bool, batch: int,
-             prompt_len: int, out_len: int, n_eos: int) -> DecodeSpec:
+             prompt_len: int, out_len: int, n_eos: int, tree_budget: int = 0) -> DecodeSpec:
         """The :class:`~infer.buckets.DecodeSpec` of a batch of bucketed shape."""
         return DecodeSpec(mode=mode, blocks=tuple(blocks), greedy=greedy, batch=batch,
+                          tree_budget=tree_budget,
                           prompt_len=prompt_len, out_len=out_len,
                           max_len=cache_len(prompt_len, out_len, self.max_len), n_eos=n_eos,
                           max_block=max_block(mode, self.config.block_size),
@@ -290,7 +292,8 @@ class Generator:
     def program_keys(self, prompts: Sequence[Sequence[int]], *, mode: str = "orthrus",
                      max_new_tokens: int = 256, greedy: bool = True,
                      eos_ids: Sequence[int] | None = None, batch_size: int | None = None,
-                     block_size: int | None = None) -> list[DecodeSpec]:
+                     block_size: int | None = None, tree_budget: int | None = None
+                     ) -> list[DecodeSpec]:
         """The specs of the programs ``generate(prompts, ...)`` with these arguments runs
         (one per prompt-length bucket), in order of first use; a fixed block size only
         (``"auto"`` measures costs first)."""
@@ -300,11 +303,15 @@ class Generator:
         batch_size = batch_size or default_batch_size(len(prompts))
         out_len = bucket(max_new_tokens)
         n_eos = eos_array(self.config.eos_token_id, eos_ids).shape[0]
-        blocks = (1,) if mode == "ar" else self.block_plan(block_size).blocks
+        if tree_budget == "auto":
+            raise ValueError("program_keys takes a fixed tree budget, not 'auto'")
+        chosen = BlockPlan((1,), 1) if mode == "ar" else self.block_plan(
+            block_size, tree_budget=tree_budget)
         specs: list[DecodeSpec] = []
         for lo in range(0, len(prompts), batch_size):
-            spec = self.spec(mode, blocks, greedy, batch_size,
-                             self.prompt_bucket(prompts[lo:lo + batch_size]), out_len, n_eos)
+            spec = self.spec(mode, chosen.blocks, greedy, batch_size,
+                             self.prompt_bucket(prompts[lo:lo + batch_size]), out_len, n_eos,
+                             chosen.tree_budget)
             if spec not in specs:
                 specs.append(spec)
         return specs
@@ -346,6 +353,7 @@ class Generator:
         block_size: int | str | None = None,
         adaptive: bool = True,
         first_row: int = 0,
+        tree_budget: int | str | None = None,
     ) -> list[GenerationResult]:
         """Generate for each prompt (a list of token ids); results in prompt order.
 
@@ -358,6 +366,13 @@ class Generator:
         and back as the acceptance seen while decoding suggests when ``adaptive`` and
         greedy. The output does not depend on it (greedy: token for token; sampling: in
         distribution).
+
+        ``tree_budget`` (Orthrus mode): ``N > 0`` verifies a draft tree of ``N`` nodes per
+        iteration instead of the chain (:mod:`infer.tree`; the verify pass has ``N + 1``
+        rows, the tree's depth is at most the block size less one); None: the chain (the
+        budget ``K' - 1`` laid out as a path); 0: no drafted node, plain AR steps;
+        ``"auto"``: the chain or the tree budget with the most expected tokens/s, chosen with
+        the block size (:meth:`block_plan`). Outputs do not depend on it either.
 
         ``first_row``: the index of ``prompts[0]`` in a larger call split into pieces (a
         multiple of the batch size): row ``i`` draws with the key of row ``first_row + i``
@@ -372,7 +387,10 @@ class Generator:
         greedy = temperature == 0.0
         if mode == "ar" and block_size not in (None, 1):
             raise ValueError(f"block_size={block_size!r} applies to mode 'orthrus' only")
+        if mode == "ar" and tree_budget is not None:
+            raise ValueError(f"tree_budget={tree_budget!r} applies to mode 'orthrus' only")
         self._check_block_size(block_size)
+        self._check_tree_budget(tree_budget)
         for ids in prompts:
             self.check_ids(ids)
         eos_arr = eos_array(self.config.eos_token_id, eos_ids)
@@ -384,7 +402,7 @@ class Generator:
             rows = list(prompts[lo:lo + batch_size])
             prompt_len = self.prompt_bucket(rows)
             block_plan = BlockPlan((1,), 1) if mode == "ar" else self.block_plan(
-                block_size, greedy=greedy, batch_size=batch_size,
+                block_size, tree_budget=tree_budget, greedy=greedy, batch_size=batch_size,
                 max_len=cache_len(prompt_len, out_len, self.max_len), adaptive=adaptive)
             results += self._batch(rows, first_row + lo, batch_size, out_len, mode, block_plan,
                                    greedy, sampling, max_new_tokens, eos_arr, key, stream,
@@ -425,27 +443,65 @@ class Generator:
             raise ValueError(f"block size {block_size!r}: choose 'auto' or an integer from 1 "
                              f"to {K} (the size this head was trained at)")
 
-    def block_plan(self, block_size: int | str | None, *, greedy: bool = True,
+    @staticmethod
+    def _check_tree_budget(tree_budget: int | str | None) -> None:
+        if tree_budget is None or tree_budget == "auto":
+            return
+        if (isinstance(tree_budget, (str, bool, float))
+                or not 0 <= int(tree_budget) <= MAX_TREE_BUDGET):
+            raise ValueError(f"tree budget {tree_budget!r}: choose 'auto' or an integer "
+                             f"from 0 (plain AR steps) to {MAX_TREE_BUDGET}")
+
+    def block_plan(self, block_size: int | str | None, *, tree_budget: int | str | None = None,
+                   greedy: bool = True,
                    batch_size: int = 1, max_len: int | None = None,
                    adaptive: bool = True) -> BlockPlan:
         """The block sizes a batch decodes with. ``"auto"`` measures (once per machine,
         model shape, batch size and cache length; then cached on disk) the cost of an
         iteration at each candidate size up to the head's, and maximises expected
         tokens/s under the head's acceptance profile; sampled batches keep one size.
+        ``tree_budget`` ``"auto"`` adds the trees the profile measured (at the head's
+        block size) to the candidates; a fixed budget with block size ``"auto"`` chooses
+        between those trees and plain AR steps.
         The costs are those of the decode loop itself over a cache of ``max_len``
         positions (default: the engine's), the length the batch will decode over."""
         self._check_block_size(block_size)
+        self._check_tree_budget(tree_budget)
         K = self.config.block_size
-        if block_size != "auto":
+        if tree_budget == 0:  # no drafted node: plain AR steps
+            return BlockPlan((1,), 1)
+        if block_size != "auto" and tree_budget != "auto":
             k = K if block_size is None else int(block_size)
-            return BlockPlan((k,), k)
+            if tree_budget and k == 1:
+                raise ValueError(f"tree budget {tree_budget} needs a block size of at least 2 "
+                                 "(the tree's depth is at most the block size less one)")
+            return BlockPlan((k,), k, tree_budget=int(tree_budget or 0))
+        if tree_budget == "auto" and block_size not in (None, "auto"):
+            raise ValueError(f"tree budget 'auto' chooses the block size too: leave the block "
+                             f"size unset or 'auto', not {block_size!r}")
+        if tree_budget is not None and self.profile is None:
+            raise ValueError(
+                "tree budget 'auto' needs the head's acceptance profile (acceptance.json in "
+                "the model folder): measure it with python -m infer.calibrate --model DIR")
+        budgets = (() if tree_budget is None else self.profile.tree_budgets
+                   if tree_budget == "auto" else (int(tree_budget),))
+        if tree_budget is not None and not set(budgets) <= set(self.profile.tree_budgets):
+            raise ValueError(
+                f"tree budget {tree_budget!r}: the head's acceptance profile has no trees"
+                f"{' of that size' if self.profile.tree_budgets else ''} (measured: "
+                f"{list(self.profile.tree_budgets)}); measure them with python -m "
+                "infer.calibrate --model DIR --tree-budgets N,..., or give the block size")
         max_len = max_len or self.max_len
-        key = (greedy and adaptive, batch_size, max_len)
+        key = (greedy and adaptive, batch_size, max_len, tree_budget)
         if key not in self.plans:
             table = CostTable(self.config, batch_size, max_len, self.cost_root)
-            table.ensure(self.model, [k for k in CANDIDATE_BLOCKS if k <= K])
+            table.ensure(self.model, [k for k in CANDIDATE_BLOCKS if k <= K],
+                         [(self.profile.tree_block(n), n) for n in budgets
+                          if self.profile.block_size <= K])
             self.plans[key] = plan(self.profile, table.seconds, max_block=K,
-                                    adaptive=greedy and adaptive)
+                                   adaptive=greedy and adaptive,
+                                   tree_seconds=table.tree_seconds,
+                                   chains=not isinstance(tree_budget, int))
         return self.plans[key]
 
     def _batch(self, rows, offset, batch_size, out_len, mode, block_plan, greedy, sampling,
@@ -455,7 +511,8 @@ class Generator:
         # A plan of plain AR steps runs the AR program itself (compiled once for both).
         program_mode = "ar" if block_plan.blocks == (1,) else mode
         spec = self.spec(program_mode, block_plan.blocks, greedy, batch_size, prompt_len,
-                         out_len, eos.shape[0])
+                         out_len, eos.shape[0],
+                         block_plan.tree_budget if program_mode == "orthrus" else 0)
         start_c, run_c = self.compile(spec)
         padded = np.zeros((batch_size, prompt_len), np.int32)
         lengths = np.ones((batch_size,), np.int32)

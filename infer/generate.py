@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from infer.buckets import DEFAULT_MAX_BATCH, MODES
+from infer.buckets import DEFAULT_MAX_BATCH, MAX_TREE_BUDGET, MODES
 from infer.compile_cache import add_compile_cache_args, enable_compile_cache_from
 from infer.default_model import default_model_dir
 from infer.engine import Generator, check_dtypes, summarize
@@ -48,6 +48,12 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
                         "pass costs and the head's acceptance profile; the default when the "
                         "model folder has acceptance.json) or 1..K (K: the head's trained size, "
                         "the default otherwise)")
+    p.add_argument("--tree-budget", type=parse_tree_budget, default=None,
+                   help="verify a draft tree of N drafted nodes per iteration instead of the "
+                        "chain (the verify pass has N + 1 rows; depth at most the block size "
+                        f"less one): 1..{MAX_TREE_BUDGET}, 0 = no drafted node (plain AR "
+                        "steps), or 'auto' (the chain or the budget with the most expected "
+                        "tokens/s, chosen with the block size); default: the chain")
     p.add_argument("--no-adapt", action="store_true",
                    help="with --block-size auto: keep the chosen size for the whole answer "
                         "instead of switching to AR steps and back by the acceptance seen")
@@ -79,6 +85,21 @@ def parse_block_size(text: str) -> int | str:
     if k < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected 'auto' or an integer >= 1")
     return k
+
+
+def parse_tree_budget(text: str) -> int | str:
+    """``--tree-budget``: ``auto`` or an integer in ``[0, MAX_TREE_BUDGET]``."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= MAX_TREE_BUDGET:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected 'auto' or an integer from 0 (plain AR steps) to "
+            f"{MAX_TREE_BUDGET}")
+    return n
 
 
 def block_size_arg(args: argparse.Namespace, gen: Generator) -> int | str | None:
@@ -178,8 +199,10 @@ def _main(args: argparse.Namespace) -> int:
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=args.eos_id,
                    batch_size=batch_size)
     t0 = time.perf_counter()
+    tree_budget = args.tree_budget if args.mode == "orthrus" else None
     results = gen.generate(ids, mode=args.mode, stream=stream, labels=labels,
-                           block_size=block_size, adaptive=not args.no_adapt, **options)
+                           block_size=block_size, tree_budget=tree_budget,
+                           adaptive=not args.no_adapt, **options)
     wall = time.perf_counter() - t0
     if args.stream:
         print()

@@ -11,10 +11,14 @@ of a shared machine falls on all of them):
 - ``diffusion_pass``: the block ``[anchor, MASK x (K-1)]`` through the diffusion view,
   plus the logits of the K-1 drafted positions (writes nothing);
 - ``verify_pass``: K tokens through the AR view, writing their K/V, plus their logits;
+- ``tree_verify_pass``: with ``--tree-budgets``, a draft tree of ``N`` nodes (``N + 1``
+  rows, each seeing the cache and its ancestors) through the AR view, plus their logits;
 - the decode loop (the engine's own greedy ``lax.while_loop``) at each block size
   ``K`` of ``--blocks`` and at ``K = 1`` (plain AR), ``--loop-steps`` iterations per call
   over a cache of the same size: its cost per iteration beside its two passes
-  (``iteration_to_passes``: what the loop adds to them) and beside the AR loop's step.
+  (``iteration_to_passes``: what the loop adds to them) and beside the AR loop's step;
+  with ``--tree-budgets``, also the loop verifying trees of each budget at the largest
+  block (``K/treeN``).
 
 Each pass reads at least its view's weights, the final norm and LM head, and the cache's
 K/V of ``--context`` positions; the memory floor is those bytes over the device's copy
@@ -44,7 +48,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
-from infer.buckets import DecodeSpec
+from infer import tree as trees
+from infer.buckets import MAX_TREE_BUDGET, DecodeSpec
 from infer.compile_cache import add_compile_cache_args, enable_compile_cache_from
 from infer.decode import RUNNING, DecodeInputs, DecodeState, run
 from infer.sampling import SamplingParams
@@ -97,6 +102,17 @@ def diffusion_pass(model: OrthrusLM, block: jax.Array, cache: KVCache) -> jax.Ar
     return model.logits(model.diffusion_hidden(block, cache)[:, :-1])
 
 
+@jax.jit
+def tree_verify_pass(model: OrthrusLM, tokens: jax.Array, offsets: jax.Array,
+                     visible: jax.Array, cache: KVCache) -> jax.Array:
+    """A draft tree's verify pass: ``tokens [B, N + 1]`` (anchor, nodes) at
+    ``cache.lengths + offsets``, each row seeing the cache and the rows ``visible`` marks,
+    plus their float32 logits ``[B, N + 1, V]``. Writes nothing (the decode loop then
+    places the accepted path's K/V)."""
+    hidden, _ = model.tree_hidden(tokens, offsets, visible, cache)
+    return model.logits(hidden)
+
+
 def on_device(tree):
     """``tree``'s arrays committed to the first device, or its ``ShapeDtypeStruct`` leaves
     given that sharding: the passes' inputs lower to one program either way (an
@@ -143,16 +159,20 @@ def bytes_read(model: OrthrusLM, view: str, cache: KVCache, context: int) -> int
 
 def time_passes(model: OrthrusLM, *, blocks: Sequence[int], batch_size: int = 1,
                 context: int = 2048, repeats: int = 10, seed: int = 0,
-                loop_steps: int = LOOP_STEPS, passes: bool = True) -> dict:
+                loop_steps: int = LOOP_STEPS, passes: bool = True,
+                tree_budgets: Sequence[int] = (),
+                tree_blocks: dict[int, int] | None = None) -> dict:
     """Median seconds of the decode passes over a cache filled to ``context`` positions
     (of ``context + max(blocks)``): ``{"ar_step": s, "diffusion_pass": {K: s},
     "verify_pass": {K: s}, "iteration": {K: s}, "ar_iteration": s}`` for every ``K >= 2``
     in ``blocks``; ``iteration`` is one iteration of the compiled decode loop at block
     ``K`` (:func:`time_loop`), ``ar_iteration`` one step of the AR loop, over a cache of the
-    same size. Compile excluded."""
+    same size; with ``tree_budgets``, ``"tree_verify_pass"`` and ``"tree_iteration"`` too
+    (:func:`time_passes_at`). Compile excluded."""
     return time_passes_at(model, blocks=blocks, batch_size=batch_size, contexts=[context],
                           repeats=repeats, seed=seed, loop_steps=loop_steps,
-                          passes=passes)[context]
+                          passes=passes, tree_budgets=tree_budgets,
+                          tree_blocks=tree_blocks)[context]
 
 
 def _loop_state(cache: KVCache, block: int, steps: int) -> DecodeState:
@@ -190,10 +210,11 @@ def loop_pass(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs, steps:
     return run(model, state, inputs, steps, spec)
 
 
-def loop_args(model: OrthrusLM, cache: KVCache, block: int, steps: int = LOOP_STEPS
-              ) -> tuple[tuple, jax.Array]:
+def loop_args(model: OrthrusLM, cache: KVCache, block: int, steps: int = LOOP_STEPS,
+              tree_budget: int = 0) -> tuple[tuple, jax.Array]:
     """The arguments of :func:`loop_pass` for ``steps`` iterations at ``block`` (1: the AR
-    loop) over ``cache`` (not copied; a cache of ``ShapeDtypeStruct`` leaves gives abstract
+    loop; with ``tree_budget``, verifying trees of that many nodes) over ``cache`` (not
+    copied; a cache of ``ShapeDtypeStruct`` leaves gives abstract
     arguments, for a plan), and the rows' first cache lengths (for :func:`_rewind`)."""
     B = cache.batch_size
     steps = max(1, min(steps, (cache.max_len - 2) // block))
@@ -202,7 +223,8 @@ def loop_args(model: OrthrusLM, cache: KVCache, block: int, steps: int = LOOP_ST
     state = on_device(jax.eval_shape(make, cache) if abstract else make(cache))
     spec = DecodeSpec(mode="ar" if block == 1 else "orthrus", blocks=(block,), greedy=True,
                       batch=B, prompt_len=1, out_len=state.tokens.shape[1],
-                      max_len=cache.max_len, n_eos=8, max_block=block)
+                      max_len=cache.max_len, n_eos=8, max_block=block,
+                      tree_budget=tree_budget)
     inputs = DecodeInputs(jnp.full((B,), 2**30, jnp.int32), jnp.full((8,), -1, jnp.int32),
                           SamplingParams.make(0.0))
     n = jnp.int32(steps)
@@ -211,14 +233,15 @@ def loop_args(model: OrthrusLM, cache: KVCache, block: int, steps: int = LOOP_ST
     return (model, state, on_device(inputs), on_device(n), spec), state.cache.lengths
 
 
-def time_loop(model: OrthrusLM, cache: KVCache, block: int, steps: int = LOOP_STEPS
-              ) -> Callable[[], jax.Array]:
+def time_loop(model: OrthrusLM, cache: KVCache, block: int, steps: int = LOOP_STEPS,
+              tree_budget: int = 0) -> Callable[[], jax.Array]:
     """A call of ``steps`` iterations of the compiled greedy decode loop at ``block``
-    (1: the AR loop) over a copy of ``cache`` (its K/V; its size is the cache size timed),
+    (1: the AR loop; with ``tree_budget``, verifying trees) over a copy of ``cache`` (its
+    K/V; its size is the cache size timed),
     rewound before each call: its wall time over ``call.steps`` is the loop's cost per
     iteration, every pass and all the loop's own work included."""
     (model, state, inputs, n, spec), lengths = loop_args(
-        model, jax.tree.map(jnp.copy, cache), block, steps)
+        model, jax.tree.map(jnp.copy, cache), block, steps, tree_budget)
     held = [state]
 
     def call() -> jax.Array:
@@ -230,11 +253,16 @@ def time_loop(model: OrthrusLM, cache: KVCache, block: int, steps: int = LOOP_ST
 
 def time_passes_at(model: OrthrusLM, *, blocks: Sequence[int], contexts: Sequence[int],
                    batch_size: int = 1, repeats: int = 10, seed: int = 0,
-                   loop_steps: int = LOOP_STEPS, passes: bool = True) -> dict[int, dict]:
+                   loop_steps: int = LOOP_STEPS, passes: bool = True,
+                   tree_budgets: Sequence[int] = (),
+                   tree_blocks: dict[int, int] | None = None) -> dict[int, dict]:
     """:func:`time_passes` at every context of ``contexts``, all timed in the same rounds
     (each round runs every pass and loop at every context once): ``{context: result}``.
     ``loop_steps = 0`` times the passes only, ``passes=False`` the loops only (their
-    entries are then missing)."""
+    entries are then missing). ``tree_budgets`` adds ``"tree_verify_pass": {N: s}`` and
+    ``"tree_iteration": {N: s}``: trees of ``N`` nodes, the loop's at the block
+    ``tree_blocks[N]`` (default: the largest of ``blocks``, ``"tree_block"``; the blocks
+    used are ``"tree_blocks"``)."""
     c = model.config
     blocks = sorted({int(k) for k in blocks if k >= 2})
     room = max(blocks, default=1)  # positions one pass writes or reads past the context
@@ -280,11 +308,29 @@ def time_passes_at(model: OrthrusLM, *, blocks: Sequence[int], contexts: Sequenc
                 name = "ar_iteration" if k == 1 else "iteration"
                 calls[(context, name, k)] = time_loop(model, held[0], k, loop_steps)
                 steps[(context, name, k)] = calls[(context, name, k)].steps
+        for n in tree_budgets:
+            tree_block = (tree_blocks or {}).get(n, room)
+            tree = random_tree(model, batch_size, tree_block, n, seed)
+            if passes:
+                rows = on_device(tree.rows(jnp.ones((batch_size,), jnp.int32)))
+                offsets = on_device(tree.offsets)
+                calls[(context, "tree_verify_pass", n)] = (
+                    lambda r=rows, o=offsets, t=tree, held=held: tree_verify_pass(
+                        model, r, o, t.visible, held[0]))
+            if loop_steps:
+                calls[(context, "tree_iteration", n)] = time_loop(model, held[0], tree_block,
+                                                                  loop_steps, n)
+                steps[(context, "tree_iteration", n)] = calls[(context, "tree_iteration",
+                                                               n)].steps
     medians = _interleaved_medians(calls, repeats)
     out: dict[int, dict] = {}
     for (context, name, k), t in medians.items():
         r = out.setdefault(context, {"ar_step": None, "diffusion_pass": {}, "verify_pass": {},
-                                     "iteration": {}, "ar_iteration": None})
+                                     "iteration": {}, "ar_iteration": None,
+                                     "tree_verify_pass": {}, "tree_iteration": {},
+                                     "tree_block": room, "tree_blocks": {
+                                         n: (tree_blocks or {}).get(n, room)
+                                         for n in tree_budgets}})
         t = t / steps.get((context, name, k), 1)
         if name in ("ar_step", "ar_iteration"):
             r[name] = t
@@ -293,9 +339,19 @@ def time_passes_at(model: OrthrusLM, *, blocks: Sequence[int], contexts: Sequenc
     return out
 
 
+def random_tree(model: OrthrusLM, batch_size: int, block: int, budget: int, seed: int
+                ) -> trees.Tree:
+    """A draft tree of ``budget`` nodes and depth at most ``block - 1`` per row, built from
+    random distributions (its shape, not its tokens, sets a pass's cost)."""
+    c = model.config
+    x = jax.random.normal(jax.random.key(seed), (batch_size, max(block - 1, 1), c.vocab_size))
+    return on_device(trees.build(jax.nn.log_softmax(x * 3), budget))
+
+
 def measure(model: OrthrusLM, *, batch_size: int = 1, context: int | Sequence[int] = 2048,
             blocks: Sequence[int] | None = None, repeats: int = 10, copy_mib: int = 1024,
-            seed: int = 0, loop_steps: int = LOOP_STEPS) -> dict:
+            seed: int = 0, loop_steps: int = LOOP_STEPS,
+            tree_budgets: Sequence[int] = ()) -> dict:
     """Time the passes and the decode loop over a cache filled to ``context`` (one
     context, or several timed in the same rounds) at each block size of ``blocks``
     (default: the head's); see the module doc.
@@ -307,7 +363,8 @@ def measure(model: OrthrusLM, *, batch_size: int = 1, context: int | Sequence[in
     (``iteration_to_passes``) and the AR loop's step beside the AR step. Several:
     ``"contexts"`` lists them and ``"passes"`` / ``"iterations"`` hold one such mapping
     per context (keyed by the context as a string), each pass also with
-    ``relative_to_first_context``.
+    ``relative_to_first_context``. ``tree_budgets`` adds ``tree_verify_pass@N`` (with
+    ``to_ar_step``) and the loop at the largest block verifying trees (``K/treeN``).
     """
     c = model.config
     blocks = sorted({int(k) for k in (blocks or [c.block_size])})
@@ -316,15 +373,17 @@ def measure(model: OrthrusLM, *, batch_size: int = 1, context: int | Sequence[in
     contexts = [context] if isinstance(context, int) else list(context)
     if len(set(contexts)) != len(contexts):
         raise ValueError(f"contexts {contexts} repeat a value")
+    tree_budgets = sorted({int(n) for n in tree_budgets})
     seconds = time_passes_at(model, blocks=blocks, batch_size=batch_size, contexts=contexts,
-                             repeats=repeats, seed=seed, loop_steps=loop_steps)
+                             repeats=repeats, seed=seed, loop_steps=loop_steps,
+                             tree_budgets=tree_budgets)
     bandwidth = copy_bandwidth(copy_mib)
     cache = init_cache(c, batch_size, 1)
     out = {"model_type": c.model_type, "layers": c.num_hidden_layers,
            "hidden_size": c.hidden_size, "block_size": c.block_size, "blocks": blocks,
            "dtype": c.dtype, "batch_size": batch_size, "backend": jax.default_backend(),
            "device": str(jax.devices()[0]), "copy_bandwidth_gb_s": bandwidth / 1e9,
-           "loop_steps": loop_steps}
+           "loop_steps": loop_steps, "tree_budgets": tree_budgets}
     by_context, loops = {}, {}
     for ctx in contexts:
         t = seconds[ctx]
@@ -332,10 +391,13 @@ def measure(model: OrthrusLM, *, batch_size: int = 1, context: int | Sequence[in
         for k in blocks:
             timed += [(f"diffusion_pass@{k}", DIFFUSION_VIEW, t["diffusion_pass"][k]),
                       (f"verify_pass@{k}", AR_VIEW, t["verify_pass"][k])]
+        timed += [(f"tree_verify_pass@{n}", AR_VIEW, t["tree_verify_pass"][n])
+                  for n in tree_budgets]
         passes = {}
         for name, view, sec in timed:
             floor = bytes_read(model, view, cache, ctx) / bandwidth
-            passes[name] = {"seconds": sec, "floor_seconds": floor, "ratio_to_floor": sec / floor}
+            passes[name] = {"seconds": sec, "floor_seconds": floor, "ratio_to_floor": sec / floor,
+                            "to_ar_step": sec / t["ar_step"]}
         by_context[ctx] = passes
         if loop_steps:
             loops[ctx] = {"1": {"passes_seconds": t["ar_step"],
@@ -348,6 +410,13 @@ def measure(model: OrthrusLM, *, batch_size: int = 1, context: int | Sequence[in
                     "passes_seconds": both, "iteration_seconds": t["iteration"][k],
                     "iteration_to_passes": t["iteration"][k] / both,
                     "iteration_to_ar_iteration": t["iteration"][k] / t["ar_iteration"]}
+            K = t["tree_block"]
+            for n in tree_budgets:
+                both = t["diffusion_pass"][K] + t["tree_verify_pass"][n]
+                loops[ctx][f"{K}/tree{n}"] = {
+                    "passes_seconds": both, "iteration_seconds": t["tree_iteration"][n],
+                    "iteration_to_passes": t["tree_iteration"][n] / both,
+                    "iteration_to_ar_iteration": t["tree_iteration"][n] / t["ar_iteration"]}
     if len(contexts) == 1:
         return out | {"context": contexts[0], "passes": by_context[contexts[0]],
                       "iterations": loops.get(contexts[0], {})}
@@ -396,6 +465,15 @@ def _sizes(text: str) -> list[int]:
     return values
 
 
+def _budgets(text: str) -> list[int]:
+    """``--tree-budgets``: tree budgets separated by commas, each in [1, MAX_TREE_BUDGET]."""
+    values = [positive_int(part) for part in text.split(",")]
+    if max(values) > MAX_TREE_BUDGET:
+        raise argparse.ArgumentTypeError(f"{text!r}: a tree budget is at most "
+                                         f"{MAX_TREE_BUDGET}")
+    return values
+
+
 def _contexts(text: str) -> list[int]:
     """``--context``: one count of positions, or several separated by commas."""
     values = [positive_int(part) for part in text.split(",")]
@@ -420,6 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "are timed in the same rounds")
     p.add_argument("--blocks", type=_sizes, default=None,
                    help="block sizes to time, comma-separated (default: the head's)")
+    p.add_argument("--tree-budgets", type=_budgets, default=[],
+                   help="also time draft trees of these many nodes, comma-separated: their "
+                        "verify pass, and the decode loop verifying them at the largest "
+                        "block of --blocks")
     p.add_argument("--loop-steps", type=non_negative_int, default=LOOP_STEPS,
                    help="decode-loop iterations per timed call (0: time the passes only)")
     p.add_argument("--repeats", type=positive_int, default=10)
@@ -448,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         context = args.context[0] if len(args.context) == 1 else args.context
         r = measure(_model(args), batch_size=args.batch_size, context=context,
                     blocks=args.blocks, repeats=args.repeats, copy_mib=args.copy_mib,
-                    loop_steps=args.loop_steps)
+                    loop_steps=args.loop_steps, tree_budgets=args.tree_budgets)
         print(json.dumps(r) if args.json else format_report(r))
 
     return run_command(body)

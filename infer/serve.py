@@ -596,7 +596,8 @@ def create_app(api: Api, metrics: Metrics):
         status = "failed: " + s.broken if s.broken else "ok"
         return JSONResponse({"status": status, "slots": api.engine.slots, "busy": s.busy,
                              "queue": s.queue_depth, "mode": api.engine.mode,
-                             "block_size": api.engine.block},
+                             "block_size": api.engine.block,
+                             "tree_budget": api.engine.tree_budget},
                             status_code=503 if s.broken else 200)
 
     @app.get("/metrics")
@@ -624,12 +625,14 @@ class Server:
 def build_server(gen, *, slots: int, mode: str = "orthrus", block_size: int | str | None = None,
                  model_name: str = "model", api_key: str | None = None, queue_size: int = 64,
                  deadline: float = 600.0, max_body: int = 1 << 20,
-                 eos_ids: Sequence[int] | None = None) -> Server:
+                 eos_ids: Sequence[int] | None = None,
+                 tree_budget: int | str | None = None) -> Server:
     """Warm up a :class:`SlotEngine` on ``gen`` (a :class:`~infer.engine.Generator` whose
     ``max_len`` is the cache length), start its scheduler and make the app."""
     if gen.tokenizer is None:
         raise InputError("the model folder has no tokenizer: the server needs one")
-    engine = SlotEngine(gen, slots=slots, mode=mode, block_size=block_size, eos_ids=eos_ids)
+    engine = SlotEngine(gen, slots=slots, mode=mode, block_size=block_size, eos_ids=eos_ids,
+                        tree_budget=tree_budget)
     engine.warm_up()
     metrics = Metrics()
     scheduler = Scheduler(engine, gen.decode_text, queue_size=queue_size, metrics=metrics)
@@ -641,7 +644,7 @@ def build_server(gen, *, slots: int, mode: str = "orthrus", block_size: int | st
 
 def build_parser() -> argparse.ArgumentParser:
     from infer.buckets import MODES
-    from infer.generate import parse_block_size
+    from infer.generate import parse_block_size, parse_tree_budget
     from orthrus_jax.config import DTYPE_NAMES
 
     p = argparse.ArgumentParser(prog="python -m infer.serve", description=__doc__,
@@ -660,6 +663,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=parse_block_size, default=None,
                    help="Orthrus block, fixed for all requests: 'auto' (resolved once at "
                         "start-up) or 1..K (default: auto with an acceptance profile, else K)")
+    p.add_argument("--tree-budget", type=parse_tree_budget, default=None,
+                   help="verify draft trees of N drafted nodes instead of chains (every slot "
+                        "holds N + 1 verify rows): 1..N, 0 = plain AR steps, or 'auto' "
+                        "(resolved once at start-up with the block size); default: chains")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="parameter dtype (default: as stored; bfloat16 and float16 decode in "
                         "float32 on CPU)")
@@ -720,12 +727,17 @@ def _main(args: argparse.Namespace) -> int:
     print(f"warming up: {args.slots} slots, cache {args.max_len}, mode {args.mode}, "
           f"{gen.describe_dtypes()}",
           file=sys.stderr, flush=True)
+    if args.mode == "ar" and args.tree_budget is not None:
+        raise InputError("--tree-budget applies to --mode orthrus only")
     server = build_server(gen, slots=args.slots, mode=args.mode, block_size=block,
+                          tree_budget=args.tree_budget,
                           model_name=args.served_model_name or Path(model_dir).name,
                           api_key=args.api_key, queue_size=args.queue_size,
                           deadline=args.deadline, max_body=args.max_body)
+    tree = server.api.engine.tree_budget
+    trees = f", trees of {tree} nodes" if tree else ""
     print(f"compiled in {time.perf_counter() - t0:.1f} s (block size "
-          f"{server.api.engine.block}); serving '{server.api.model_name}' on "
+          f"{server.api.engine.block}{trees}); serving '{server.api.model_name}' on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     class Uvicorn(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:  # SIGTERM / SIGINT

@@ -78,23 +78,31 @@ class SlotEngine:
     """``slots`` rows decoding together over the Generator's model; see the module doc.
 
     ``block_size``: Orthrus's block, one fixed size for every row (``"auto"`` is resolved
-    once here, non-adaptive); ``eos_ids``: default the model's.
+    once here, non-adaptive); ``tree_budget``: verify draft trees of that many nodes
+    instead of chains (None: chains; ``"auto"`` resolved with the block size, see
+    :meth:`infer.engine.Generator.block_plan`); every slot then holds ``budget + 1``
+    verify rows. ``eos_ids``: default the model's.
     """
 
     def __init__(self, gen: Generator, *, slots: int, mode: str = "orthrus",
-                 block_size: int | str | None = None, eos_ids: Sequence[int] | None = None):
+                 block_size: int | str | None = None, eos_ids: Sequence[int] | None = None,
+                 tree_budget: int | str | None = None):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: choose one of {MODES}")
         if slots < 1:
             raise ValueError(f"slots={slots} must be >= 1")
         if mode == "ar" and block_size not in (None, 1):
             raise ValueError(f"block_size={block_size!r} applies to mode 'orthrus' only")
+        if mode == "ar" and tree_budget is not None:
+            raise ValueError(f"tree_budget={tree_budget!r} applies to mode 'orthrus' only")
         self.gen, self.slots, self.mode = gen, slots, mode
         self.max_len = gen.max_len
         self.max_block = max_block(mode, gen.config.block_size)
-        self.block = 1 if mode == "ar" else gen.block_plan(
-            block_size, greedy=False, batch_size=slots, max_len=self.max_len,
-            adaptive=False).blocks[0]
+        chosen = gen.block_plan(block_size, tree_budget=tree_budget, greedy=False,
+                                batch_size=slots, max_len=self.max_len, adaptive=False
+                                ) if mode == "orthrus" else None
+        self.block = 1 if chosen is None else chosen.blocks[0]
+        self.tree_budget = 0 if chosen is None or self.block == 1 else chosen.tree_budget
         self.out_len = bucket(self.max_len + self.max_block)
         self.eos = eos_array(gen.config.eos_token_id, eos_ids)
         self.buckets = prompt_buckets(self.max_len, gen.chunk_size)
@@ -134,7 +142,7 @@ class SlotEngine:
         """The decode spec of a program over ``batch`` rows (1: an insert's prefill) of
         cache ``max_len``: one fixed block, sampling code for rows of any temperature."""
         return self.gen.spec(self.mode, (self.block,), False, batch, prompt_len, self.out_len,
-                             self.eos.shape[0])
+                             self.eos.shape[0], self.tree_budget)
 
     def _insert_fn(self, prompt_len: int):
         gen = self.gen

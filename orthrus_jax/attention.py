@@ -80,10 +80,12 @@ def causal_cache_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
 
 def block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                     k_block: jax.Array, v_block: jax.Array,
-                    prefix_lengths: jax.Array) -> jax.Array:
-    """Diffusion view: block ``b`` of row ``r`` attends to AR cache positions
-    ``[0, prefix_lengths[r, b])`` and to every position of its own block (no causal mask
-    inside the block), nothing else.
+                    prefix_lengths: jax.Array, block_mask: jax.Array | None = None
+                    ) -> jax.Array:
+    """Block ``b`` of row ``r`` attends to AR cache positions ``[0, prefix_lengths[r, b])``
+    and to the positions of its own block that ``block_mask [B, m, K, K]`` shows (True =
+    visible; default: all of them, the diffusion view), nothing else. A tree's verify pass
+    is one block whose mask shows each row its ancestors.
 
     q, k_block, v_block ``[B, m, K, H, hd]`` (``m`` blocks of ``K`` tokens per row);
     k_cache, v_cache ``[B, Hkv, S, hd]``; prefix_lengths ``[B, m]``. The two key sets are
@@ -108,6 +110,8 @@ def block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     vb = v_block.transpose(0, 3, 1, 2, 4).reshape(N, m, K, hd).astype(dt)
     s_block = jnp.einsum("nmqd,nmtd->nmqt", qg, kb,
                          preferred_element_type=jnp.float32) * hd**-0.5
+    if block_mask is not None:
+        s_block = jnp.where(_per_row(block_mask, Hkv, G), s_block, _NEG)
     top = jnp.maximum(jnp.max(s_prefix, axis=-1, keepdims=True),
                       jnp.max(s_block, axis=-1, keepdims=True))
     p_prefix = jnp.exp(s_prefix - top)

@@ -145,3 +145,24 @@ def _write_layer(one: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Ar
         jnp.broadcast_to(heads, (B, T, H)), jnp.broadcast_to(positions[:, :, None], (B, T, H))
     ].set(new.astype(one.dtype), mode="drop")
     return flat.reshape(B, H, S, hd)
+
+
+def write_rows(cache: KVCache, new_k: jax.Array, new_v: jax.Array, rows: jax.Array) -> KVCache:
+    """Write, for every layer ``l``, ``new_k[l, b, rows[b, d]]`` (and ``new_v``) at cache
+    position ``cache.lengths[b] + d``, ``d < P``; lengths unchanged.
+
+    ``new_k``, ``new_v`` ``[layers, B, T, kv_heads, head_dim]``: the K/V of a pass that
+    wrote nothing (a tree's verify pass); ``rows [B, P]``: which of its ``T`` rows go to
+    the ``P`` positions after each row's length (the accepted path). Positions past
+    ``max_len`` are dropped. Only ``P`` entries per row and layer move; the cache is
+    updated in place.
+    """
+    at = rows[None, :, :, None, None]
+    k = jnp.take_along_axis(new_k, at, axis=2)  # [L, B, P, Hkv, hd]
+    v = jnp.take_along_axis(new_v, at, axis=2)
+    positions = cache.lengths[:, None] + jnp.arange(rows.shape[1], dtype=jnp.int32)[None, :]
+    ck, cv = cache.k, cache.v
+    for layer in range(k.shape[0]):
+        ck = write_block(ck, layer, k[layer], positions)
+        cv = write_block(cv, layer, v[layer], positions)
+    return KVCache(ck, cv, cache.lengths)

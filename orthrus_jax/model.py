@@ -126,6 +126,37 @@ class OrthrusLM(nnx.Module):
             out = unstack_cache(out)
         return rms_norm(x, self.norm[...], c.rms_norm_eps), out
 
+    def tree_hidden(self, tokens: jax.Array, offsets: jax.Array, visible: jax.Array,
+                    cache: KVCache) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """AR view over a token tree ``tokens [B, T]``, writing nothing.
+
+        Row ``t`` sits at position ``cache.lengths[b] + offsets[b, t]`` (its RoPE position)
+        and attends to the committed cache ``[0, lengths[b])`` and to the rows ``s`` with
+        ``visible[b, t, s]`` (itself and its ancestors). A causal ``visible`` with
+        ``offsets = arange(T)`` is the chain :meth:`ar_hidden` computes. Returns the
+        final-normed hidden ``[B, T, D]`` and the rows' K/V ``[layers, B, T, kv_heads,
+        head_dim]`` each, for :func:`orthrus_jax.cache.write_rows` to place the accepted
+        ones.
+        """
+        c = self.config
+        B, T = tokens.shape
+        positions = cache.lengths[:, None] + offsets.astype(jnp.int32)
+        if cache.per_layer and not self.per_layer:
+            cache = stack_cache(cache)  # a traced layer index needs the stack
+        shape = (c.num_hidden_layers, B, T, c.num_key_value_heads, c.head_dim)
+        buffers = (jnp.zeros(shape, c.jnp_dtype), jnp.zeros(shape, c.jnp_dtype))
+
+        def attention(q, k, v, layer, kv):
+            o = block_attention(q[:, None], layer_kv(cache.k, layer), layer_kv(cache.v, layer),
+                                k[:, None], v[:, None], cache.lengths[:, None],
+                                visible[:, None])
+            kv = tuple(jax.lax.dynamic_update_index_in_dim(buf, new.astype(buf.dtype), layer, 0)
+                       for buf, new in zip(kv, (k, v), strict=True))
+            return o[:, 0], kv
+
+        x, kv = self._run_layers(AR_VIEW, self.embed(tokens), positions, attention, buffers)
+        return rms_norm(x, self.norm[...], c.rms_norm_eps), kv
+
     def diffusion_hidden(self, block: jax.Array, cache: KVCache) -> jax.Array:
         """Diffusion view over one block per row, ``block [B, K]`` (``[anchor, MASK, ...]``)
         at positions ``cache.lengths[b] + i``: it attends to the cached prefix

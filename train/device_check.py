@@ -9,12 +9,13 @@ starts with the plan alone, then the run::
 ``--config`` takes an HF ``config.json`` (random weights of that shape; ``qwen3-8b`` is
 the shipped ``infer/configs/qwen3-8b.json``) or ``--model DIR`` a model folder. On a CPU,
 ``--small`` shrinks every shape and repeat. ``--sections`` picks a subset of
-``model,device,passes,decode_loop,layers,train_step``:
+``model,device,passes,trees,decode_loop,layers,train_step``:
 
-- ``model``, ``device``, ``passes``, ``decode_loop``, ``layers``: the inference checks
-  (:mod:`infer.device_check`: the model build, copy bandwidth, the three decode passes
-  against their memory floor, the compiled decode loop in both modes, scanned against
-  unrolled layers);
+- ``model``, ``device``, ``passes``, ``trees``, ``decode_loop``, ``layers``: the inference
+  checks (:mod:`infer.device_check`: the model build, copy bandwidth, the three decode
+  passes against their memory floor, draft trees of ``--tree-budgets`` nodes verified in
+  one pass and in the decode loop against the AR step, the compiled decode loop in both
+  modes, scanned against unrolled layers);
 - ``train_step``: one step of :class:`train.step.Trainer` on a synthetic batch on one
   device: compile seconds, median step seconds, the step's FLOPs (counted from the model
   shape; XLA's own count is reported too) and the MFU against the device's dense bf16

@@ -110,11 +110,12 @@ def test_plan_is_deterministic_and_maximises_expected_tokens_per_second():
 def test_cost_table_is_measured_once_then_read_from_disk(tmp_path, monkeypatch):
     calls = []
 
-    def fake_time(model, blocks, batch_size, context, repeats):
-        calls.append(tuple(blocks))
+    def fake_time(model, blocks, batch_size, context, repeats, tree_budgets=()):
+        calls.append(tuple(blocks) + tuple(f"tree{n}" for n in sorted(tree_budgets)))
         return {"ar_step": 0.01, "diffusion_pass": {k: 0.005 * k for k in blocks if k > 1},
                 "verify_pass": {k: 0.006 * k for k in blocks if k > 1},
-                "iteration": {k: 0.011 * k for k in blocks if k > 1}, "ar_iteration": 0.0105}
+                "iteration": {k: 0.011 * k for k in blocks if k > 1}, "ar_iteration": 0.0105,
+                "tree_iteration": {n: 0.001 * n for n in tree_budgets}}
 
     monkeypatch.setattr(bs, "_time", fake_time)
     config = _gen("agree").config
@@ -129,6 +130,50 @@ def test_cost_table_is_measured_once_then_read_from_disk(tmp_path, monkeypatch):
     assert CostTable(config, 4, 128, tmp_path).path != t.path  # other batch size, other table
     stored = json.loads(t.path.read_text())
     assert stored["key"]["batch_size"] == 2 and stored["key"]["max_len"] == 128
+    # trees, each at its own block: measured once, kept beside the chains
+    again.ensure(None, [2, 3, 4], [(4, 5), (3, 9)])
+    assert calls[-1] == (4, "tree5", "tree9")
+    assert again.tree_seconds == {(4, 5): pytest.approx(0.005), (3, 9): pytest.approx(0.009)}
+    assert CostTable(config, 2, 128, tmp_path).ensure(None, [2, 3, 4], [(3, 9)]).tree_seconds[
+        (3, 9)] == pytest.approx(0.009)
+    assert len(calls) == 3  # read from disk
+
+
+def test_plan_chooses_between_chains_and_trees():
+    profile = AcceptanceProfile(4, (20, 30, 30, 20), trees=((3, (10, 30, 30, 30)),
+                                                            (7, (5, 25, 30, 40))))
+    assert profile.tree_expected_tokens(3) == pytest.approx(1 + (30 + 60 + 90) / 100)
+    # cut at a shallower block: deeper acceptances count at the cut
+    assert profile.tree_expected_tokens(3, 3) == pytest.approx(1 + (30 + 60 + 60) / 100)
+    assert profile.tree_block(3) == 4 and profile.tree_block(3, keep=0.5) == 2
+    seconds = {1: 1.0, 2: 1.5, 3: 1.9, 4: 2.6}
+    chain = plan(profile, seconds, max_block=4)
+    # trees of 3 nodes: more tokens per second than any chain, chosen
+    trees = {(4, 3): 2.0, (4, 7): 3.5}
+    p = plan(profile, seconds, max_block=4, tree_seconds=trees)
+    assert (p.best, p.tree_budget, p.blocks) == (4, 3, (4, 1))
+    assert p.predicted_tokens_per_iteration == pytest.approx(profile.tree_expected_tokens(3))
+    assert p.prior[-1] == pytest.approx(profile.tree_expected_tokens(3)) and p.costs[-1] == 2.0
+    assert p.predicted_speedup > chain.predicted_speedup
+    assert "trees of 3 nodes" in p.describe()
+    # a dear tree loses to the chain; a tree the profile never measured is no candidate
+    assert plan(profile, seconds, max_block=4, tree_seconds={(4, 3): 9.0}) == chain
+    assert plan(profile, seconds, max_block=4, tree_seconds={(4, 15): 0.1}) == chain
+    # chains=False: trees or AR steps only
+    only = plan(profile, seconds, max_block=4, tree_seconds={(4, 7): 9.0}, chains=False)
+    assert only.blocks == (1,) and "block 4 tree 7 predicted" in only.describe()
+
+
+def test_profile_with_trees_round_trips_and_bad_ones_are_refused(tmp_path):
+    profile = AcceptanceProfile(3, (2, 3, 5), "calib", ((3, (1, 2, 3)), (7, (0, 1, 5))))
+    profile.save(tmp_path)
+    assert AcceptanceProfile.load(tmp_path) == profile
+    d = json.loads((tmp_path / "acceptance.json").read_text())
+    for bad, message in [({"3": [1, 2]}, r"trees\[3\] must hold 3"),
+                         ({"0": [1, 2, 3]}, "tree budgets"), ([1, 2], "not an acceptance")]:
+        (tmp_path / "acceptance.json").write_text(json.dumps(d | {"trees": bad}))
+        with pytest.raises(ValueError, match=message):
+            AcceptanceProfile.load(tmp_path)
 
 
 # --------------------------------------------------------------------------- adaptive loop
@@ -183,10 +228,13 @@ def test_calibrate_then_generate_auto(tmp_path, monkeypatch, capsys):
     prompts = tmp_path / "calib.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"the cat {i}"}) + "\n" for i in range(3)))
     assert calibrate_cli.main(["--model", str(model), "--prompts-file", str(prompts),
-                               "--max-new-tokens", "12", "--batch-size", "4"]) == 0
+                               "--max-new-tokens", "12", "--batch-size", "4",
+                               "--tree-budgets", "5"]) == 0
     profile = AcceptanceProfile.load(model)
     assert profile.block_size == 4 and sum(profile.accepted_hist) > 0
-    assert "expected tokens/iteration" in capsys.readouterr().out
+    assert profile.tree_budgets == (5,) and sum(dict(profile.trees)[5]) > 0
+    out = capsys.readouterr().out
+    assert "expected tokens/iteration" in out and "trees of 5 nodes" in out
 
     monkeypatch.setenv("ORTHRUS_CACHE", str(tmp_path / "cache"))
     args = ["--model", str(model), "--prompt", "the cat", "--max-new-tokens", "8",

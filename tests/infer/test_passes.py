@@ -109,6 +109,30 @@ def test_the_loop_is_timed_beside_its_passes(model_dir):
     assert status == 2 and "block sizes are >= 2" in err
 
 
+def test_trees_are_timed_beside_the_chain(model_dir):
+    """``--tree-budgets``: each tree's verify pass (``N + 1`` rows, against the AR step) and
+    the loop verifying such trees at the largest block, beside its two passes."""
+    status, out, err = run("--model", model_dir, "--context", 24, "--blocks", "4",
+                           "--tree-budgets", "3,6", "--repeats", 2, "--copy-mib", 8,
+                           "--loop-steps", 2, "--json")
+    assert status == 0, err
+    r = json.loads(out)
+    assert r["tree_budgets"] == [3, 6]
+    ar = r["passes"]["ar_step"]["seconds"]
+    for n in (3, 6):
+        p = r["passes"][f"tree_verify_pass@{n}"]
+        assert p["seconds"] > 0 and p["to_ar_step"] == pytest.approx(p["seconds"] / ar)
+        it = r["iterations"][f"4/tree{n}"]
+        both = r["passes"]["diffusion_pass@4"]["seconds"] + p["seconds"]
+        assert it["passes_seconds"] == pytest.approx(both) and it["iteration_seconds"] > 0
+    # the loop's program verifies trees: a call commits its steps
+    model = load_model(model_dir, per_layer=True)
+    call = passes.time_loop(model, init_cache(model.config, 1, 28, per_layer=True), 4, 3, 6)
+    assert call.steps == 3 and call().shape == (1, 13)
+    status, _, err = run("--model", model_dir, "--tree-budgets", "3,300")
+    assert status == 2 and "a tree budget is at most 255" in err
+
+
 def test_passes_take_turns():
     """Every round runs each call once, in turn: a slow spell hits all of them alike."""
     order = []

@@ -554,3 +554,56 @@ def test_wrong_acceptance_rule_is_caught(tiny, exact, monkeypatch):
     rows, _ = sample_rows(gen, "orthrus", 200 + i, **CONFIGS[i])
     p_value = chi2_pvalue(counts(rows), exact[i], N_ROWS)
     assert p_value[0] < FAIL_P, p_value
+
+
+# --------------------------------------------------------------------------- trees
+#
+# The same check over a draft tree: the walk samples from the AR view at each row it
+# visits (independent keys per row) and follows a child whose token was drawn, so the
+# output is distributed exactly as AR sampling whatever tree the diffusion view built.
+
+TREE_BUDGET = 6  # > BLOCK - 1: the tree branches
+
+
+@pytest.mark.parametrize("i", [0, 2],
+                         ids=lambda i: "T{temperature}-k{top_k}-p{top_p}".format(**CONFIGS[i]))
+@pytest.mark.slow
+def test_tree_sampling_matches_ar(tiny, exact, ar_samples, i):
+    cfg, want = CONFIGS[i], exact[i]
+    rows, hist = sample_rows(tiny[2], "orthrus", 300 + i, tree_budget=TREE_BUDGET, **cfg)
+    assert hist[0] > 0 and hist[1:].sum() > 0, hist  # rejected and accepted nodes
+    p_tree = chi2_pvalue(counts(rows), want, N_ROWS)
+    assert p_tree[0] > PASS_P, ("tree sampling is off", p_tree, hist)
+    c_ar = counts(ar_samples[i])
+    keys = sorted(set(counts(rows)) | set(c_ar))
+    table = np.array([[counts(rows).get(k, 0) for k in keys], [c_ar.get(k, 0) for k in keys]])
+    assert stats.chi2_contingency(table[:, table.sum(0) >= 10])[1] > PASS_P
+
+
+def _next_from_the_anchor(walk):
+    """WRONG on purpose: the right walk, but the next anchor is the token drawn at the
+    anchor's row instead of at the deepest accepted node's."""
+    def wrong(tree, anchor, chosen, depth):
+        new, count, path = walk(tree, anchor, chosen, depth)
+        at_j = jnp.arange(new.shape[1])[None, :] == (count - 1)[:, None]
+        return jnp.where(at_j, chosen[:, :1], new), count, path
+    return wrong
+
+
+def _shared_draw(walk):
+    """WRONG on purpose: every row of a tree reuses the anchor row's draw (one draw per
+    tree instead of one per row)."""
+    def wrong(tree, anchor, chosen, depth):
+        return walk(tree, anchor, jnp.broadcast_to(chosen[:, :1], chosen.shape), depth)
+    return wrong
+
+
+@pytest.mark.parametrize("wrong", [_next_from_the_anchor, _shared_draw],
+                         ids=lambda f: f.__name__)
+@pytest.mark.slow
+def test_wrong_tree_walk_is_caught(tiny, exact, monkeypatch, wrong):
+    i = 2
+    monkeypatch.setattr(decode.trees, "walk", wrong(decode.trees.walk))
+    gen = Generator(tiny[1])  # a fresh one compiles the patched walk in
+    rows, _ = sample_rows(gen, "orthrus", 300 + i, tree_budget=TREE_BUDGET, **CONFIGS[i])
+    assert chi2_pvalue(counts(rows), exact[i], N_ROWS)[0] < FAIL_P

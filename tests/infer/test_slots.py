@@ -78,9 +78,11 @@ def _serve(engine: SlotEngine, reqs, cancel_after: dict[int, int]):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["orthrus", "ar"])
-def test_slots_equal_offline_and_never_recompile(gen, eos, backend_compiles, mode):
-    engine = SlotEngine(gen, slots=4, mode=mode, eos_ids=eos)
+@pytest.mark.parametrize("mode,tree_budget", [("orthrus", None), ("ar", None), ("orthrus", 5)],
+                         ids=["orthrus", "ar", "orthrus-tree5"])
+def test_slots_equal_offline_and_never_recompile(gen, eos, backend_compiles, mode, tree_budget):
+    engine = SlotEngine(gen, slots=4, mode=mode, eos_ids=eos, tree_budget=tree_budget)
+    assert engine.tree_budget == (tree_budget or 0)
     assert engine.buckets == prompt_buckets(MAX_LEN, gen.chunk_size) == [16, 32, 64]
     engine.warm_up()
     # one output bucket offline: max_new + block <= 16
@@ -95,7 +97,8 @@ def test_slots_equal_offline_and_never_recompile(gen, eos, backend_compiles, mod
     for i, (prompt, p) in enumerate(reqs):
         [r] = gen.generate([prompt], mode=mode, max_new_tokens=p.max_new_tokens,
                            temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                           seed=p.seed, eos_ids=eos, block_size=engine.block)
+                           seed=p.seed, eos_ids=eos, block_size=engine.block,
+                           tree_budget=tree_budget)
         if i in cancel and finish[i] is None:
             assert out[i] == r.token_ids[:len(out[i])] and out[i], i
         else:

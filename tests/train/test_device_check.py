@@ -1,7 +1,8 @@
-"""``python -m train.device_check``: every section's numbers, failures recorded without
-stopping the run, the time budget, and the shipped Qwen3-8B shape; the plan: every program
-sized before anything is allocated (and equal to the compiled programs), sections that
-would not fit shrunk or skipped, every program lowered for CUDA."""
+"""``python -m train.device_check``: every section's numbers (the draft trees' verify pass
+and loop among them), failures recorded without stopping the run, the time budget, and the
+shipped Qwen3-8B shape; the plan: every program sized before anything is allocated (and
+equal to the compiled programs), sections that would not fit shrunk or skipped, every
+program lowered for CUDA."""
 
 import dataclasses
 import json
@@ -13,10 +14,12 @@ import pytest
 
 from infer.device_check import (
     CONFIG_DIR,
+    PRESETS,
     Checks,
     build_parser,
     resolve_config,
     settings_from_args,
+    trees_shrink,
 )
 from infer.device_plan import FIT_FRACTION, export_for, plan_programs
 from infer.engine import Generator
@@ -98,6 +101,27 @@ def test_every_section_reports_numbers(config, tmp_path, capsys):
                                              "tokens_per_iteration"))
         assert m["compile_seconds"] and all(_positive(b["seconds"]) for b in m["compile_seconds"])
         assert {b["bucket"]["mode"] for b in m["compile_seconds"]} == {mode}
+    # draft trees of the small preset's budgets at the passes' block: verify pass and loop
+    tr = s["trees"]
+    assert (tr["context"], tr["block"], tr["tree_budgets"]) == (16, 4, [3, 7])
+    assert all(_positive(tr["ar_step"][k]) for k in ("seconds", "floor_seconds",
+                                                     "ratio_to_floor"))
+    assert _positive(tr["ar_loop_step_seconds"])
+    assert (tr["chain"]["nodes"], tr["chain"]["rows"]) == (3, 4)
+    assert _positive(tr["chain"]["to_ar_step"]) and _positive(tr["chain"]["loop_to_passes"])
+    assert sorted(tr["budgets"]) == ["3", "7"]
+    for n in (3, 7):
+        b = tr["budgets"][str(n)]
+        assert (b["nodes"], b["rows"]) == (n, n + 1)
+        assert all(_positive(b[k]) for k in (
+            "seconds", "floor_seconds", "ratio_to_floor", "to_ar_step", "to_chain_verify",
+            "loop_iteration_seconds", "loop_to_ar_loop_step", "loop_to_chain_loop",
+            "loop_to_passes")), b
+        assert b["to_ar_step"] == pytest.approx(b["seconds"] / tr["ar_step"]["seconds"])
+        assert b["loop_to_ar_loop_step"] == pytest.approx(
+            b["loop_iteration_seconds"] / tr["ar_loop_step_seconds"])
+    planned = [p["name"] for p in r["sections"]["trees"]["plan"]["programs"]]
+    assert {"tree_verify_pass@16/N=7", "loop@16/K=4/N=7"} <= set(planned)
     assert s["decode_loop"]["modes"]["ar"]["tokens_per_iteration"] == 1.0
     assert _positive(s["decode_loop"]["speedup"])
     for form in ("scan", "unrolled"):
@@ -110,6 +134,7 @@ def test_every_section_reports_numbers(config, tmp_path, capsys):
     assert t["mfu"] is None and "CPU" in t["mfu_reason"]
     err = capsys.readouterr().err
     assert "[" in err and "s] train_step: ok" in err  # progress lines with elapsed seconds
+    assert "s] trees: N=7 (8 rows): verify " in err
 
 
 @pytest.mark.slow
@@ -165,6 +190,9 @@ def test_bad_arguments_exit_2(config, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nope" in err and "qwen3-8b" in err
     assert "--device-kind abacus" in err and "h100" in err
+    with pytest.raises(SystemExit) as exit_:
+        _run(config, out, "--tree-budgets", "16,300")
+    assert exit_.value.code == 2 and "tree budget is at most 255" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         _run(config, out, "--plan-only", "--device-memory", "lots")
     assert exit_.value.code == 2 and "'lots' is not a size" in capsys.readouterr().err
@@ -248,6 +276,15 @@ def test_plan_only_sizes_every_program_and_allocates_nothing(config, tmp_path):
     assert names["device"] == ["copy"] and names["train_step"] == ["train_step"]
     assert names["passes"] == ["ar_step@16", "diffusion_pass@16/K=4", "verify_pass@16/K=4",
                                "loop@16/K=1", "loop@16/K=4"]
+    assert names["trees"] == ["ar_step@16", "diffusion_pass@16/K=4", "verify_pass@16/K=4",
+                              "loop@16/K=1", "loop@16/K=4", "tree_verify_pass@16/N=3",
+                              "loop@16/K=4/N=3", "tree_verify_pass@16/N=7",
+                              "loop@16/K=4/N=7"]
+    trees = {p["name"]: p for p in r["sections"]["trees"]["plan"]["programs"]}
+    # N + 1 rows of logits: the larger tree's verify pass outputs more
+    assert trees["tree_verify_pass@16/N=7"]["output_bytes"] > \
+        trees["tree_verify_pass@16/N=3"]["output_bytes"] > 0
+    assert trees["loop@16/K=4/N=7"]["held_bytes"] == trees["ar_step@16"]["held_bytes"]
     assert names["layers"] == ["ar_step:scan@32", "ar_step:unrolled@32"]
     assert [n.split("@")[0] for n in names["decode_loop"]] == [
         "start:orthrus", "run:orthrus", "start:ar", "run:ar"]
@@ -283,10 +320,14 @@ def test_the_plan_equals_the_compiled_programs(config):
     planned = {}
     for name, programs in _programs(checks).items():
         for p, entry in zip(programs, plan_programs(programs, None), strict=True):
-            planned[entry["name"]] = {k: entry[k] for k in fields}
+            sized = {k: entry[k] for k in fields}
+            if entry["name"] in planned:  # a program of another section (trees, passes)
+                assert planned[entry["name"]] == sized, p.name
+                continue
+            planned[entry["name"]] = sized
             args = real(p.args)
             assert tree_bytes(args) == entry["input_bytes"], (name, p.name)
-            assert analysis(p.fn.lower(*args).compile()) == planned[entry["name"]], p.name
+            assert analysis(p.fn.lower(*args).compile()) == sized, p.name
 
     gen = Generator(checks.model())  # the engine's own programs for the real model
     settings = checks.settings
@@ -352,7 +393,9 @@ def test_every_program_lowers_for_cuda(config):
             assert e.platforms == ("cuda",), (name, p.name)
             assert "stablehlo" in e.mlir_module()
             exported += 1
-    assert exported == 1 + 5 + 4 + 2 + 1  # device, passes (2 loops), decode loop, layers, train
+    # device, passes (2 loops), trees (the passes' 5 and 2 per budget), decode loop, layers,
+    # train
+    assert exported == 1 + 5 + (5 + 2 * 2) + 4 + 2 + 1
 
 
 def test_a_model_folder_is_planned_and_loaded_in_the_decoding_form(config, tmp_path):
@@ -371,3 +414,12 @@ def test_a_model_folder_is_planned_and_loaded_in_the_decoding_form(config, tmp_p
     assert model["plan"]["peak_bytes"] == model["result"]["param_bytes"] > 0
     assert r["sections"]["device"]["plan"]["programs"][0]["held_bytes"] == \
         model["result"]["param_bytes"]
+
+
+def test_the_trees_preset_and_shrink():
+    assert PRESETS["full"].tree_budgets == (16, 32, 64, 128)
+    assert PRESETS["full"].tree_context in PRESETS["full"].contexts
+    s = dataclasses.replace(PRESETS["small"], tree_budgets=(7, 3, 7))
+    smaller, change = trees_shrink(s)
+    assert smaller.tree_budgets == (3,) and change == "tree budget 7 dropped"
+    assert trees_shrink(smaller) is None
