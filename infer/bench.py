@@ -44,7 +44,7 @@ from infer.buckets import MODES
 from infer.compile_cache import add_compile_cache_args, enable_compile_cache_from
 from infer.default_model import default_model_dir
 from infer.engine import Generator, check_dtypes, summarize
-from infer.generate import add_decoding_args, block_size_arg
+from infer.generate import add_decoding_args, block_size_arg, tree_budget_arg
 from infer.prompts import read_prompts_file
 from infer.sampling import SamplingParams
 from orthrus_jax.cli import positive_int, run_command
@@ -111,7 +111,8 @@ def run_bench(args: argparse.Namespace) -> dict:
                   batch_size=args.batch_size)
 
     block_size = block_size_arg(args, gen)
-    per_mode = {"orthrus": dict(block_size=block_size, tree_budget=args.tree_budget,
+    tree_budget = args.tree_budget = tree_budget_arg(args, gen)
+    per_mode = {"orthrus": dict(block_size=block_size, tree_budget=tree_budget,
                                 adaptive=not args.no_adapt), "ar": {}}
     # Warm-up: one batch per prompt-length bucket compiles every program the rounds need.
     warm = {mode: gen.warm_up(ids, mode=mode, **kwargs, **per_mode[mode]) for mode in MODES}
@@ -167,6 +168,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         "layers": c.num_hidden_layers,
         "block_size": c.block_size,  # the head's trained size
         "decode_block_size": block_size,  # as asked: None (the trained size), K' or "auto"
+        "tree_budget": args.tree_budget,  # as asked: None (chains), N or "auto"
         "block_plans": plans,  # what "auto" chose, per batch shape, with its prediction
         "dtype": c.param_dtype,  # the weights'
         "compute_dtype": c.dtype,  # activations, KV cache, accumulation
@@ -240,8 +242,12 @@ def format_report(r: dict) -> str:
     if r["decode_block_size"] not in (None, r["block_size"]) or r["block_plans"]:
         lines.append("orthrus iterations by block size: " + ", ".join(
             f"{k + 1}: {n}" for k, n in enumerate(o["block_hist"]) if n))
+    verify = ", ".join(map(str, o.get("verify_rows", [])))
+    tree = r.get("tree_budget")
     lines += ["",
-              f"orthrus acceptance: mean accepted drafts per iteration "
+              f"orthrus verify pass: {verify} rows"
+              + (f" (tree budget {tree})" if tree is not None else " (chains)"),
+              f"orthrus acceptance: mean accepted drafts (accepted depth) per iteration "
               f"{o['mean_accepted_length']:.3f}",
               "iterations by tokens per iteration (accepted drafts + 1, before the cut at "
               "EOS / budget):"]

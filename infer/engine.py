@@ -66,6 +66,9 @@ class GenerationResult:
     # loop (its longest row's tokens after the first, at the cost table's AR step), to set
     # against its loop seconds (``seconds - time_to_first_token``).
     ar_loop_seconds: float | None = None
+    # Rows of the verify pass of the batch's drafting iterations: the block for a chain,
+    # the tree budget + 1 for trees (1: the batch ran plain AR steps only).
+    verify_rows: int = 1
 
     def to_json(self) -> dict:
         return {"prompt": self.prompt, "text": self.text, "token_ids": self.token_ids,
@@ -98,6 +101,7 @@ def summarize(results: Sequence[GenerationResult]) -> dict:
         "time_to_first_token": float(np.mean([r.time_to_first_token for r in batches])),
         "accepted_hist": np.sum([r.accepted_hist for r in results], axis=0).tolist(),
         "block_hist": np.sum([r.block_hist for r in results], axis=0).tolist(),
+        "verify_rows": sorted({r.verify_rows for r in results}),
     }
 
 
@@ -555,6 +559,7 @@ class Generator:
         block_hist = np.zeros((batch_size, width), np.int64)
         hist[:, :spec.max_block] = np.asarray(state.accepted_hist)
         block_hist[:, :spec.max_block] = np.asarray(state.block_hist)
+        verify_rows = spec.tree_budget + 1 if spec.tree_budget else max(spec.blocks)
         ar_loop = None
         if block_plan.ar_step_seconds is not None:
             ar_loop = float(max(counts[:n]) - 1) * block_plan.ar_step_seconds
@@ -569,7 +574,7 @@ class Generator:
                 tokens_per_second=len(ids) / seconds, accepted_hist=hist[i].tolist(),
                 block_hist=block_hist[i].tolist(),
                 seconds=seconds, time_to_first_token=ttft, batch=offset // batch_size,
-                ar_loop_seconds=ar_loop))
+                ar_loop_seconds=ar_loop, verify_rows=verify_rows))
         return out
 
     @staticmethod

@@ -53,7 +53,9 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
                         "chain (the verify pass has N + 1 rows; depth at most the block size "
                         f"less one): 1..{MAX_TREE_BUDGET}, 0 = no drafted node (plain AR "
                         "steps), or 'auto' (the chain or the budget with the most expected "
-                        "tokens/s, chosen with the block size); default: the chain")
+                        "tokens/s, chosen with the block size); default: auto where the block "
+                        "size is auto and the model's acceptance profile measured trees, else "
+                        "the chain")
     p.add_argument("--no-adapt", action="store_true",
                    help="with --block-size auto: keep the chosen size for the whole answer "
                         "instead of switching to AR steps and back by the acceptance seen")
@@ -107,6 +109,15 @@ def block_size_arg(args: argparse.Namespace, gen: Generator) -> int | str | None
     if args.block_size is not None:
         return args.block_size
     return "auto" if gen.profile is not None else None
+
+
+def tree_budget_arg(args: argparse.Namespace, gen: Generator) -> int | str | None:
+    """The tree budget to decode with: the flag, else 'auto' where the block size is
+    'auto' and the model's profile measured trees (chains otherwise)."""
+    if args.tree_budget is not None:
+        return args.tree_budget
+    trees = gen.profile is not None and bool(gen.profile.tree_budgets)
+    return "auto" if trees and block_size_arg(args, gen) == "auto" else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,7 +210,7 @@ def _main(args: argparse.Namespace) -> int:
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=args.eos_id,
                    batch_size=batch_size)
     t0 = time.perf_counter()
-    tree_budget = args.tree_budget if args.mode == "orthrus" else None
+    tree_budget = tree_budget_arg(args, gen) if args.mode == "orthrus" else None
     results = gen.generate(ids, mode=args.mode, stream=stream, labels=labels,
                            block_size=block_size, tree_budget=tree_budget,
                            adaptive=not args.no_adapt, **options)

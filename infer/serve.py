@@ -666,7 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree-budget", type=parse_tree_budget, default=None,
                    help="verify draft trees of N drafted nodes instead of chains (every slot "
                         "holds N + 1 verify rows): 1..N, 0 = plain AR steps, or 'auto' "
-                        "(resolved once at start-up with the block size); default: chains")
+                        "(resolved once at start-up with the block size); default: auto where "
+                        "the block size is auto and the acceptance profile measured trees, "
+                        "else chains")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="parameter dtype (default: as stored; bfloat16 and float16 decode in "
                         "float32 on CPU)")
@@ -730,7 +732,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.mode == "ar" and args.tree_budget is not None:
         raise InputError("--tree-budget applies to --mode orthrus only")
     server = build_server(gen, slots=args.slots, mode=args.mode, block_size=block,
-                          tree_budget=args.tree_budget,
+                          tree_budget=args.tree_budget if args.tree_budget is not None else (
+                              "auto" if block == "auto" and gen.profile.tree_budgets else None),
                           model_name=args.served_model_name or Path(model_dir).name,
                           api_key=args.api_key, queue_size=args.queue_size,
                           deadline=args.deadline, max_body=args.max_body)

@@ -83,6 +83,7 @@ def test_bench_text_report(greedy_report):
     out = bench.format_report(greedy_report)
     for text in ("tokens / iteration", "tokens / s", "time to first token", "compile seconds",
                  "speedup", "orthrus acceptance", "greedy outputs differing: 0 of 4",
+                 f"orthrus verify pass: {BLOCK} rows (chains)",
                  "memory: weights "):
         assert text in out, out
 
@@ -91,6 +92,18 @@ def test_first_divergence():
     assert bench.first_divergence([1, 2, 3], [1, 2, 3]) is None
     assert bench.first_divergence([1, 2, 3], [1, 5, 3]) == 1
     assert bench.first_divergence([1, 2], [1, 2, 3]) == 2
+
+
+@pytest.mark.slow
+def test_bench_trees(model_dir, prompts_file):
+    """``--tree-budget N``: the same outputs as AR, and the verify rows reported."""
+    r = run_json("--model", model_dir, "--prompts-file", prompts_file, "--max-new-tokens",
+                 12, "--batch-size", 2, "--eos-id", -5, "--tree-budget", 6)
+    assert r["tree_budget"] == 6 and r["outputs_differ"] == 0
+    o = r["modes"]["orthrus"]
+    assert o["verify_rows"] == [7] and r["modes"]["ar"]["verify_rows"] == [1]
+    assert sum(o["accepted_hist"]) == o["iterations"] and len(o["accepted_hist"]) == BLOCK
+    assert "orthrus verify pass: 7 rows (tree budget 6)" in bench.format_report(r)
 
 
 @pytest.mark.slow

@@ -266,3 +266,18 @@ def test_budget_zero_is_plain_ar_and_bad_budgets_are_refused():
         gen.generate(prompts, mode="ar", max_new_tokens=8, tree_budget=3)
     with pytest.raises(ValueError, match="tree_budget"):
         dataclasses.replace(gen.spec("orthrus", (4,), True, 1, 16, 8, 8), tree_budget=-1)
+
+
+@pytest.mark.parametrize("value", ["-1", "256", "x", "2.5"])
+@pytest.mark.parametrize("cli", ["generate", "bench", "serve"])
+def test_bad_tree_budget_flags_are_refused_naming_the_flag(cli, value, capsys):
+    import importlib
+
+    parser = importlib.import_module(f"infer.{cli}").build_parser()
+    needed = ["--prompts-file", "p.jsonl"] if cli == "bench" else []
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args([*needed, "--tree-budget", value])
+    assert e.value.code == 2
+    assert "argument --tree-budget" in capsys.readouterr().err
+    assert parser.parse_args([*needed, "--tree-budget", "auto"]).tree_budget == "auto"
+    assert parser.parse_args([*needed, "--tree-budget", "31"]).tree_budget == 31
