@@ -193,14 +193,18 @@ class CostTable:
 
     def ensure(self, model: OrthrusLM, blocks: Sequence[int],
                trees: Sequence[tuple[int, int]] = (), repeats: int = COST_REPEATS) -> CostTable:
-        """Measure the sizes in ``blocks`` (and the AR step) that the table lacks: one
-        iteration of the greedy decode loop at each, over a cache of ``max_len``
-        positions; and the loop verifying trees at each ``(block, budget)`` of ``trees``
-        (one block per budget)."""
-        missing = sorted({1, *blocks} - set(self.seconds))
-        new_trees = sorted({(int(k), int(n)) for k, n in trees} - set(self.tree_seconds))
-        if not missing and not new_trees:
+        """Measure, when the table lacks any of them, the sizes in ``blocks`` and the AR
+        step (one iteration of the greedy decode loop at each, over a cache of ``max_len``
+        positions) and the loop verifying trees at each ``(block, budget)`` of ``trees``
+        (one block per budget). All of them are measured again, in the same rounds: costs
+        are compared with each other, and a machine's speed drifts from one moment to the
+        next (on a shared 2-core machine by 10 to 25 %), so a table never mixes moments."""
+        wanted = sorted({1, *blocks})
+        wanted_trees = sorted({(int(k), int(n)) for k, n in trees})
+        if set(wanted) <= set(self.seconds) and set(wanted_trees) <= set(self.tree_seconds):
             return self
+        missing, new_trees = wanted, wanted_trees
+        self.seconds, self.tree_seconds = {}, {}
         what = [f"block sizes {missing}"] if missing else []
         what += [f"trees of {n} nodes at block {k}" for k, n in new_trees]
         print(f"measuring decode-loop iteration costs for {', '.join(what)} (batch "

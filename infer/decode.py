@@ -12,6 +12,11 @@ One Orthrus iteration (docs/decoding.md), for every active row at once:
    a length only), cut at an end-of-sequence id, the budget and the cache's capacity;
    :func:`record` updates the histograms and the controller's statistics.
 
+With a tree budget (``spec.tree_budget``), :func:`draft_tree` and :func:`verify_tree` take
+the places of steps 1 and 2: the same diffusion pass builds a tree of that many drafted
+nodes per row (:mod:`infer.tree`), one AR pass verifies every node against its own
+ancestors, and the accepted path's K/V are written at the row's next positions.
+
 The block size ``K`` is a decode-time choice, independent of the size the diffusion view
 was trained at: ``K - 1`` drafts per iteration, ``K = 1`` is a plain AR step. Given
 several sizes, :func:`run` picks one per iteration inside the loop (:func:`choose_block`,

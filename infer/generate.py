@@ -52,8 +52,9 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
                    help="verify a draft tree of N drafted nodes per iteration instead of the "
                         "chain (the verify pass has N + 1 rows; depth at most the block size "
                         f"less one): 1..{MAX_TREE_BUDGET}, 0 = no drafted node (plain AR "
-                        "steps), or 'auto' (the chain or the budget with the most expected "
-                        "tokens/s, chosen with the block size); default: auto where the block "
+                        "steps), 'none' = chains, or 'auto' (the chain or the budget with the "
+                        "most expected tokens/s, chosen with the block size); default: auto "
+                        "where the block "
                         "size is auto and the model's acceptance profile measured trees, else "
                         "the chain")
     p.add_argument("--no-adapt", action="store_true",
@@ -90,8 +91,9 @@ def parse_block_size(text: str) -> int | str:
 
 
 def parse_tree_budget(text: str) -> int | str:
-    """``--tree-budget``: ``auto`` or an integer in ``[0, MAX_TREE_BUDGET]``."""
-    if text == "auto":
+    """``--tree-budget``: ``auto``, ``none`` (chains) or an integer in
+    ``[0, MAX_TREE_BUDGET]``."""
+    if text in ("auto", "none"):
         return text
     try:
         n = int(text)
@@ -99,8 +101,8 @@ def parse_tree_budget(text: str) -> int | str:
         n = -1
     if not 0 <= n <= MAX_TREE_BUDGET:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected 'auto' or an integer from 0 (plain AR steps) to "
-            f"{MAX_TREE_BUDGET}")
+            f"{text!r}: expected 'auto', 'none' (chains) or an integer from 0 (plain AR "
+            f"steps) to {MAX_TREE_BUDGET}")
     return n
 
 
@@ -114,6 +116,8 @@ def block_size_arg(args: argparse.Namespace, gen: Generator) -> int | str | None
 def tree_budget_arg(args: argparse.Namespace, gen: Generator) -> int | str | None:
     """The tree budget to decode with: the flag, else 'auto' where the block size is
     'auto' and the model's profile measured trees (chains otherwise)."""
+    if args.tree_budget == "none":
+        return None
     if args.tree_budget is not None:
         return args.tree_budget
     trees = gen.profile is not None and bool(gen.profile.tree_budgets)

@@ -665,7 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "start-up) or 1..K (default: auto with an acceptance profile, else K)")
     p.add_argument("--tree-budget", type=parse_tree_budget, default=None,
                    help="verify draft trees of N drafted nodes instead of chains (every slot "
-                        "holds N + 1 verify rows): 1..N, 0 = plain AR steps, or 'auto' "
+                        "holds N + 1 verify rows): 1..N, 0 = plain AR steps, 'none' = chains, "
+                        "or 'auto' "
                         "(resolved once at start-up with the block size); default: auto where "
                         "the block size is auto and the acceptance profile measured trees, "
                         "else chains")
@@ -707,6 +708,16 @@ def check_serve_extra() -> None:
                            f"{', '.join(missing)}): pip install 'orthrus-jax[serve]'")
 
 
+def _tree_budget(flag: int | str | None, block: int | str | None, gen) -> int | str | None:
+    """``--tree-budget`` as the engine takes it: ``none`` is chains (None), and without the
+    flag ``auto`` where the block size is auto and the profile measured trees."""
+    if flag == "none":
+        return None
+    if flag is not None:
+        return flag
+    return "auto" if block == "auto" and gen.profile.tree_budgets else None
+
+
 def _main(args: argparse.Namespace) -> int:
     check_serve_extra()
     import uvicorn
@@ -729,11 +740,10 @@ def _main(args: argparse.Namespace) -> int:
     print(f"warming up: {args.slots} slots, cache {args.max_len}, mode {args.mode}, "
           f"{gen.describe_dtypes()}",
           file=sys.stderr, flush=True)
-    if args.mode == "ar" and args.tree_budget is not None:
+    if args.mode == "ar" and args.tree_budget not in (None, "none"):
         raise InputError("--tree-budget applies to --mode orthrus only")
     server = build_server(gen, slots=args.slots, mode=args.mode, block_size=block,
-                          tree_budget=args.tree_budget if args.tree_budget is not None else (
-                              "auto" if block == "auto" and gen.profile.tree_budgets else None),
+                          tree_budget=_tree_budget(args.tree_budget, block, gen),
                           model_name=args.served_model_name or Path(model_dir).name,
                           api_key=args.api_key, queue_size=args.queue_size,
                           deadline=args.deadline, max_body=args.max_body)

@@ -61,17 +61,6 @@ class Tree:
         return jnp.concatenate([jnp.zeros_like(self.depths[:, :1]), self.depths], axis=1)
 
 
-def chain(tokens: jax.Array) -> Tree:
-    """The chain ``tokens [B, D]`` as a tree: node ``i`` at depth ``i + 1`` under node
-    ``i - 1`` (causal visibility)."""
-    B, D = tokens.shape
-    idx = jnp.arange(D, dtype=jnp.int32)
-    rows = jnp.arange(D + 1)
-    visible = jnp.broadcast_to(rows[None, :] <= rows[:, None], (B, D + 1, D + 1))
-    return Tree(tokens, jnp.broadcast_to(idx, (B, D)), jnp.broadcast_to(idx + 1, (B, D)),
-                jnp.ones((B, D), bool), visible)
-
-
 def build(log_probs: jax.Array, budget: int, top: int = TOP_CANDIDATES) -> Tree:
     """The best-first tree of ``budget`` nodes from per-depth ``log_probs [B, D, V]``
     (depth ``d`` at index ``d - 1``).
@@ -89,8 +78,8 @@ def build(log_probs: jax.Array, budget: int, top: int = TOP_CANDIDATES) -> Tree:
     c = min(top, budget, log_probs.shape[-1])
     # The barrier keeps XLA (CPU) from folding the indexing below into top_k's sort + slice
     # form, a full sort of the vocabulary (150 ms at SmolLM2's, against 1 ms).
-    lp, ids = jax.lax.optimization_barrier(
-        jax.lax.top_k(jnp.maximum(log_probs.astype(jnp.float32), -1e4), c))  # [B, D, c]
+    lp, ids = jax.lax.top_k(jnp.maximum(log_probs.astype(jnp.float32), -1e4), c)  # [B, D, c]
+    lp, ids = jax.lax.optimization_barrier(lp), jax.lax.optimization_barrier(ids)
     return jax.vmap(lambda a, b: _build_row(a, b, budget))(lp, ids.astype(jnp.int32))
 
 

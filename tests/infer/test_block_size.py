@@ -125,18 +125,20 @@ def test_cost_table_is_measured_once_then_read_from_disk(tmp_path, monkeypatch):
     assert t.seconds == {1: 0.0105, 2: pytest.approx(0.022), 4: pytest.approx(0.044)}
     t.ensure(None, [2, 4])
     again = CostTable(config, 2, 128, tmp_path).ensure(None, [2, 4, 3])
-    assert calls == [(1, 2, 4), (3,)]  # only the missing size
+    assert calls == [(1, 2, 4), (1, 2, 3, 4)]  # a size missing: all again, in the same rounds
     assert again.seconds[3] == pytest.approx(0.033) and again.path == t.path
     assert CostTable(config, 4, 128, tmp_path).path != t.path  # other batch size, other table
     stored = json.loads(t.path.read_text())
     assert stored["key"]["batch_size"] == 2 and stored["key"]["max_len"] == 128
     # trees, each at its own block: measured once, kept beside the chains
     again.ensure(None, [2, 3, 4], [(4, 5), (3, 9)])
-    assert calls[-1] == (4, "tree5", "tree9")
+    assert calls[-1] == (1, 2, 3, 4, "tree5", "tree9")
+    assert again.seconds[3] == pytest.approx(0.033)
     assert again.tree_seconds == {(4, 5): pytest.approx(0.005), (3, 9): pytest.approx(0.009)}
     assert CostTable(config, 2, 128, tmp_path).ensure(None, [2, 3, 4], [(3, 9)]).tree_seconds[
         (3, 9)] == pytest.approx(0.009)
     assert len(calls) == 3  # read from disk
+    assert CostTable(config, 2, 128, tmp_path).ensure(None, [2]).seconds == again.seconds
 
 
 def test_plan_chooses_between_chains_and_trees():

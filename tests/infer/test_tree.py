@@ -100,14 +100,6 @@ def test_a_budget_past_the_candidates_pads_with_invalid_nodes():
     assert (vis[:, 5:, :].sum(-1) == 1).all()  # an invalid node sees only itself
 
 
-def test_chain_is_a_path():
-    tokens = jnp.asarray([[4, 5, 6]])
-    tree = trees.chain(tokens)
-    assert np.asarray(tree.parents).tolist() == [[0, 1, 2]]
-    assert np.asarray(tree.offsets).tolist() == [[0, 1, 2, 3]]
-    assert (np.asarray(tree.visible[0]) == np.tril(np.ones((4, 4), bool))).all()
-
-
 def _reference_walk(tree, b, anchor, chosen, D):
     tokens, parents = np.asarray(tree.tokens[b]), np.asarray(tree.parents[b])
     valid = np.asarray(tree.valid[b])
@@ -281,3 +273,20 @@ def test_bad_tree_budget_flags_are_refused_naming_the_flag(cli, value, capsys):
     assert "argument --tree-budget" in capsys.readouterr().err
     assert parser.parse_args([*needed, "--tree-budget", "auto"]).tree_budget == "auto"
     assert parser.parse_args([*needed, "--tree-budget", "31"]).tree_budget == 31
+    assert parser.parse_args([*needed, "--tree-budget", "none"]).tree_budget == "none"
+
+
+@pytest.mark.slow
+def test_sharded_trees_equal_unsharded():
+    """Trees on a model sharded over data, tensor and fsdp axes (KV heads and the batch
+    split over devices) give the unsharded greedy outputs."""
+    from orthrus_jax.sharding import make_mesh, shard_model
+    from tests.infer.test_decode import _model
+
+    name = "qwen3-untied-K8"
+    prompts = _prompts(seed=41)
+    ref = _gen(name).generate(prompts, max_new_tokens=16, batch_size=4, tree_budget=9)
+    mesh = make_mesh({"data": 2, "tensor": 2, "fsdp": 2})
+    gen = Generator(shard_model(_model(name), mesh))
+    out = gen.generate(prompts, max_new_tokens=16, batch_size=4, tree_budget=9)
+    assert [r.token_ids for r in out] == [r.token_ids for r in ref]
