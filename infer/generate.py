@@ -113,15 +113,23 @@ def block_size_arg(args: argparse.Namespace, gen: Generator) -> int | str | None
     return "auto" if gen.profile is not None else None
 
 
-def tree_budget_arg(args: argparse.Namespace, gen: Generator) -> int | str | None:
-    """The tree budget to decode with: the flag, else 'auto' where the block size is
-    'auto' and the model's profile measured trees (chains otherwise)."""
-    if args.tree_budget == "none":
+def resolve_tree_budget(flag: int | str | None, block_size: int | str | None,
+                        gen: Generator) -> int | str | None:
+    """``--tree-budget`` as the engine takes it: ``none`` is chains (None), and without the
+    flag ``auto`` where the block size is ``auto`` and the model's profile measured trees
+    (chains otherwise)."""
+    if flag == "none":
         return None
-    if args.tree_budget is not None:
-        return args.tree_budget
+    if flag is not None:
+        return flag
     trees = gen.profile is not None and bool(gen.profile.tree_budgets)
-    return "auto" if trees and block_size_arg(args, gen) == "auto" else None
+    return "auto" if trees and block_size == "auto" else None
+
+
+def tree_budget_arg(args: argparse.Namespace, gen: Generator) -> int | str | None:
+    """The tree budget ``generate`` and ``bench`` decode with (:func:`resolve_tree_budget`
+    of the flag and :func:`block_size_arg`)."""
+    return resolve_tree_budget(args.tree_budget, block_size_arg(args, gen), gen)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -708,22 +708,13 @@ def check_serve_extra() -> None:
                            f"{', '.join(missing)}): pip install 'orthrus-jax[serve]'")
 
 
-def _tree_budget(flag: int | str | None, block: int | str | None, gen) -> int | str | None:
-    """``--tree-budget`` as the engine takes it: ``none`` is chains (None), and without the
-    flag ``auto`` where the block size is auto and the profile measured trees."""
-    if flag == "none":
-        return None
-    if flag is not None:
-        return flag
-    return "auto" if block == "auto" and gen.profile.tree_budgets else None
-
-
 def _main(args: argparse.Namespace) -> int:
     check_serve_extra()
     import uvicorn
 
     from infer.default_model import default_model_dir
     from infer.engine import Generator, check_dtypes
+    from infer.generate import resolve_tree_budget
     from orthrus_jax.sharding import make_mesh
 
     if not args.deadline > 0:
@@ -743,7 +734,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.mode == "ar" and args.tree_budget not in (None, "none"):
         raise InputError("--tree-budget applies to --mode orthrus only")
     server = build_server(gen, slots=args.slots, mode=args.mode, block_size=block,
-                          tree_budget=_tree_budget(args.tree_budget, block, gen),
+                          tree_budget=resolve_tree_budget(args.tree_budget, block, gen),
                           model_name=args.served_model_name or Path(model_dir).name,
                           api_key=args.api_key, queue_size=args.queue_size,
                           deadline=args.deadline, max_body=args.max_body)
