@@ -44,7 +44,7 @@ from infer.buckets import MODES
 from infer.compile_cache import add_compile_cache_args, enable_compile_cache_from
 from infer.default_model import default_model_dir
 from infer.engine import Generator, check_dtypes, summarize
-from infer.generate import add_decoding_args, block_size_arg, tree_budget_arg
+from infer.options import add_decoding_args, block_size_arg, tree_budget_arg
 from infer.prompts import read_prompts_file
 from infer.sampling import SamplingParams
 from orthrus_jax.cli import positive_int, run_command

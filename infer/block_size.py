@@ -36,6 +36,7 @@ import numpy as np
 
 from infer.buckets import MAX_TREE_BUDGET
 from infer.default_model import cache_root
+from infer.tree import SCORE_BINS, SCORE_EDGES
 from orthrus_jax.checkpoint import ACCEPTANCE_FILE
 from orthrus_jax.config import ModelConfig
 from orthrus_jax.model import OrthrusLM
@@ -49,7 +50,7 @@ COST_REPEATS = 5
 CANDIDATE_BLOCKS = (2, 3, 4, 5, 6, 8, 12, 16, 24, 32)
 # Draft-tree budgets a profile measures and ``--tree-budget auto`` chooses among (trees of
 # depth up to the head's block size less one).
-TREE_BUDGETS = (3, 7, 15, 31, 63)
+TREE_BUDGETS = (3, 5, 7, 15, 31, 63)
 # A tree drafts the shortest block that keeps this share of the tokens per iteration the
 # profile measured for it at the head's block size (AcceptanceProfile.tree_block).
 TREE_DEPTH_KEEP = 0.99
@@ -60,12 +61,16 @@ class AcceptanceProfile:
     """Iterations that accepted ``j`` drafts (``accepted_hist[j]``) when decoding at
     ``block_size``: enough to give the conditional acceptance of each draft position.
     ``trees``: ``(budget, accepted_hist)`` pairs, the same histogram (accepted depth ``j``)
-    when verifying draft trees of that many nodes at ``block_size``."""
+    when verifying draft trees of that many nodes at ``block_size``.
+    ``tree_calibration``: the head's fitted tree scoring, ``[block_size - 1][SCORE_BINS]``
+    log hit rates (:func:`infer.tree_calibration.fit`; empty: trees score candidates by
+    their log-probabilities); the trees' histograms were measured with it."""
 
     block_size: int
     accepted_hist: tuple[int, ...]
     source: str = ""
     trees: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    tree_calibration: tuple[tuple[float, ...], ...] = ()
 
     @property
     def tree_budgets(self) -> tuple[int, ...]:
@@ -115,9 +120,25 @@ class AcceptanceProfile:
             hist = tuple(int(h) for h in d["accepted_hist"])
             trees = tuple(sorted((int(n), tuple(int(h) for h in th))
                                  for n, th in d.get("trees", {}).items()))
-            profile = cls(int(d["block_size"]), hist, str(d.get("source", "")), trees)
+            calibration = d.get("tree_calibration")
+            table = () if calibration is None else tuple(
+                tuple(float(x) for x in row) for row in calibration["log_hit_rate"])
+            profile = cls(int(d["block_size"]), hist, str(d.get("source", "")), trees, table)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{path}: not an acceptance profile ({e})") from e
+        if calibration is not None:
+            edges = calibration.get("edges")
+            if edges != list(SCORE_EDGES):
+                raise ValueError(
+                    f"{path}: tree_calibration.edges {edges} are not this version's "
+                    f"{list(SCORE_EDGES)}; measure the profile again with python -m "
+                    "infer.calibrate")
+            a = np.asarray(table, np.float64)
+            if (a.shape != (profile.block_size - 1, SCORE_BINS) or not np.isfinite(a).all()
+                    or (a > 0).any() or (np.diff(a, axis=1) < 0).any()):
+                raise ValueError(
+                    f"{path}: tree_calibration.log_hit_rate must be {profile.block_size - 1} "
+                    f"rows of {SCORE_BINS} finite values <= 0, non-decreasing along each row")
         for name, h in [("accepted_hist", hist)] + [(f"trees[{n}]", th) for n, th in trees]:
             if len(h) != profile.block_size or min(h) < 0 or sum(h) == 0:
                 raise ValueError(f"{path}: {name} must hold {profile.block_size} "
@@ -132,6 +153,9 @@ class AcceptanceProfile:
              "source": self.source}
         if self.trees:
             d["trees"] = {str(n): list(h) for n, h in self.trees}
+        if self.tree_calibration:
+            d["tree_calibration"] = {"edges": list(SCORE_EDGES), "log_hit_rate": [
+                [round(x, 6) for x in row] for row in self.tree_calibration]}
         return d
 
     def save(self, model_dir: str | Path) -> Path:

@@ -105,6 +105,8 @@ class DecodeInputs:
     # Only for a choice among several block sizes (see ``run``):
     prior: jax.Array | None = None  # [M] expected tokens per iteration at size k, at k - 1
     costs: jax.Array | None = None  # [M] seconds per iteration at size k, at k - 1
+    # Only for a tree budget: how the trees score candidates (None: their log-probability).
+    tree_scoring: trees.TreeScoring | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -232,14 +234,17 @@ def verify_and_accept(model: OrthrusLM, state: DecodeState, proposal: Draft,
     return new, j + 1, dataclasses.replace(verified, lengths=state.cache.lengths)
 
 
-def draft_tree(model: OrthrusLM, state: DecodeState, block: int, budget: int) -> trees.Tree:
+def draft_tree(model: OrthrusLM, state: DecodeState, block: int, budget: int,
+               scoring: trees.TreeScoring | None = None) -> trees.Tree:
     """The tree proposer: ``budget`` nodes of depth at most ``block - 1`` per row, built
-    best-first (:func:`infer.tree.build`) from one diffusion pass's distributions.
+    best-first (:func:`infer.tree.build`, scored by ``scoring``) from one diffusion pass's
+    distributions.
 
     A tree of ``budget`` nodes is at most ``budget`` deep, so the diffusion pass drafts
     ``min(block, budget + 1)`` positions: a small tree does not pay for a long block."""
     block = min(block, budget + 1)
-    return trees.build(jax.nn.log_softmax(draft_logits(model, state, block), axis=-1), budget)
+    return trees.build(jax.nn.log_softmax(draft_logits(model, state, block), axis=-1), budget,
+                       scoring=scoring)
 
 
 def verify_tree(model: OrthrusLM, state: DecodeState, tree: trees.Tree, inputs: DecodeInputs,
@@ -343,7 +348,7 @@ def orthrus_step(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs, blo
     if not greedy:
         k_draft, k_accept = _iteration_keys(state, 2)
     if tree_budget:
-        tree = draft_tree(model, state, block, tree_budget)
+        tree = draft_tree(model, state, block, tree_budget, inputs.tree_scoring)
         new, count, cache = verify_tree(model, state, tree, inputs, block, greedy, k_accept)
     else:
         proposal = draft(model, state, inputs, block, greedy, k_draft)

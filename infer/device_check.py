@@ -69,7 +69,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infer.buckets import MAX_TREE_BUDGET
 from infer.compile_cache import enable_compile_cache, restored_compile_cache
 from infer.device_plan import (
     DEVICES,
@@ -81,6 +80,7 @@ from infer.device_plan import (
     summarize_plan,
 )
 from infer.engine import Generator, summarize
+from infer.options import tree_budgets_arg
 from infer.passes import (
     LOOP_STEPS,
     ar_pass,
@@ -880,10 +880,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def _tree_budgets(text: str) -> tuple[int, ...]:
-    values = _int_list(text)
-    if max(values) > MAX_TREE_BUDGET:
-        raise argparse.ArgumentTypeError(f"a tree budget is at most {MAX_TREE_BUDGET}: {text!r}")
-    return values
+    return tuple(tree_budgets_arg(text))
 
 
 def _size(text: str) -> str:

@@ -37,6 +37,7 @@ from infer.buckets import (
 from infer.decode import FINISH_REASONS, DecodeInputs, row_keys, run, start
 from infer.prompts import check_messages, check_prompt_item, load_tokenizer
 from infer.sampling import SamplingParams
+from infer.tree import TreeScoring
 from orthrus_jax.checkpoint import load_model
 from orthrus_jax.cli import InputError
 from orthrus_jax.config import DTYPE_NAMES, ModelConfig
@@ -270,6 +271,18 @@ class Generator:
                           prefill_chunk=self.chunk_size if prompt_len > self.chunk_size
                           else None)
 
+    def tree_scoring(self, spec: DecodeSpec) -> TreeScoring | None:
+        """How a program of ``spec`` scores its draft trees (None without a tree budget):
+        with the table the head's acceptance profile fitted (:mod:`infer.tree_calibration`),
+        else by the log-probabilities themselves. Always an array pair for a tree
+        program, so a program compiled once runs with either."""
+        if not spec.tree_budget:
+            return None
+        depth = max(spec.max_block - 1, 1)
+        table = self.profile.tree_calibration if self.profile is not None else ()
+        return (TreeScoring.calibrated(table, depth) if table else
+                TreeScoring.product(depth))
+
     def compile(self, spec: DecodeSpec) -> tuple[Callable, Callable]:
         """The compiled (start, run) programs of a spec (:meth:`program_keys`), compiled
         on first use and run once on a dummy batch (the seconds of both recorded in
@@ -328,7 +341,8 @@ class Generator:
         inputs = DecodeInputs(jnp.zeros((batch,), jnp.int32), jnp.zeros((spec.n_eos,), jnp.int32),
                               SamplingParams.make(1.0),
                               jnp.zeros((M,), jnp.float32) if spec.adaptive else None,
-                              jnp.ones((M,), jnp.float32) if spec.adaptive else None)
+                              jnp.ones((M,), jnp.float32) if spec.adaptive else None,
+                              self.tree_scoring(spec))
         prompts = jnp.zeros((batch, spec.prompt_len), jnp.int32)
         lengths = jnp.ones((batch,), jnp.int32)
         start_fn = jax.jit(lambda m, p, n, i, k, r: start(
@@ -499,12 +513,13 @@ class Generator:
         key = (greedy and adaptive, batch_size, max_len, tree_budget)
         if key not in self.plans:
             table = CostTable(self.config, batch_size, max_len, self.cost_root)
-            table.ensure(self.model, [k for k in CANDIDATE_BLOCKS if k <= K],
-                         [(self.profile.tree_block(n), n) for n in budgets
-                          if self.profile.block_size <= K])
+            trees = [(self.profile.tree_block(n), n) for n in budgets
+                     if self.profile.block_size <= K]
+            table.ensure(self.model, [k for k in CANDIDATE_BLOCKS if k <= K], trees)
+            # only the trees asked for: the table may hold others, measured for another call
             self.plans[key] = plan(self.profile, table.seconds, max_block=K,
                                    adaptive=greedy and adaptive,
-                                   tree_seconds=table.tree_seconds,
+                                   tree_seconds={t: table.tree_seconds[t] for t in trees},
                                    chains=not isinstance(tree_budget, int))
         return self.plans[key]
 
@@ -531,7 +546,8 @@ class Generator:
             prior[:len(block_plan.prior)] = block_plan.prior
             costs[:len(block_plan.costs)] = block_plan.costs
             prior, costs = jnp.asarray(prior), jnp.asarray(costs)
-        inputs = DecodeInputs(jnp.asarray(budget), eos, sampling, prior, costs)
+        inputs = DecodeInputs(jnp.asarray(budget), eos, sampling, prior, costs,
+                              self.tree_scoring(spec))
 
         t0 = time.perf_counter()
         row_ids = np.arange(offset, offset + batch_size, dtype=np.int32)

@@ -49,9 +49,10 @@ from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
 from infer import tree as trees
-from infer.buckets import MAX_TREE_BUDGET, DecodeSpec
+from infer.buckets import DecodeSpec
 from infer.compile_cache import add_compile_cache_args, enable_compile_cache_from
 from infer.decode import RUNNING, DecodeInputs, DecodeState, run
+from infer.options import tree_budgets_arg
 from infer.sampling import SamplingParams
 from orthrus_jax.cache import KVCache, init_cache
 from orthrus_jax.checkpoint import load_model
@@ -465,15 +466,6 @@ def _sizes(text: str) -> list[int]:
     return values
 
 
-def _budgets(text: str) -> list[int]:
-    """``--tree-budgets``: tree budgets separated by commas, each in [1, MAX_TREE_BUDGET]."""
-    values = [positive_int(part) for part in text.split(",")]
-    if max(values) > MAX_TREE_BUDGET:
-        raise argparse.ArgumentTypeError(f"{text!r}: a tree budget is at most "
-                                         f"{MAX_TREE_BUDGET}")
-    return values
-
-
 def _contexts(text: str) -> list[int]:
     """``--context``: one count of positions, or several separated by commas."""
     values = [positive_int(part) for part in text.split(",")]
@@ -498,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "are timed in the same rounds")
     p.add_argument("--blocks", type=_sizes, default=None,
                    help="block sizes to time, comma-separated (default: the head's)")
-    p.add_argument("--tree-budgets", type=_budgets, default=[],
+    p.add_argument("--tree-budgets", type=tree_budgets_arg, default=[],
                    help="also time draft trees of these many nodes, comma-separated: their "
                         "verify pass, and the decode loop verifying them at the largest "
                         "block of --blocks")

@@ -644,7 +644,7 @@ def build_server(gen, *, slots: int, mode: str = "orthrus", block_size: int | st
 
 def build_parser() -> argparse.ArgumentParser:
     from infer.buckets import MODES
-    from infer.generate import parse_block_size, parse_tree_budget
+    from infer.options import parse_block_size, parse_tree_budget
     from orthrus_jax.config import DTYPE_NAMES
 
     p = argparse.ArgumentParser(prog="python -m infer.serve", description=__doc__,
@@ -714,7 +714,7 @@ def _main(args: argparse.Namespace) -> int:
 
     from infer.default_model import default_model_dir
     from infer.engine import Generator, check_dtypes
-    from infer.generate import resolve_tree_budget
+    from infer.options import resolve_tree_budget
     from orthrus_jax.sharding import make_mesh
 
     if not args.deadline > 0:

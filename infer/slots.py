@@ -110,11 +110,12 @@ class SlotEngine:
         self._temperature = np.zeros((slots,), np.float32)
         self._top_k = np.zeros((slots,), np.int32)
         self._top_p = np.ones((slots,), np.float32)
+        run_spec = self._spec(self.buckets[0], slots)
+        self._tree_scoring = gen.tree_scoring(run_spec)
         self._inputs = self._make_inputs()
         self.busy = [False] * slots  # host view: slot holds a request
         self._shown = [0] * slots  # tokens of each slot already reported
         self._inserts: dict[int, object] = {}
-        run_spec = self._spec(self.buckets[0], slots)
         self._run = jax.jit(lambda m, s, i, n: run(m, s, i, n, run_spec), donate_argnums=1)
         self._free = jax.jit(lambda s, slot: dataclasses.replace(
             s, finish=s.finish.at[slot].set(FINISH_LENGTH)), donate_argnums=0)
@@ -171,7 +172,7 @@ class SlotEngine:
     def _make_inputs(self) -> DecodeInputs:
         return DecodeInputs(jnp.asarray(self._budget), self.eos, SamplingParams(
             jnp.asarray(self._temperature), jnp.asarray(self._top_k),
-            jnp.asarray(self._top_p)))
+            jnp.asarray(self._top_p)), tree_scoring=self._tree_scoring)
 
     def warm_up(self) -> float:
         """Compile (and run once) every program: each prompt bucket's insert, the decode

@@ -3,9 +3,12 @@
 One diffusion pass drafts a distribution for each of the next ``D = K - 1`` positions. A
 chain verifies only the most likely token of each; a tree of ``N`` drafted nodes verifies
 the ``N`` most likely *paths*: a path picks one of the ``TOP_CANDIDATES`` most likely
-tokens at each depth ``1 .. d`` and scores the sum of their log-probabilities (the product
-of the diffusion view's marginals). Built best-first, a node's parent always comes before
-it, so the nodes of every prefix-closed set are found in score order.
+tokens at each depth ``1 .. d`` and scores the sum of its nodes' scores. A node's score is
+its log-probability (the path then scores the product of the diffusion view's marginals),
+or with a :class:`TreeScoring` fitted to a head (:mod:`infer.tree_calibration`) the log of
+how often a candidate of that depth and log-probability was the AR model's token. Built
+best-first, a node's parent always comes before it, so the nodes of every prefix-closed set
+are found in score order.
 
 The verify pass runs the AR view over ``N + 1`` rows: row 0 is the anchor, row ``i`` is
 node ``i - 1``. Row ``r`` sits at position ``length + depth(r)`` and sees the committed
@@ -30,6 +33,51 @@ from infer.buckets import MAX_TREE_BUDGET
 # position's distribution). A budget of at most this many nodes can use them all.
 TOP_CANDIDATES = 16
 _NEG = -1e30
+# The log-probability bins of a TreeScoring table: bin ``i`` holds log-probabilities in
+# ``[SCORE_EDGES[i - 1], SCORE_EDGES[i])`` (bin 0 everything below -8, the last bin
+# everything from -0.03 up).
+SCORE_EDGES = (-8.0, -6.0, -5.0, -4.0, -3.0, -2.5, -2.0, -1.5, -1.0, -0.7, -0.4, -0.2,
+               -0.1, -0.03)
+SCORE_BINS = len(SCORE_EDGES) + 1
+# The weight of the log-probability itself in a calibrated score: it orders candidates of
+# one bin (their table entries are equal) and changes nothing else.
+CALIBRATED_WEIGHT = 1e-3
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TreeScoring:
+    """How a draft tree scores a candidate token: ``table[d, bin(lp)] + weight * lp``
+    for a candidate of log-probability ``lp`` at depth ``d + 1`` (depths past the table's
+    last row use that row).
+
+    ``table [D, SCORE_BINS]`` must be non-positive (a path never scores above its
+    prefixes) and non-decreasing along the bins (a more likely token never scores lower);
+    ``weight []`` must be positive. :meth:`product` (zeros, 1)
+    scores the log-probability itself; a calibrated table holds the log hit rate of each
+    depth and bin, with ``weight`` :data:`CALIBRATED_WEIGHT`."""
+
+    table: jax.Array
+    weight: jax.Array
+
+    @classmethod
+    def product(cls, depth: int) -> TreeScoring:
+        """The plain product-of-marginals scoring, ``[depth, SCORE_BINS]`` zeros, weight 1."""
+        return cls(jnp.zeros((depth, SCORE_BINS), jnp.float32), jnp.float32(1.0))
+
+    @classmethod
+    def calibrated(cls, log_hit_rate, depth: int) -> TreeScoring:
+        """A fitted ``log_hit_rate [D', SCORE_BINS]`` as a table of ``depth`` rows (cut, or
+        its last row repeated), weight :data:`CALIBRATED_WEIGHT`."""
+        t = jnp.asarray(log_hit_rate, jnp.float32)
+        t = t[jnp.minimum(jnp.arange(depth), t.shape[0] - 1)]
+        return cls(t, jnp.float32(CALIBRATED_WEIGHT))
+
+    def score(self, lp: jax.Array) -> jax.Array:
+        """``lp [..., D, c]`` (depth ``d + 1`` at index ``d``) -> the candidates' scores."""
+        bins = jnp.searchsorted(jnp.asarray(SCORE_EDGES, lp.dtype), lp, side="right")
+        rows = jnp.minimum(jnp.arange(lp.shape[-2]), self.table.shape[0] - 1)
+        return self.table[rows[:, None], bins] + self.weight * lp
 
 
 @jax.tree_util.register_dataclass
@@ -61,11 +109,14 @@ class Tree:
         return jnp.concatenate([jnp.zeros_like(self.depths[:, :1]), self.depths], axis=1)
 
 
-def build(log_probs: jax.Array, budget: int, top: int = TOP_CANDIDATES) -> Tree:
+def build(log_probs: jax.Array, budget: int, top: int = TOP_CANDIDATES,
+          scoring: TreeScoring | None = None) -> Tree:
     """The best-first tree of ``budget`` nodes from per-depth ``log_probs [B, D, V]``
     (depth ``d`` at index ``d - 1``).
 
-    A node's score is the sum of the log-probabilities of the tokens on its path; the tree
+    A path's score is the sum of its tokens' scores (their log-probabilities, or
+    ``scoring``'s score of them, :class:`TreeScoring`), among the ``top`` most likely
+    tokens of each depth; the tree
     holds the ``budget`` best paths whose every prefix is also held (each prefix scores at
     least as well, so that is the best ``budget`` paths, ties broken by discovery order).
     Enumerated as a k-best search: popping a node offers its first child (the best token
@@ -80,11 +131,14 @@ def build(log_probs: jax.Array, budget: int, top: int = TOP_CANDIDATES) -> Tree:
     # form, a full sort of the vocabulary (150 ms at SmolLM2's, against 1 ms).
     lp, ids = jax.lax.top_k(jnp.maximum(log_probs.astype(jnp.float32), -1e4), c)  # [B, D, c]
     lp, ids = jax.lax.optimization_barrier(lp), jax.lax.optimization_barrier(ids)
+    if scoring is not None:
+        lp = scoring.score(lp)  # still descending per depth: the table is monotone
     return jax.vmap(lambda a, b: _build_row(a, b, budget))(lp, ids.astype(jnp.int32))
 
 
 def _build_row(lp: jax.Array, ids: jax.Array, budget: int) -> Tree:
-    """:func:`build` for one row: ``lp``, ``ids`` ``[D, c]`` (descending per depth)."""
+    """:func:`build` for one row: ``lp`` (the scores), ``ids`` ``[D, c]`` (descending
+    per depth)."""
     D, c = lp.shape
     P = 2 * budget + 1  # frontier slots: one to start, at most two offered per pop
     N = budget

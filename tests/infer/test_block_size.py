@@ -22,6 +22,7 @@ from infer import calibrate as calibrate_cli
 from infer import generate as generate_cli
 from infer.block_size import AcceptanceProfile, CostTable, plan
 from infer.buckets import cache_len
+from infer.tree import SCORE_BINS
 from tests.infer.test_decode import SPECS, _gen, _prompts, _run, _summary
 
 K = SPECS["agree"][2]  # 8
@@ -194,6 +195,31 @@ def _auto_generator(name, profile, seconds, root):
     return gen
 
 
+def test_block_plan_considers_only_the_trees_asked_for(tmp_path):
+    # The cost table holds trees of 3 and 7 nodes (a call with --tree-budget auto measured
+    # them) and they are cheap: chains only ('none', None) must not choose them, a fixed
+    # budget only that budget.
+    profile = AcceptanceProfile(K, (40, 30, 10, 5, 5, 4, 3, 3),
+                                trees=((3, (5, 35, 40, 20, 0, 0, 0, 0)),
+                                       (7, (2, 18, 30, 30, 20, 0, 0, 0))))
+    seconds = {k: 1.0 + 0.5 * k for k in range(2, K + 1)} | {1: 1.0}
+    gen = _auto_generator("qwen3-untied-K8", profile, seconds, tmp_path)
+    max_len = cache_len(16, 64, gen.max_len)
+    t = CostTable(gen.config, 1, max_len, tmp_path)
+    t.tree_seconds = {(profile.tree_block(3), 3): 1.2, (profile.tree_block(7), 7): 1.3}
+    t.save()
+    try:
+        chains = gen.block_plan("auto", batch_size=1, max_len=max_len)
+        assert chains.tree_budget == 0 and chains.best_tree_budget == 0
+        both = gen.block_plan("auto", tree_budget="auto", batch_size=1, max_len=max_len)
+        assert both.tree_budget == 7  # the most tokens per second
+        seven = gen.block_plan("auto", tree_budget=3, batch_size=1, max_len=max_len)
+        assert seven.tree_budget == 3 and seven.best_tree_budget == 3
+    finally:
+        gen.profile = gen.cost_root = None
+        gen.plans.clear()
+
+
 @pytest.mark.slow
 def test_adaptive_loop_switches_and_stays_lossless(tmp_path):
     # The prior promises many accepted drafts; this random model's drafts are seldom
@@ -235,8 +261,12 @@ def test_calibrate_then_generate_auto(tmp_path, monkeypatch, capsys):
     profile = AcceptanceProfile.load(model)
     assert profile.block_size == 4 and sum(profile.accepted_hist) > 0
     assert profile.tree_budgets == (5,) and sum(dict(profile.trees)[5]) > 0
+    table = np.asarray(profile.tree_calibration)  # the fitted tree scoring, one row per depth
+    assert table.shape == (3, SCORE_BINS) and (table <= 0).all()
+    assert (np.diff(table, axis=1) >= 0).all()
     out = capsys.readouterr().out
     assert "expected tokens/iteration" in out and "trees of 5 nodes" in out
+    assert "tree scoring fitted" in out
 
     monkeypatch.setenv("ORTHRUS_CACHE", str(tmp_path / "cache"))
     args = ["--model", str(model), "--prompt", "the cat", "--max-new-tokens", "8",

@@ -130,7 +130,7 @@ def test_trees_are_timed_beside_the_chain(model_dir):
     call = passes.time_loop(model, init_cache(model.config, 1, 28, per_layer=True), 4, 3, 6)
     assert call.steps == 3 and call().shape == (1, 13)
     status, _, err = run("--model", model_dir, "--tree-budgets", "3,300")
-    assert status == 2 and "a tree budget is at most 255" in err
+    assert status == 2 and "tree budgets from 1 to 255" in err
 
 
 def test_passes_take_turns():

@@ -192,7 +192,7 @@ def test_bad_arguments_exit_2(config, tmp_path, capsys):
     assert "--device-kind abacus" in err and "h100" in err
     with pytest.raises(SystemExit) as exit_:
         _run(config, out, "--tree-budgets", "16,300")
-    assert exit_.value.code == 2 and "tree budget is at most 255" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "tree budgets from 1 to 255" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         _run(config, out, "--plan-only", "--device-memory", "lots")
     assert exit_.value.code == 2 and "'lots' is not a size" in capsys.readouterr().err

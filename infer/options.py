@@ -1,0 +1,131 @@
+"""Decoding options as the command lines take them: the shared flags of ``infer.generate``,
+``infer.bench`` and ``infer.serve`` (sampling, stopping, dtypes, block size, tree budget),
+their parsers, and how a flag left out resolves against the model (its acceptance
+profile). Bad values are refused by argparse, naming the flag."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from infer.buckets import MAX_TREE_BUDGET
+from orthrus_jax.cli import non_negative_int, positive_int
+from orthrus_jax.config import DTYPE_NAMES
+
+if TYPE_CHECKING:
+    from infer.engine import Generator
+
+
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
+    """Sampling, stopping, dtype and cache options shared by ``generate`` and ``bench``."""
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--eos-id", type=int, action="append", default=None,
+                   help="end-of-sequence id (repeatable; overrides the config's)")
+    add_dtype_args(p)
+    p.add_argument("--max-len", type=positive_int, default=None,
+                   help="KV cache capacity (default: the model's max_position_embeddings)")
+    p.add_argument("--block-size", type=parse_block_size, default=None,
+                   help="Orthrus block size: 'auto' (the fastest on this machine, from measured "
+                        "pass costs and the head's acceptance profile; the default when the "
+                        "model folder has acceptance.json) or 1..K (K: the head's trained size, "
+                        "the default otherwise)")
+    p.add_argument("--tree-budget", type=parse_tree_budget, default=None,
+                   help="verify a draft tree of N drafted nodes per iteration instead of the "
+                        "chain (the verify pass has N + 1 rows; depth at most the block size "
+                        f"less one): 1..{MAX_TREE_BUDGET}, 0 = no drafted node (plain AR "
+                        "steps), 'none' = chains, or 'auto' (the chain or the budget with the "
+                        "most expected tokens/s, chosen with the block size); default: auto "
+                        "where the block size is auto and the model's acceptance profile "
+                        "measured trees, else the chain")
+    p.add_argument("--no-adapt", action="store_true",
+                   help="with --block-size auto: keep the chosen size for the whole answer "
+                        "instead of switching to AR steps and back by the acceptance seen")
+
+
+def add_dtype_args(p: argparse.ArgumentParser) -> None:
+    """``--dtype`` and ``--compute-dtype`` (shared by ``generate``, ``bench`` and ``serve``)."""
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                   help="parameter dtype: the weights are held in it, and computed in it "
+                        "unless --compute-dtype says otherwise (default: as stored; a model "
+                        "stored in bfloat16 or float16 decodes in float32 on CPU, where XLA "
+                        "has no 16-bit matmuls)")
+    p.add_argument("--compute-dtype", choices=DTYPE_NAMES, default=None,
+                   help="dtype of activations, the KV cache and matmul accumulation (default: "
+                        "the parameter dtype). --dtype bfloat16 --compute-dtype float32 holds "
+                        "the weights in bfloat16 and computes everything else in float32, so "
+                        "a K-token verify rounds as a 1-token step does and greedy Orthrus "
+                        "output equals AR output; float32 or the parameter dtype only")
+
+
+def parse_block_size(text: str) -> int | str:
+    """``--block-size``: ``auto`` or a positive integer."""
+    if text == "auto":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 'auto' or an integer >= 1")
+    return k
+
+
+def parse_tree_budget(text: str) -> int | str:
+    """``--tree-budget``: ``auto``, ``none`` (chains) or an integer in
+    ``[0, MAX_TREE_BUDGET]``."""
+    if text in ("auto", "none"):
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= MAX_TREE_BUDGET:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected 'auto', 'none' (chains) or an integer from 0 (plain AR "
+            f"steps) to {MAX_TREE_BUDGET}")
+    return n
+
+
+def block_size_arg(args: argparse.Namespace, gen: Generator) -> int | str | None:
+    """The block size to decode with: the flag, else 'auto' where the model has a profile."""
+    if args.block_size is not None:
+        return args.block_size
+    return "auto" if gen.profile is not None else None
+
+
+def resolve_tree_budget(flag: int | str | None, block_size: int | str | None,
+                        gen: Generator) -> int | str | None:
+    """``--tree-budget`` as the engine takes it: ``none`` is chains (None), and without the
+    flag ``auto`` where the block size is ``auto`` and the model's profile measured trees
+    (chains otherwise)."""
+    if flag == "none":
+        return None
+    if flag is not None:
+        return flag
+    trees = gen.profile is not None and bool(gen.profile.tree_budgets)
+    return "auto" if trees and block_size == "auto" else None
+
+
+def tree_budget_arg(args: argparse.Namespace, gen: Generator) -> int | str | None:
+    """The tree budget ``generate`` and ``bench`` decode with (:func:`resolve_tree_budget`
+    of the flag and :func:`block_size_arg`)."""
+    return resolve_tree_budget(args.tree_budget, block_size_arg(args, gen), gen)
+
+
+def tree_budgets_arg(text: str, allow_none: bool = False) -> list[int]:
+    """A list of tree budgets (``--tree-budgets``): integers in ``[1, MAX_TREE_BUDGET]``
+    separated by commas, or with ``allow_none`` the word ``none`` (no trees)."""
+    if allow_none and text == "none":
+        return []
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = [0]
+    if not all(1 <= n <= MAX_TREE_BUDGET for n in values):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected {chr(39) + 'none' + chr(39) + ' or ' if allow_none else ''}"
+            f"tree budgets from 1 to {MAX_TREE_BUDGET}, comma-separated")
+    return values
