@@ -16,6 +16,7 @@ model will serve, and never the ones you report speed on.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -54,9 +55,9 @@ def calibrate(gen: Generator, prompts: Sequence[Sequence[int]], *, block_size: i
         fitted = tree_calibration.measure(
             gen.model, [(p, r.token_ids) for p, r in zip(prompts, chain, strict=True)], k)
         table = tuple(tuple(float(x) for x in row) for row in fitted)
-    gen.profile = AcceptanceProfile(k, hist(chain), source, (), table)
+    gen.profile = AcceptanceProfile(k, hist(chain), source, (), table)  # the trees use its table
     trees = tuple((int(n), hist(run(int(n)))) for n in sorted(set(tree_budgets)))
-    gen.profile = AcceptanceProfile(k, hist(chain), source, trees, table)
+    gen.profile = dataclasses.replace(gen.profile, trees=trees)
     return gen.profile
 
 

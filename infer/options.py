@@ -125,7 +125,8 @@ def tree_budgets_arg(text: str, allow_none: bool = False) -> list[int]:
     except ValueError:
         values = [0]
     if not all(1 <= n <= MAX_TREE_BUDGET for n in values):
+        quote_none = "'none' or " if allow_none else ""
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected {chr(39) + 'none' + chr(39) + ' or ' if allow_none else ''}"
-            f"tree budgets from 1 to {MAX_TREE_BUDGET}, comma-separated")
+            f"{text!r}: expected {quote_none}tree budgets from 1 to {MAX_TREE_BUDGET}, "
+            "comma-separated")
     return values

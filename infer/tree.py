@@ -53,9 +53,9 @@ class TreeScoring:
 
     ``table [D, SCORE_BINS]`` must be non-positive (a path never scores above its
     prefixes) and non-decreasing along the bins (a more likely token never scores lower);
-    ``weight []`` must be positive. :meth:`product` (zeros, 1)
-    scores the log-probability itself; a calibrated table holds the log hit rate of each
-    depth and bin, with ``weight`` :data:`CALIBRATED_WEIGHT`."""
+    ``weight []`` must be positive. :meth:`product` (zeros, 1) scores the log-probability
+    itself; a calibrated table holds the log hit rate of each depth and bin, with
+    ``weight`` :data:`CALIBRATED_WEIGHT`."""
 
     table: jax.Array
     weight: jax.Array
@@ -116,9 +116,9 @@ def build(log_probs: jax.Array, budget: int, top: int = TOP_CANDIDATES,
 
     A path's score is the sum of its tokens' scores (their log-probabilities, or
     ``scoring``'s score of them, :class:`TreeScoring`), among the ``top`` most likely
-    tokens of each depth; the tree
-    holds the ``budget`` best paths whose every prefix is also held (each prefix scores at
-    least as well, so that is the best ``budget`` paths, ties broken by discovery order).
+    tokens of each depth; the tree holds the ``budget`` best paths whose every prefix is
+    also held (each prefix scores at least as well, so that is the best ``budget`` paths,
+    ties broken by discovery order).
     Enumerated as a k-best search: popping a node offers its first child (the best token
     one depth further) and its next sibling (the next token at its own depth under the
     same parent); the frontier holds at most ``2 budget + 1`` entries, so a tree costs
