@@ -1,5 +1,6 @@
 """Test set-up: 8 simulated CPU devices (set before JAX is imported), no persistent
-compilation cache, and shared fixtures.
+compilation cache, compiled programs released after each test module, and shared
+fixtures.
 
 A device count already in ``XLA_FLAGS`` is kept; any other flags there are kept too and
 the count is appended.
@@ -18,8 +19,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["ORTHRUS_COMPILE_CACHE"] = "off"
 
 
+import gc  # noqa: E402
+
 import jax  # noqa: E402  (after the environment above)
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's caches of compiled programs when a test module ends.
+
+    Every CPU executable holds a few memory mappings of its own (code, constants), and the
+    suite compiles thousands of programs in one process: kept to the end, they reach the
+    kernel's limit on mappings per process (``vm.max_map_count``, 65530 by default) and
+    the next XLA compilation fails to map its code and crashes the process. A module's
+    programs are rarely reused by the next one, so releasing them costs little.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture
