@@ -19,8 +19,10 @@ ancestors, and the accepted path's K/V are written at the row's next positions.
 
 The block size ``K`` is a decode-time choice, independent of the size the diffusion view
 was trained at: ``K - 1`` drafts per iteration, ``K = 1`` is a plain AR step. Given
-several sizes, :func:`run` picks one per iteration inside the loop (:func:`choose_block`,
-a ``lax.switch``): the size with the most expected tokens per second over the batch. Each
+several sizes, :func:`run` picks one per iteration inside the loop (:func:`choose_block`;
+each size's steps run in an inner loop of their own while it stays chosen, so the cache
+is updated in place as in a one-size loop): the size with the most expected tokens per
+second over the batch. Each
 row keeps decayed counts of what drafting committed for it lately (starting from the
 prior of the head's acceptance profile, which fades like any count), and a row that has
 run ``PROBE_AFTER`` plain AR steps in a row drafts once more, so a row whose text
@@ -443,15 +445,20 @@ def run(model: OrthrusLM, state: DecodeState, inputs: DecodeInputs, max_steps: j
             return lambda s: ar_step(model, s, inputs, spec.greedy)
         return lambda s: orthrus_step(model, s, inputs, k, spec.greedy, spec.tree_budget)
 
-    if not spec.adaptive:
-        body = step_fn(spec.blocks[0])
-    else:
-        branches = [step_fn(k) for k in spec.blocks]
-
-        def body(s: DecodeState) -> DecodeState:
-            return jax.lax.switch(choose_block(s, inputs, spec.blocks), branches, s)
-
     def cond(s: DecodeState) -> jax.Array:
         return jnp.any(~s.done) & (s.step - first_step < max_steps)
+
+    if not spec.adaptive:
+        return jax.lax.while_loop(cond, step_fn(spec.blocks[0]), state)
+
+    def body(s: DecodeState) -> DecodeState:
+        # One inner loop per size, each running while the controller picks its size: the
+        # steps update the cache in place as in a single-size loop (a ``lax.switch`` over
+        # the steps passes the whole state through a conditional, which XLA copies).
+        for i, k in enumerate(spec.blocks):
+            s = jax.lax.while_loop(
+                lambda t, i=i: cond(t) & (choose_block(t, inputs, spec.blocks) == i),
+                step_fn(k), s)
+        return s
 
     return jax.lax.while_loop(cond, body, state)
