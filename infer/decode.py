@@ -22,12 +22,11 @@ was trained at: ``K - 1`` drafts per iteration, ``K = 1`` is a plain AR step. Gi
 several sizes, :func:`run` picks one per iteration inside the loop (:func:`choose_block`;
 each size's steps run in an inner loop of their own while it stays chosen, so the cache
 is updated in place as in a one-size loop): the size with the most expected tokens per
-second over the batch. Each
-row keeps decayed counts of what drafting committed for it lately (starting from the
-prior of the head's acceptance profile, which fades like any count), and a row that has
-run ``PROBE_AFTER`` plain AR steps in a row drafts once more, so a row whose text
-becomes predictable again returns to drafting within a bounded number of steps. Greedy
-output never depends on the choice.
+second over the batch. Each row keeps decayed counts of what drafting committed for it
+lately (starting from the prior of the head's acceptance profile, which fades like any
+count), and a row that has run ``PROBE_AFTER`` plain AR steps in a row drafts once more,
+so a row whose text becomes predictable again returns to drafting within a bounded
+number of steps. Greedy output never depends on the choice.
 
 Rows stop on their own: an end-of-sequence id, their ``max_new_tokens``, or a cache that
 could not hold another token. Finished rows keep riding along, masked.
