@@ -2,7 +2,9 @@
 
 Supported architectures: ``llama`` (q/k rows un-permuted back to HF's rotate-half layout),
 ``qwen2`` (q/k/v biases) and ``qwen3`` (q/k RMS norms). The tokenizer must be GPT-2 style
-byte-level BPE (``tokenizer.ggml.model == "gpt2"``).
+byte-level BPE (``tokenizer.ggml.model == "gpt2"``). RoPE scaling is read from the
+``rope.scaling.*`` keys (``linear`` and ``yarn``, as llama.cpp's converter writes them);
+``llama3`` scaling, which llama.cpp stores as a ``rope_freqs.weight`` tensor, is refused.
 
 CLI::
 
@@ -51,11 +53,15 @@ _HONOURED_ARCH_KEYS = {
     "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
     "rope.freq_base", "attention.key_length", "attention.value_length", "rope.dimension_count",
     "vocab_size", "tensor_data_layout", "rope.scaling.original_context_length",
-    "rope.scaling.finetuned",
+    "rope.scaling.finetuned", "rope.scaling.type", "rope.scaling.factor",
+    "rope.scaling.yarn_attn_factor", "rope.scaling.yarn_beta_fast",
+    "rope.scaling.yarn_beta_slow",
 }
 # `{arch}.*` keys that are accepted only with a value that changes nothing.
 _NEUTRAL_ARCH_VALUES: dict[str, tuple[Any, ...]] = {
-    "rope.scaling.type": ("none",),
+    "rope.scaling.attn_factor": (1.0,),
+    "rope.scaling.yarn_ext_factor": (1.0, -1.0),
+    "rope.scaling.yarn_log_multiplier": (0.0,),
     "expert_count": (0,),
     "expert_used_count": (0,),
     "attention.causal": (True,),
@@ -407,10 +413,6 @@ def _build_config(path: Path, reader: GGUFReader) -> dict[str, Any]:
         if sub in _NEUTRAL_ARCH_VALUES:
             if value not in _NEUTRAL_ARCH_VALUES[sub]:
                 raise InputError(f"{path}: unsupported metadata {key}={value!r}")
-        elif sub == "rope.scaling.factor":
-            scaling_type = _meta(reader, prefix + "rope.scaling.type", None)
-            if value not in (0.0, 1.0) and scaling_type != "none":
-                raise InputError(f"{path}: unsupported metadata {key}={value!r} (RoPE scaling)")
         elif sub not in _HONOURED_ARCH_KEYS:
             raise InputError(f"{path}: unsupported metadata {key}={value!r}")
 
@@ -462,6 +464,7 @@ def _build_config(path: Path, reader: GGUFReader) -> dict[str, Any]:
         )
 
     model_type = _MODEL_TYPE[arch]
+    context_length = req("context_length")
     config: dict[str, Any] = {
         "model_type": model_type,
         "architectures": [MODEL_TYPES[model_type].hf_class],
@@ -474,13 +477,16 @@ def _build_config(path: Path, reader: GGUFReader) -> dict[str, Any]:
         "head_dim": head_dim,
         "rms_norm_eps": _clean_float(req("attention.layer_norm_rms_epsilon", kind=float)),
         "rope_theta": _clean_float(req("rope.freq_base", 10000.0, kind=float)),
-        "max_position_embeddings": req("context_length"),
+        "max_position_embeddings": context_length,
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "bos_token_id": _token_id(path, reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _token_id(path, reader, "tokenizer.ggml.eos_token_id"),
         "pad_token_id": _token_id(path, reader, "tokenizer.ggml.padding_token_id"),
         "hidden_act": "silu",
     }
+    scaling = _rope_scaling(path, reader, prefix, context_length)
+    if scaling is not None:
+        config["rope_scaling"] = scaling
     if model_type == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
         config["mlp_bias"] = False
@@ -489,6 +495,36 @@ def _build_config(path: Path, reader: GGUFReader) -> dict[str, Any]:
     else:
         config["attention_bias"] = False
     return config
+
+
+def _rope_scaling(path: Path, reader: GGUFReader, prefix: str,
+                  context_length: int) -> dict[str, Any] | None:
+    """The HF ``rope_scaling`` of the ``rope.scaling.*`` keys (None: no scaling)."""
+    kind = _meta(reader, prefix + "rope.scaling.type", "none")
+    factor = _meta(reader, prefix + "rope.scaling.factor", None)
+    if kind == "none":
+        if factor not in (None, 0.0, 1.0):
+            raise InputError(f"{path}: unsupported metadata {prefix}rope.scaling.factor="
+                             f"{factor!r} with {prefix}rope.scaling.type='none'")
+        return None
+    if kind not in ("linear", "yarn"):
+        raise InputError(f"{path}: unsupported metadata {prefix}rope.scaling.type={kind!r} "
+                         "(supported: none, linear, yarn)")
+    if factor is None:
+        raise InputError(f"{path}: metadata {prefix}rope.scaling.factor is missing for "
+                         f"{prefix}rope.scaling.type={kind!r}")
+    scaling: dict[str, Any] = {"rope_type": kind, "factor": factor}
+    if kind == "yarn":
+        scaling["original_max_position_embeddings"] = _meta(
+            reader, prefix + "rope.scaling.original_context_length", context_length)
+        for sub, name in (("yarn_attn_factor", "attention_factor"),
+                          ("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            value = _meta(reader, prefix + "rope.scaling." + sub, None)
+            if value is not None:
+                scaling[name] = _clean_float(value) if isinstance(value, float) else value
+    if isinstance(factor, float):
+        scaling["factor"] = _clean_float(factor)
+    return scaling
 
 
 # --------------------------------------------------------------------------- tensors
@@ -524,6 +560,10 @@ def _plan_tensors(path: Path, reader: GGUFReader, config: dict[str, Any]) -> lis
                 raise InputError(
                     f"{path}: tensor {t.name!r} is beyond {arch}.block_count={n_layers}"
                 )
+            if t.name == "rope_freqs.weight":
+                raise InputError(f"{path}: tensor 'rope_freqs.weight' (per-frequency RoPE "
+                                 "factors, as llama.cpp stores llama3 scaling) is not "
+                                 "supported: convert the Hugging Face checkpoint instead")
             raise InputError(f"{path}: unknown tensor {t.name!r} for architecture {arch!r}")
         permute: int | None = None
         if arch == "llama" and m is not None and m.group(2).startswith(("attn_q.", "attn_k.")):

@@ -6,8 +6,11 @@ One dataclass covers the Qwen3 family this project supports (the table :data:`MO
 - ``llama``: no q/k norm (e.g. SmolLM2);
 - ``qwen2``: no q/k norm, biases on the q/k/v projections.
 
-Fields a config may carry that this implementation does not compute (other RoPE types,
-sliding-window layers, mixture of experts, ...) raise :class:`UnsupportedConfigError`
+RoPE is the default or one of the scaled types of :mod:`orthrus_jax.rope` (``linear``,
+``llama3``, ``yarn``), read from ``rope_parameters`` (transformers 5) or ``rope_scaling``
+(older; it wins when both are given, as in transformers). Fields a config may carry that
+this implementation does not compute (other RoPE types, partial rotary, sliding-window
+layers, mixture of experts, ...) raise :class:`UnsupportedConfigError`
 naming the field and its value, rather than silently computing something else.
 """
 
@@ -24,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from orthrus_jax.cli import InputError
+from orthrus_jax.rope import ROPE_TYPES, RopeScaling, inverse_frequencies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +140,7 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
+    rope_scaling: RopeScaling | None = None
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
     qk_norm: bool = True
@@ -176,6 +181,13 @@ class ModelConfig:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
+        if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, RopeScaling):
+                raise ValueError(f"rope_scaling={self.rope_scaling!r:.60} must be a RopeScaling")
+            inv_freq = inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
+            if not (np.isfinite(inv_freq).all() and (inv_freq > 0).all()):
+                raise ValueError(f"rope_scaling={self.rope_scaling} gives frequencies that are "
+                                 "not positive and finite")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.block_size < 2:
@@ -234,7 +246,7 @@ class ModelConfig:
         n_heads = _int(d, "num_attention_heads")
         head_dim = _int(d, "head_dim") if d.get("head_dim") is not None else \
             _int(d, "hidden_size") // n_heads
-        rope_theta = _rope_theta(d, source)
+        rope_theta, rope_scaling = _rope(d, source)
         attention_bias = _bool(d, "attention_bias", False)
         arch = MODEL_TYPES[model_type]
         fields = dict(
@@ -248,6 +260,7 @@ class ModelConfig:
             head_dim=head_dim,
             rms_norm_eps=_float(d, "rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             max_position_embeddings=_int(d, "max_position_embeddings", 32768),
             tie_word_embeddings=_bool(d, "tie_word_embeddings", False),
             qk_norm=arch.qk_norm,
@@ -298,7 +311,7 @@ class ModelConfig:
             "hidden_act": "silu",
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
+            "rope_parameters": _rope_parameters(self.rope_theta, self.rope_scaling),
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
@@ -321,24 +334,80 @@ class ModelConfig:
         return path
 
 
-def _rope_theta(d: dict[str, Any], source: str) -> float:
-    """RoPE base from ``rope_parameters`` (transformers 5) or ``rope_theta`` (older)."""
-    params = d.get("rope_parameters")
-    scaling = d.get("rope_scaling")
-    for field, value in (("rope_parameters", params), ("rope_scaling", scaling)):
-        if value is None:
-            continue
-        if not isinstance(value, dict):
-            _unsupported(field, value, source)
-        rope_type = value.get("rope_type", value.get("type", "default"))
-        if rope_type != "default":
-            _unsupported(f"{field}.rope_type", rope_type, source,
-                         "is not implemented (only 'default' RoPE is)")
-    if params and params.get("rope_theta") is not None:
-        return _float(params, "rope_theta", 10_000.0)
-    if d.get("rope_theta") is not None:
-        return _float(d, "rope_theta", 10_000.0)
-    return 10_000.0
+# ``rope_parameters`` keys this implementation reads, by RoPE type (besides ``rope_type``,
+# ``type`` and ``rope_theta``); any other key is refused rather than ignored.
+_ROPE_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor",
+               "high_freq_factor"),
+    "yarn": ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast",
+             "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+}
+
+
+def _rope(d: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
+    """RoPE base and scaling from ``rope_scaling`` (older transformers; it wins when both are
+    given, as transformers 5 reads them) or ``rope_parameters`` (transformers 5), the base
+    from the chosen dict or the top-level ``rope_theta``."""
+    field = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+    params = d.get(field)
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        _unsupported(field, params, source, "must be an object")
+    if params.get("rope_theta") is not None:
+        theta = _float(params, "rope_theta", 10_000.0)
+    elif d.get("rope_theta") is not None:
+        theta = _float(d, "rope_theta", 10_000.0)
+    else:
+        theta = 10_000.0
+    for where, value in ((f"{field}.partial_rotary_factor", params.get("partial_rotary_factor")),
+                         ("partial_rotary_factor", d.get("partial_rotary_factor"))):
+        if value not in (None, 1, 1.0):
+            _unsupported(where, value, source, "is not supported (partial rotary)")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type not in ROPE_TYPES:
+        _unsupported(f"{field}.rope_type", rope_type, source,
+                     f"is not implemented (implemented: default, {', '.join(ROPE_TYPES)})")
+    known = set(_ROPE_KEYS[rope_type]) | {"rope_type", "type", "rope_theta",
+                                           "partial_rotary_factor",
+                                           "original_max_position_embeddings"}
+    for key in params:
+        if key not in known:
+            _unsupported(f"{field}.{key}", params[key], source,
+                         f"is not supported for rope_type={rope_type!r}")
+    values = {k: params[k] for k in _ROPE_KEYS[rope_type] if params.get(k) is not None}
+    for key, value in values.items():  # numbers as floats (a JSON 4 is the factor 4.0)
+        if key not in ("original_max_position_embeddings", "truncate") and \
+                isinstance(value, int) and not isinstance(value, bool):
+            values[key] = float(value)
+    if "factor" not in values:
+        raise ValueError(f"{field}.factor is required for rope_type={rope_type!r}")
+    if rope_type != "linear":
+        # A top-level window wins, as transformers reads it; else the context length.
+        window = d.get("original_max_position_embeddings") or values.get(
+            "original_max_position_embeddings") or d.get("max_position_embeddings", 32768)
+        if isinstance(window, float) and window.is_integer():
+            window = int(window)
+        values["original_max_position_embeddings"] = window
+    try:
+        return theta, RopeScaling(rope_type=rope_type, **values)
+    except ValueError as e:
+        raise ValueError(f"{field}: {e}") from e
+
+
+def _rope_parameters(theta: float, scaling: RopeScaling | None) -> dict[str, Any]:
+    """The transformers 5 ``rope_parameters`` of a RoPE base and scaling."""
+    if scaling is None:
+        return {"rope_theta": theta, "rope_type": "default"}
+    d: dict[str, Any] = {"rope_theta": theta, "rope_type": scaling.rope_type}
+    for key in _ROPE_KEYS[scaling.rope_type]:
+        value = getattr(scaling, key)
+        if value is not None:
+            d[key] = value
+    return d
 
 
 def _check_unsupported(d: dict[str, Any], source: str) -> None:

@@ -1,5 +1,5 @@
-"""Building blocks: the variable types, RMSNorm, RoPE, the MLP and the attention
-projections of both views.
+"""Building blocks: the variable types, RMSNorm, the MLP and the attention projections of
+both views (RoPE is :mod:`orthrus_jax.rope`).
 
 Weights are stacked over layers (leading ``layers`` axis) so the layers run as one
 ``lax.scan``; the decoder splits them per layer (``model.unstack_layers``). Every weight
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from orthrus_jax.config import ModelConfig
+from orthrus_jax.rope import rope
 
 
 class DiffusionParam(nnx.Param):
@@ -31,25 +32,6 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (y * weight.astype(jnp.float32)).astype(x.dtype)
-
-
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """The RoPE ``(cos, sin)`` tables of ``positions [B, T]``, each ``[B, T, 1, head_dim / 2]``
-    float32: computed once per pass and shared by every layer's queries and keys."""
-    half = head_dim // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2 / head_dim))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
-    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
-
-
-def rope(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """HF "rotate half" RoPE of ``x [B, T, H, D]`` with :func:`rope_tables` of its positions."""
-    cos, sin = tables
-    half = x.shape[-1] // 2
-    x32 = x.astype(jnp.float32)
-    x1, x2 = x32[..., :half], x32[..., half:]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
 
 
 class AttentionProjections(nnx.Module):
@@ -115,7 +97,7 @@ def project_qkv(p: dict, x: jax.Array, rope_at: tuple[jax.Array, jax.Array],
                 config: ModelConfig):
     """q ``[B, T, Hq, hd]``, k and v ``[B, T, Hkv, hd]`` for one layer's projections
     ``p``: projection, bias, per-head norm, RoPE with the tables ``rope_at`` of the
-    tokens' positions (:func:`rope_tables`)."""
+    tokens' positions (:func:`orthrus_jax.rope.rope_tables`)."""
     dt = x.dtype
     q = jnp.einsum("btd,dhk->bthk", x, p["q_proj"].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", x, p["k_proj"].astype(dt))

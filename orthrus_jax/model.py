@@ -27,8 +27,8 @@ from orthrus_jax.layers import (
     project_out,
     project_qkv,
     rms_norm,
-    rope_tables,
 )
+from orthrus_jax.rope import rope_tables
 
 # The two attention views, by the name of their projections in ``DecoderLayers``.
 AR_VIEW = "attn"
@@ -207,7 +207,7 @@ class OrthrusLM(nnx.Module):
         """
         c = self.config
         params = self._layer_params(view)
-        rope_at = rope_tables(positions, c.head_dim, c.rope_theta)  # once for all layers
+        rope_at = rope_tables(positions, c.head_dim, c.rope_theta, c.rope_scaling)  # all layers
 
         def body(carry, layer, p):
             x, state = carry

@@ -237,3 +237,46 @@ def test_existing_dst_is_kept_on_error(tmp_path: Path, capsys) -> None:
     assert sorted(p.name for p in dst.iterdir()) == ["marker"]
     assert _leftovers(tmp_path, {"cut.gguf", "model"}) == []
 
+
+
+@pytest.mark.parametrize("kind, metadata, rope", [
+    ("linear", {"rope.scaling.factor": 4.0}, {"rope_type": "linear", "factor": 4.0}),
+    ("yarn", {"rope.scaling.factor": 4.0, "rope.scaling.original_context_length": 64,
+              "rope.scaling.yarn_beta_fast": 16.0, "rope.scaling.yarn_attn_factor": 0.9},
+     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+      "beta_fast": 16.0, "attention_factor": 0.9}),
+])
+def test_rope_scaling_metadata_is_carried_and_computed(tmp_path: Path, kind, metadata,
+                                                       rope) -> None:
+    config = tiny_config()
+    state = random_hf_state(config, seed=9)
+    extra = {"llama.rope.scaling.type": kind} | {f"llama.{k}": v for k, v in metadata.items()}
+    src = write_tiny_gguf(tmp_path / "tiny.gguf", state, config, extra_metadata=extra)
+    assert main([str(src), str(tmp_path / "model"), "--mask-token-id", str(MASK_ID)]) == 0
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())["rope_parameters"]
+    assert saved == rope | {"rope_theta": 10000.0} | (
+        {"beta_slow": 1.0, "truncate": True} if kind == "yarn" else {})
+    model = load_model(tmp_path / "model")
+    hf = _hf_llama(dict(config, rope_parameters=dict(rope, rope_theta=10000.0)), state)
+    tokens = np.random.default_rng(3).integers(0, config["vocab_size"], 200).astype(np.int32)
+    logits, _ = _forward(model, jnp.asarray(tokens[None]), init_cache(model.config, 1, 200))
+    assert np.abs(np.asarray(logits[0]) - _hf_logits(hf, tokens)).max() <= TOL
+
+
+@pytest.mark.parametrize("metadata, needle", [
+    ({"rope.scaling.type": "longrope"}, "llama.rope.scaling.type='longrope'"),
+    ({"rope.scaling.type": "yarn"}, "llama.rope.scaling.factor is missing"),
+    ({"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0,
+      "rope.scaling.yarn_log_multiplier": 0.1}, "llama.rope.scaling.yarn_log_multiplier"),
+    ({"rope.scaling.type": "linear", "rope.scaling.factor": -2.0},
+     "factor=-2.0 must be a positive finite number"),
+])
+def test_unsupported_rope_scaling_metadata_is_refused(tmp_path: Path, metadata, needle,
+                                                      capsys) -> None:
+    config = tiny_config()
+    extra = {f"llama.{k}": v for k, v in metadata.items()}
+    src = write_tiny_gguf(tmp_path / "tiny.gguf", random_hf_state(config), config,
+                          extra_metadata=extra)
+    assert main([str(src), str(tmp_path / "model"), "--mask-token-id", str(MASK_ID)]) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()

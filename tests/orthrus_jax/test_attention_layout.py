@@ -203,7 +203,8 @@ def test_model_equals_the_old_attention(models):
     _, start = model(prefix, start, num_valid=jnp.array([10, 13 - 4]))  # lengths 10, 9
     lengths = start.lengths
     # The reference: the same decoder body with the old attention and cache layout.
-    from orthrus_jax.layers import mlp, project_out, project_qkv, rms_norm, rope_tables
+    from orthrus_jax.layers import mlp, project_out, project_qkv, rms_norm
+    from orthrus_jax.rope import rope_tables
 
     def layer_params(view, i):
         layers = nnx.to_pure_dict(nnx.state(model.layers))

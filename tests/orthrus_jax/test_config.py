@@ -56,10 +56,10 @@ def test_round_trip_through_json(tmp_path):
 
 @pytest.mark.parametrize("extra, field", [
     (dict(model_type="mixtral"), "model_type='mixtral'"),
-    (dict(model_type="qwen3", rope_scaling={"rope_type": "yarn", "factor": 4.0}),
-     "rope_scaling.rope_type='yarn'"),
-    (dict(model_type="llama", rope_parameters={"rope_type": "llama3", "rope_theta": 5e5}),
-     "rope_parameters.rope_type='llama3'"),
+    (dict(model_type="qwen3", rope_scaling={"rope_type": "dynamic", "factor": 4.0}),
+     "rope_scaling.rope_type='dynamic'"),
+    (dict(model_type="llama", rope_parameters={"rope_type": "longrope", "rope_theta": 5e5}),
+     "rope_parameters.rope_type='longrope'"),
     (dict(model_type="qwen3", use_sliding_window=True), "use_sliding_window=True"),
     (dict(model_type="qwen3", layer_types=["full_attention", "sliding_attention"]),
      "layer_types[1]='sliding_attention'"),

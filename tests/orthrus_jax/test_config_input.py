@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orthrus_jax.cli import InputError
 from orthrus_jax.config import MAX_DIM, ModelConfig
+from orthrus_jax.rope import inverse_frequencies
 
 EXAMPLES = int(os.environ.get("ORTHRUS_FUZZ_EXAMPLES", "150"))
 GOOD = dict(model_type="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128,
@@ -74,8 +76,14 @@ def test_the_good_config_and_exporter_floats_are_read():
 # ------------------------------------------------------------------ fuzzing
 VALUES = (st.none() | st.booleans() | st.integers(-2**64, 2**64) | st.floats()
           | st.text(max_size=6) | st.lists(st.integers(-3, 600), max_size=3)
-          | st.dictionaries(st.sampled_from(["rope_type", "rope_theta", "type"]),
-                            st.none() | st.floats() | st.text(max_size=8), max_size=2))
+          | st.dictionaries(st.sampled_from(["rope_type", "rope_theta", "type", "factor",
+                                             "original_max_position_embeddings",
+                                             "low_freq_factor", "high_freq_factor",
+                                             "beta_fast", "attention_factor", "truncate"]),
+                            st.none() | st.floats() | st.integers(-5, 10**6) | st.booleans()
+                            | st.text(max_size=8)
+                            | st.sampled_from(["yarn", "llama3", "linear", "default"]),
+                            max_size=5))
 
 
 @settings(max_examples=EXAMPLES, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
@@ -91,6 +99,8 @@ def test_fuzzed_configs_give_a_config_or_the_error(changes, dropped):
         assert str(e).startswith("fuzz/config.json: "), str(e)
     else:
         assert 1 <= c.vocab_size <= MAX_DIM and c.num_attention_heads % c.num_key_value_heads == 0
+        inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
+        assert np.isfinite(inv_freq).all() and (inv_freq > 0).all()
 
 
 @settings(max_examples=EXAMPLES, deadline=2000,
