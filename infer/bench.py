@@ -25,6 +25,10 @@ lines do when ``--chat`` is ``auto`` (the default) and the tokenizer has a chat 
 or always with ``--chat on``, never with ``--chat off``. ``prompt_ids`` are used as given
 (the only kind a model folder without a tokenizer accepts).
 
+Sampling and stopping as in ``infer.generate``: without a sampling flag, the model's
+``generation_config.json`` defaults (greedy without one); the end-of-sequence ids of its
+``config.json`` and ``generation_config.json`` unless ``--eos-id`` replaces them.
+
 Errors (missing or malformed files, bad prompts) print one ``error: ...`` line and exit
 with status 2.
 """
@@ -44,9 +48,14 @@ from infer.buckets import MODES
 from infer.compile_cache import add_compile_cache_args, enable_compile_cache_from
 from infer.default_model import default_model_dir
 from infer.engine import Generator, check_dtypes, summarize
-from infer.options import add_decoding_args, block_size_arg, tree_budget_arg
+from infer.options import (
+    add_decoding_args,
+    block_size_arg,
+    sampling_arg,
+    sampling_flags,
+    tree_budget_arg,
+)
 from infer.prompts import read_prompts_file
-from infer.sampling import SamplingParams
 from orthrus_jax.cli import positive_int, run_command
 from orthrus_jax.memory import format_bytes, format_peak
 
@@ -94,7 +103,7 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
 
 
 def run_bench(args: argparse.Namespace) -> dict:
-    SamplingParams.make(args.temperature, args.top_k, args.top_p)  # fail before loading
+    sampling_flags(args)  # a bad value fails before loading
     if args.model is None:
         args.model = str(default_model_dir())
     if args.dtype is not None:  # a bad pair fails before loading
@@ -106,9 +115,9 @@ def run_bench(args: argparse.Namespace) -> dict:
     use_chat = args.chat == "on" or (
         args.chat == "auto" and bool(getattr(tokenizer, "chat_template", None)))
     ids = [gen.encode_item(item, use_chat) for item in items]
-    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=args.eos_id,
-                  batch_size=args.batch_size)
+    sampling = sampling_arg(args, gen)  # the flags', else generation_config.json's
+    kwargs = dict(max_new_tokens=args.max_new_tokens, **sampling.kwargs(), seed=args.seed,
+                  eos_ids=args.eos_id, batch_size=args.batch_size)
 
     block_size = block_size_arg(args, gen)
     tree_budget = args.tree_budget = tree_budget_arg(args, gen)
@@ -136,7 +145,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             outputs[mode].append([r.token_ids for r in results[mode]])
             per_prompt[mode] = results[mode]
     # greedy decoding is deterministic: the timed rounds must repeat the warm-up's output
-    greedy = args.temperature == 0.0
+    greedy = sampling.greedy
     modes = {}
     for mode in MODES:
         best = dict(min(rounds[mode], key=lambda s: s["seconds"]))
@@ -177,9 +186,10 @@ def run_bench(args: argparse.Namespace) -> dict:
         "num_prompts": len(ids),
         "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
+        "temperature": sampling.temperature,
+        "top_k": sampling.top_k,
+        "top_p": sampling.top_p,
+        "sampling_source": sampling.source,  # flags, generation_config.json or default
         "seed": args.seed,
         "repeats": args.repeats,
         "timing": "best of repeats (least decode time) after a warm-up per mode (one "
@@ -210,6 +220,8 @@ def format_report(r: dict) -> str:
     o, a = r["modes"]["orthrus"], r["modes"]["ar"]
     kind = "greedy" if r["greedy"] else \
         f"sampling T={r['temperature']} top_k={r['top_k']} top_p={r['top_p']}"
+    if "sampling_source" in r:
+        kind += f" ({r['sampling_source']})"
     lines = [
         f"model {r['model']}: {r['layers']} layers, block size {r['block_size']}, "
         f"{r['dtype']} weights, {r.get('compute_dtype', r['dtype'])} compute, "

@@ -78,8 +78,9 @@ def default_batch_size(n_prompts: int) -> int:
 
 
 def eos_array(config_eos: Sequence[int], eos_ids: Sequence[int] | None) -> jax.Array:
-    """``int32 [E]``: ``eos_ids`` (default: the config's), padded with -1 to a power of two
-    of at least 8 (a bucket: a different number of ids compiles nothing new)."""
+    """``int32 [E]``: ``eos_ids`` (default: the model's, ``config_eos``), padded with -1 to
+    a power of two of at least 8 (a bucket: a different number of ids compiles nothing
+    new)."""
     eos = [int(t) for t in (config_eos if eos_ids is None else eos_ids)]
     return jnp.asarray(eos + [-1] * (bucket(len(eos), 8) - len(eos)), jnp.int32)
 

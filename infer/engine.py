@@ -35,6 +35,7 @@ from infer.buckets import (
     prompt_bucket,
 )
 from infer.decode import FINISH_REASONS, DecodeInputs, row_keys, run, start
+from infer.generation_config import GenerationConfig, read_generation_config
 from infer.prompts import check_messages, check_prompt_item, load_tokenizer
 from infer.sampling import SamplingParams
 from infer.tree import TreeScoring
@@ -144,12 +145,16 @@ class Generator:
     prompts longer than ``chunk_size`` are prefilled in chunks of that size. ``profile``
     (the head's acceptance, see :mod:`infer.block_size`) enables ``block_size="auto"``;
     its pass-cost tables are kept under ``cost_root`` (default: the user cache folder).
+    ``generation`` holds the model folder's ``generation_config.json`` (default: none):
+    its end-of-sequence ids join the config's in :attr:`eos_ids`, and its sampling
+    defaults are ``generation.sampling``.
     """
 
     def __init__(self, model: OrthrusLM, tokenizer: Any = None, *, chunk_size: int = 512,
                  max_len: int | None = None, mesh: Mesh | None = None,
                  rules: Rules | None = None, profile: AcceptanceProfile | None = None,
-                 cost_root: str | Path | None = None, unstack: bool = True):
+                 cost_root: str | Path | None = None, unstack: bool = True,
+                 generation: GenerationConfig | None = None):
         self._model = model
         self._unstack = unstack
         self.config = model.config
@@ -158,6 +163,7 @@ class Generator:
         self.max_len = max_len or self.config.max_position_embeddings
         self.mesh, self.rules = mesh, rules
         self.profile, self.cost_root = profile, cost_root
+        self.generation = generation or GenerationConfig()
         self._compiled: dict[tuple, tuple[Callable, Callable]] = {}
         self.plans: dict[tuple, BlockPlan] = {}  # block plans chosen by "auto", by key
         self.compile_seconds: dict[tuple, float] = {}
@@ -167,16 +173,26 @@ class Generator:
              compute_dtype: str | None = None, mesh: Mesh | None = None,
              **kwargs) -> Generator:
         """The engine for a model folder: its weights (cast to ``dtype``, default
-        :func:`decode_dtype`; placed on ``mesh``), tokenizer and acceptance profile.
+        :func:`decode_dtype`; placed on ``mesh``), tokenizer, acceptance profile and
+        ``generation_config.json`` (checked before the weights are read).
         ``compute_dtype`` is the dtype of activations, the KV cache and matmul
         accumulation (default: ``dtype``); see :func:`check_dtypes` for the pairs allowed.
         ``kwargs`` go to the constructor."""
-        dtype = dtype or decode_dtype(ModelConfig.from_json_file(model_dir).param_dtype)
+        config = ModelConfig.from_json_file(model_dir)
+        generation = read_generation_config(model_dir, config.vocab_size)
+        dtype = dtype or decode_dtype(config.param_dtype)
         compute_dtype = check_dtypes(dtype, compute_dtype)
         return cls(load_model(model_dir, param_dtype=dtype, dtype=compute_dtype, mesh=mesh,
                               per_layer=True),
                    load_tokenizer(model_dir), mesh=mesh,
-                   profile=AcceptanceProfile.load(model_dir), **kwargs)
+                   profile=AcceptanceProfile.load(model_dir), generation=generation,
+                   **kwargs)
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The ids that end an answer unless a caller gives its own: ``config.json``'s
+        ``eos_token_id`` and ``generation_config.json``'s, together."""
+        return tuple(dict.fromkeys(self.config.eos_token_id + self.generation.eos_token_id))
 
     @property
     def model(self) -> OrthrusLM:
@@ -319,7 +335,7 @@ class Generator:
         self._check_block_size(block_size)
         batch_size = batch_size or default_batch_size(len(prompts))
         out_len = bucket(max_new_tokens)
-        n_eos = eos_array(self.config.eos_token_id, eos_ids).shape[0]
+        n_eos = eos_array(self.eos_ids, eos_ids).shape[0]
         if tree_budget == "auto":
             raise ValueError("program_keys takes a fixed tree budget, not 'auto'")
         chosen = BlockPlan((1,), 1) if mode == "ar" else self.block_plan(
@@ -392,6 +408,11 @@ class Generator:
         ``"auto"``: the chain or the tree budget with the most expected tokens/s, chosen with
         the block size (:meth:`block_plan`). Outputs do not depend on it either.
 
+        ``temperature`` 0 (the default) is greedy; ``top_k`` 0 and ``top_p`` 1 are off
+        (the model folder's defaults are ``self.generation.sampling.kwargs()``).
+        ``eos_ids``: the ids that end an answer (default :attr:`eos_ids`, the model's);
+        given, they replace the model's (``[]``: none).
+
         ``first_row``: the index of ``prompts[0]`` in a larger call split into pieces (a
         multiple of the batch size): row ``i`` draws with the key of row ``first_row + i``
         and its batch is numbered as in the whole call, so the pieces give what the whole
@@ -411,7 +432,7 @@ class Generator:
         self._check_tree_budget(tree_budget)
         for ids in prompts:
             self.check_ids(ids)
-        eos_arr = eos_array(self.config.eos_token_id, eos_ids)
+        eos_arr = eos_array(self.eos_ids, eos_ids)
         batch_size = batch_size or default_batch_size(len(prompts))
         out_len = bucket(max_new_tokens)  # tokens past a row's budget are never stored
         key = jax.random.key(seed)  # row i draws with fold_in(key, i) (decode.row_keys)
@@ -607,8 +628,14 @@ def generate(model_dir: str | Path, prompts: Sequence[str | Sequence[int]], *,
     """Load ``model_dir`` (``dtype``, ``compute_dtype``: see :meth:`Generator.load`) and
     generate for text prompts or token-id lists.
 
-    Keyword arguments are those of :meth:`Generator.generate`.
+    Keyword arguments are those of :meth:`Generator.generate`. Without any of
+    ``temperature``, ``top_k`` and ``top_p`` the folder's sampling defaults apply (its
+    ``generation_config.json``; greedy without one, or without ``do_sample: true``);
+    with any of them, those given (the others off), as :meth:`Generator.generate` takes
+    them.
     """
     gen = Generator.load(model_dir, dtype=dtype, compute_dtype=compute_dtype)
+    if not {"temperature", "top_k", "top_p"} & kwargs.keys():
+        kwargs.update(gen.generation.sampling.kwargs())
     ids = [gen.encode(p, chat) if isinstance(p, str) else list(p) for p in prompts]
     return gen.generate(ids, labels=list(prompts), **kwargs)

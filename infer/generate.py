@@ -2,11 +2,17 @@
 
 The CLI around :class:`infer.engine.Generator`; from Python use
 :func:`infer.engine.generate` or the ``Generator`` itself.
+
+An answer ends at an end-of-sequence id of the model (those of its config.json and its
+generation_config.json; --eos-id replaces them). Without a sampling flag (--temperature,
+--top-k, --top-p, --greedy) decoding follows the model's generation_config.json: its
+temperature, top-k and top-p with do_sample true, else greedy (greedy without the file).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -17,9 +23,14 @@ from infer.buckets import DEFAULT_MAX_BATCH, MODES
 from infer.compile_cache import add_compile_cache_args, enable_compile_cache_from
 from infer.default_model import default_model_dir
 from infer.engine import Generator, check_dtypes, summarize
-from infer.options import add_decoding_args, block_size_arg, tree_budget_arg
+from infer.options import (
+    add_decoding_args,
+    block_size_arg,
+    sampling_arg,
+    sampling_flags,
+    tree_budget_arg,
+)
 from infer.prompts import read_prompts_file
-from infer.sampling import SamplingParams
 from orthrus_jax.cli import positive_int, run_command
 from orthrus_jax.memory import format_bytes, format_peak
 from orthrus_jax.sharding import make_mesh
@@ -72,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    SamplingParams.make(args.temperature, args.top_k, args.top_p)  # fail before loading
+    sampling_flags(args)  # a bad value fails before loading
     mesh = make_mesh(args.mesh) if args.mesh else None
     if args.dtype is not None:  # a bad pair fails before loading
         check_dtypes(args.dtype, args.compute_dtype)
@@ -118,9 +129,9 @@ def _main(args: argparse.Namespace) -> int:
             printed[i] = len(text)
 
     block_size = block_size_arg(args, gen) if args.mode == "orthrus" else None
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=args.eos_id,
-                   batch_size=batch_size)
+    sampling = sampling_arg(args, gen)  # the flags', else generation_config.json's
+    options = dict(max_new_tokens=args.max_new_tokens, **sampling.kwargs(), seed=args.seed,
+                   eos_ids=args.eos_id, batch_size=batch_size)
     t0 = time.perf_counter()
     tree_budget = tree_budget_arg(args, gen) if args.mode == "orthrus" else None
     results = gen.generate(ids, mode=args.mode, stream=stream, labels=labels,
@@ -141,7 +152,8 @@ def _main(args: argparse.Namespace) -> int:
         print(f"[{args.mode}] {t['tokens']} tokens, {t['iterations']} iterations, "
               f"{t['tokens_per_iteration']:.2f} tokens/iteration, "
               f"{t['tokens_per_second']:.1f} tokens/s (decode {t['seconds']:.2f} s, "
-              f"compile {compile_s:.1f} s, total {wall:.1f} s)", file=sys.stderr)
+              f"compile {compile_s:.1f} s, total {wall:.1f} s); "
+              f"sampling: {sampling.describe()}", file=sys.stderr)
         for plan in {p.describe() for p in gen.plans.values()}:
             print(f"[{args.mode}] {plan}", file=sys.stderr)
         if t["loop_speedup_vs_cost_table"] is not None:
@@ -150,7 +162,8 @@ def _main(args: argparse.Namespace) -> int:
     memory = gen.memory_report()
     if args.json:
         print(json.dumps({"memory": memory, "dtype": gen.config.param_dtype,
-                          "compute_dtype": gen.config.dtype}), file=sys.stderr)
+                          "compute_dtype": gen.config.dtype,
+                          "sampling": dataclasses.asdict(sampling)}), file=sys.stderr)
     else:
         print(f"[memory] weights {format_bytes(memory['weight_bytes'])} "
               f"({gen.config.param_dtype}), KV cache {format_bytes(memory['cache_bytes'])} "

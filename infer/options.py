@@ -1,7 +1,7 @@
 """Decoding options as the command lines take them: the shared flags of ``infer.generate``,
 ``infer.bench`` and ``infer.serve`` (sampling, stopping, dtypes, block size, tree budget),
 their parsers, and how a flag left out resolves against the model (its acceptance
-profile). Bad values are refused by argparse, naming the flag."""
+profile, its ``generation_config.json``). Bad values are refused by argparse, naming the flag."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import argparse
 from typing import TYPE_CHECKING
 
 from infer.buckets import MAX_TREE_BUDGET
+from infer.generation_config import Sampling
+from infer.sampling import SamplingParams
 from orthrus_jax.cli import non_negative_int, positive_int
 from orthrus_jax.config import DTYPE_NAMES
 
@@ -18,12 +20,11 @@ if TYPE_CHECKING:
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
     """Sampling, stopping, dtype and cache options shared by ``generate`` and ``bench``."""
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    add_sampling_args(p)
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--eos-id", type=int, action="append", default=None,
-                   help="end-of-sequence id (repeatable; overrides the config's)")
+                   help="end-of-sequence id (repeatable; replaces the model's: the ids of "
+                        "config.json and generation_config.json; a negative id: none)")
     add_dtype_args(p)
     p.add_argument("--max-len", type=positive_int, default=None,
                    help="KV cache capacity (default: the model's max_position_embeddings)")
@@ -43,6 +44,43 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-adapt", action="store_true",
                    help="with --block-size auto: keep the chosen size for the whole answer "
                         "instead of switching to AR steps and back by the acceptance seen")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """``--temperature``, ``--top-k``, ``--top-p`` and ``--greedy``: left out (None), the
+    model's defaults apply (:func:`sampling_arg`)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--temperature", type=float, default=None,
+                       help="0 = greedy. With none of --temperature, --top-k, --top-p and "
+                            "--greedy, the model's sampling defaults apply (its "
+                            "generation_config.json with do_sample true; greedy otherwise); "
+                            "with any of them, those given, the others off")
+    p.add_argument("--top-k", type=non_negative_int, default=None, help="0 = off")
+    p.add_argument("--top-p", type=float, default=None, help="1 = off")
+    group.add_argument("--greedy", action="store_true",
+                       help="greedy decoding, whatever generation_config.json says (the "
+                            "same as --temperature 0)")
+
+
+def sampling_flags(args: argparse.Namespace) -> Sampling | None:
+    """The sampling the flags ask for, checked (a bad value: ``ValueError`` naming it), or
+    None when no sampling flag is given. Flags left out are off (temperature 0 = greedy,
+    top-k 0, top-p 1), whatever the model's defaults."""
+    if args.greedy:
+        return Sampling(source="--greedy")
+    if args.temperature is None and args.top_k is None and args.top_p is None:
+        return None
+    sampling = Sampling(temperature=0.0 if args.temperature is None else args.temperature,
+                        top_k=0 if args.top_k is None else args.top_k,
+                        top_p=1.0 if args.top_p is None else args.top_p, source="flags")
+    SamplingParams.make(**sampling.kwargs())
+    return sampling
+
+
+def sampling_arg(args: argparse.Namespace, gen: Generator) -> Sampling:
+    """The sampling ``generate`` and ``bench`` decode with: the flags' (:func:`sampling_flags`),
+    else the model folder's defaults (``generation_config.json``; greedy without one)."""
+    return sampling_flags(args) or gen.generation.sampling
 
 
 def add_dtype_args(p: argparse.ArgumentParser) -> None:

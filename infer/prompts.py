@@ -27,16 +27,7 @@ def load_tokenizer(model_dir: str | Path):
         path = model_dir / name
         if not path.is_file():
             continue
-        try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise InputError(f"{path}: not valid JSON ({e})") from e
-        except OSError as e:
-            raise InputError(f"{path}: unreadable ({e})") from e
-        if not isinstance(data, dict):
-            raise InputError(f"{path}: expected a JSON object, got {_kind(data)}")
+        data = read_json_object(path)
         if name == "tokenizer_config.json":
             _check_tokenizer_config(path, data)
     template = model_dir / "chat_template.jinja"
@@ -171,6 +162,22 @@ def check_messages(messages: Any, where: str = "messages") -> None:
                              f"{_kind(m.get('content'))}")
     if not any(m["role"] == "user" for m in messages):
         raise InputError(f"{where} has no 'user' message")
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in the file at ``path``; anything else (not UTF-8, not JSON, not an
+    object, unreadable) is an :class:`InputError` naming the file."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from e
+    except OSError as e:
+        raise InputError(f"{path}: unreadable ({e})") from e
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object, got {_kind(data)}")
+    return data
 
 
 def _kind(value: Any) -> str:

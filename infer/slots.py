@@ -81,7 +81,8 @@ class SlotEngine:
     once here, non-adaptive); ``tree_budget``: verify draft trees of that many nodes
     instead of chains (None: chains; ``"auto"`` resolved with the block size, see
     :meth:`infer.engine.Generator.block_plan`); every slot then holds ``budget + 1``
-    verify rows. ``eos_ids``: default the model's.
+    verify rows. ``eos_ids``: default the model's (:attr:`Generator.eos_ids`: those of
+    ``config.json`` and ``generation_config.json``).
     """
 
     def __init__(self, gen: Generator, *, slots: int, mode: str = "orthrus",
@@ -104,7 +105,7 @@ class SlotEngine:
         self.block = 1 if chosen is None else chosen.blocks[0]
         self.tree_budget = 0 if chosen is None or self.block == 1 else chosen.tree_budget
         self.out_len = bucket(self.max_len + self.max_block)
-        self.eos = eos_array(gen.config.eos_token_id, eos_ids)
+        self.eos = eos_array(gen.eos_ids, eos_ids)
         self.buckets = prompt_buckets(self.max_len, gen.chunk_size)
         self._budget = np.ones((slots,), np.int32)
         self._temperature = np.zeros((slots,), np.float32)
