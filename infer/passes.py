@@ -426,7 +426,7 @@ def measure(model: OrthrusLM, *, batch_size: int = 1, context: int | Sequence[in
         for name, p in passes.items():
             p["relative_to_first_context"] = p["seconds"] / first[name]["seconds"]
     return out | {"contexts": contexts, "passes": {str(k): v for k, v in by_context.items()},
-                  "iterations": {str(k): v for k, v in loops.items()}}
+                  "iterations": {str(k): loops.get(k, {}) for k in contexts}}
 
 
 def format_report(r: dict) -> str:

@@ -136,3 +136,38 @@ def test_bench_missing_model(tmp_path, prompts_file, capsys):
                        str(prompts_file)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
+
+
+def test_long_context_bench_table_and_chart(model_dir, prompts_file, tmp_path):
+    """``--context``: every prompt is preceded by filler to exactly that many tokens, both
+    modes run at each context (greedy outputs equal), and the chart is written."""
+    chart = tmp_path / "context.png"
+    r = run_json("--model", model_dir, "--prompts-file", prompts_file, "--limit", 2,
+                 "--max-new-tokens", 6, "--context", "24,40", "--chart", chart,
+                 "--eos-id", -5)
+    assert [c["context"] for c in r["contexts"]] == [24, 40]
+    # the report's prompts are the last context's: each exactly that long
+    assert [p["prompt_tokens"] for p in r["prompts"]] == [40, 40]
+    for c in r["contexts"]:
+        assert c["outputs_differ"] == 0
+        assert c["orthrus_tokens_per_second"] > 0 and c["ar_decode_tokens_per_second"] > 0
+        assert c["speedup"] == pytest.approx(
+            c["orthrus_tokens_per_second"] / c["ar_tokens_per_second"])
+        assert c["ar_tokens_per_iteration"] == 1 and c["orthrus_tokens_per_iteration"] >= 1
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert bench.with_context([7, 8], [1, 2, 3, 4], 5) == [1, 2, 3, 7, 8]
+    assert bench.with_context([7, 8, 9], [1, 2], 2) == [7, 8, 9]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--context", "40,24"], "contexts must increase"),
+    (["--context", "250"], "--context 250: with --max-new-tokens 8 the model's cache of 256"),
+    (["--chart", "x.png"], "--chart needs --context"),
+])
+def test_long_context_flags_are_checked(model_dir, prompts_file, capsys, args, message):
+    try:  # argparse exits, the command returns its status
+        status = bench.main(["--model", str(model_dir), "--prompts-file", str(prompts_file),
+                             "--max-new-tokens", "8", *args])
+    except SystemExit as e:
+        status = e.code
+    assert status == 2 and message in capsys.readouterr().err

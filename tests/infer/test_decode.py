@@ -39,14 +39,6 @@ _HF: dict = {}
 _GENS: dict[str, Generator] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _drop_cached_generators():
-    """The generators (and their compiled programs) live for this module only."""
-    yield
-    _GENS.clear()
-    _HF.clear()
-
-
 def _hf(name: str):
     model_type, tied, _, seed = SPECS[name]
     if (model_type, tied, seed) not in _HF:

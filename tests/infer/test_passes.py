@@ -78,6 +78,11 @@ def test_several_contexts_are_timed_in_one_run(model_dir):
     assert "context 16, 40" in out and "x first" in out and out.count("verify_pass") == 2
     # the decode loop beside its passes, in every context
     assert out.count("decode loop, block") == 2 and "x passes" in out
+    # the passes alone (no loop), several contexts
+    status, out, err = run("--model", model_dir, "--context", "16,40", "--repeats", 1,
+                           "--copy-mib", 8, "--loop-steps", 0)
+    assert status == 0, err
+    assert out.count("verify_pass") == 2 and "decode loop" not in out
 
 
 def test_the_loop_is_timed_beside_its_passes(model_dir):
