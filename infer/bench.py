@@ -57,6 +57,7 @@ from infer.compile_cache import add_compile_cache_args, enable_compile_cache_fro
 from infer.default_model import default_model_dir
 from infer.engine import Generator, check_dtypes, summarize
 from infer.options import (
+    add_chat_args,
     add_decoding_args,
     block_size_arg,
     sampling_arg,
@@ -77,9 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", required=True,
                    help="JSONL of {prompt|messages|prompt_ids}, one per line")
     p.add_argument("--limit", type=positive_int, default=None, help="use the first N prompts only")
-    p.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
-                   help="chat template for text prompts: auto = when the tokenizer has one "
-                        "(default); messages always use it")
+    add_chat_args(p)
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--repeats", type=positive_int, default=1,
                    help="timed rounds after the warm-up; the best round is reported")
@@ -134,7 +133,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     tokenizer = gen.tokenizer
     use_chat = args.chat == "on" or (
         args.chat == "auto" and bool(getattr(tokenizer, "chat_template", None)))
-    ids = [gen.encode_item(item, use_chat) for item in items]
+    ids = [gen.encode_item(item, use_chat, args.chat_template_kwargs) for item in items]
     sampling = sampling_arg(args, gen)  # the flags', else generation_config.json's
     kwargs = dict(max_new_tokens=args.max_new_tokens, **sampling.kwargs(), seed=args.seed,
                   eos_ids=args.eos_id, batch_size=args.batch_size)

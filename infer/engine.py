@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jinja2
 import numpy as np
 from jax.sharding import Mesh
 
@@ -36,7 +37,12 @@ from infer.buckets import (
 )
 from infer.decode import FINISH_REASONS, DecodeInputs, row_keys, run, start
 from infer.generation_config import GenerationConfig, read_generation_config
-from infer.prompts import check_messages, check_prompt_item, load_tokenizer
+from infer.prompts import (
+    check_messages,
+    check_prompt_item,
+    check_template_kwargs,
+    load_tokenizer,
+)
 from infer.sampling import SamplingParams
 from infer.tree import TreeScoring
 from orthrus_jax.checkpoint import load_model
@@ -234,8 +240,13 @@ class Generator:
         self.plans.clear()
 
     # ----------------------------------------------------------------- prompts
-    def encode(self, prompt: str | Sequence[dict], chat: bool = False) -> list[int]:
-        """Token ids of a text prompt (or of chat ``messages``) with the model's tokenizer."""
+    def encode(self, prompt: str | Sequence[dict], chat: bool = False,
+               template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """Token ids of a text prompt (or of chat ``messages``) with the model's tokenizer;
+        ``template_kwargs`` are extra variables for the chat template (e.g.
+        ``{"enable_thinking": False}`` for Qwen3), checked by
+        :func:`infer.prompts.check_template_kwargs`."""
+        template_kwargs = check_template_kwargs(template_kwargs)
         if self.tokenizer is None:
             raise ValueError("this model folder has no tokenizer: give token ids "
                              "(--prompt-ids, or prompt_ids in --prompts-file)")
@@ -247,19 +258,24 @@ class Generator:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ValueError("the tokenizer has no chat template (drop --chat, or give "
                                  "a plain prompt)")
-            return list(self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+            try:
+                return list(self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                    **template_kwargs))
+            except jinja2.TemplateError as e:  # the template's own raise_exception(...)
+                raise InputError(f"the chat template refused the messages: {e}") from e
         return list(self.tokenizer.encode(prompt, add_special_tokens=True))
 
-    def encode_item(self, item: dict, chat: bool = False) -> list[int]:
+    def encode_item(self, item: dict, chat: bool = False,
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """Token ids of one prompts-file record: ``{"prompt_ids": [...]}``, ``{"messages":
         [...]}`` (always through the chat template) or ``{"prompt": text}``."""
         check_prompt_item(item)
         if "prompt_ids" in item:
             return [int(t) for t in item["prompt_ids"]]
         if "messages" in item:
-            return self.encode(item["messages"], chat=True)
-        return self.encode(item["prompt"], chat)
+            return self.encode(item["messages"], chat=True, template_kwargs=template_kwargs)
+        return self.encode(item["prompt"], chat, template_kwargs)
 
     def decode_text(self, ids: Sequence[int]) -> str | None:
         if self.tokenizer is None:

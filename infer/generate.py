@@ -24,6 +24,7 @@ from infer.compile_cache import add_compile_cache_args, enable_compile_cache_fro
 from infer.default_model import default_model_dir
 from infer.engine import Generator, check_dtypes, summarize
 from infer.options import (
+    add_chat_args,
     add_decoding_args,
     block_size_arg,
     sampling_arg,
@@ -54,10 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-ids", action="append", default=[],
                    help="comma-separated token ids (repeatable)")
     p.add_argument("--prompts-file", help="JSONL of {prompt|messages|prompt_ids}")
-    p.add_argument("--chat", nargs="?", choices=("auto", "on", "off"), const="on",
-                   default="auto",
-                   help="wrap text prompts in the chat template: auto = when the tokenizer has "
-                        "one (default), --chat = on; messages always use it")
+    add_chat_args(p)
     p.add_argument("--mode", choices=MODES, default="orthrus")
     p.add_argument("--max-new-tokens", type=positive_int, default=256)
     add_decoding_args(p)
@@ -98,7 +96,7 @@ def _main(args: argparse.Namespace) -> int:
     ids: list[list[int]] = []
     for text in args.prompt:
         labels.append(text)
-        ids.append(gen.encode(text, chat))
+        ids.append(gen.encode(text, chat, args.chat_template_kwargs))
     for text in args.prompt_ids:
         labels.append(_parse_ids(text))
         ids.append(labels[-1])
@@ -106,7 +104,7 @@ def _main(args: argparse.Namespace) -> int:
         for item in items:
             labels.append(next(item[k] for k in ("prompt_ids", "messages", "prompt")
                                if k in item))
-            ids.append(gen.encode_item(item, chat))
+            ids.append(gen.encode_item(item, chat, args.chat_template_kwargs))
     if not ids:
         raise ValueError("no prompts: give --prompt, --prompt-ids or --prompts-file")
 

@@ -6,16 +6,42 @@ profile, its ``generation_config.json``). Bad values are refused by argparse, na
 from __future__ import annotations
 
 import argparse
+import json
 from typing import TYPE_CHECKING
 
 from infer.buckets import MAX_TREE_BUDGET
 from infer.generation_config import Sampling
+from infer.prompts import check_template_kwargs
 from infer.sampling import SamplingParams
 from orthrus_jax.cli import non_negative_int, positive_int
 from orthrus_jax.config import DTYPE_NAMES
 
 if TYPE_CHECKING:
     from infer.engine import Generator
+
+
+def template_kwargs_arg(text: str) -> dict:
+    """``--chat-template-kwargs``: a JSON object of chat-template variables."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{text[:60]!r} is not JSON ({e})") from None
+    try:
+        return check_template_kwargs(value, "the value")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_chat_args(p: argparse.ArgumentParser) -> None:
+    """``--chat`` and ``--chat-template-kwargs``, shared by ``generate`` and ``bench``."""
+    p.add_argument("--chat", nargs="?", choices=("auto", "on", "off"), const="on",
+                   default="auto",
+                   help="wrap text prompts in the chat template: auto = when the tokenizer has "
+                        "one (default), --chat = on; messages always use it")
+    p.add_argument("--chat-template-kwargs", type=template_kwargs_arg, default=None,
+                   metavar="JSON",
+                   help="variables for the chat template, e.g. '{\"enable_thinking\": false}' "
+                        "(Qwen3 without its thinking block)")
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:

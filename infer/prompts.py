@@ -164,6 +164,32 @@ def check_messages(messages: Any, where: str = "messages") -> None:
         raise InputError(f"{where} has no 'user' message")
 
 
+# apply_chat_template's own arguments: a chat_template_kwargs key may not set them (it
+# would change what is returned, not what the template sees).
+TEMPLATE_RESERVED = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+def check_template_kwargs(kwargs: Any, where: str = "chat_template_kwargs") -> dict[str, Any]:
+    """Extra variables for the chat template (e.g. Qwen3's ``{"enable_thinking": false}``):
+    an object whose keys are names, none of them an argument of ``apply_chat_template``;
+    an :class:`InputError` starting with ``where`` otherwise. ``None`` is no variables."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise InputError(f"{where} must be an object of template variables, got "
+                         f"{_kind(kwargs)}")
+    for key in kwargs:
+        if not key.isidentifier():
+            raise InputError(f"{where}: {key!r:.40} is not a template variable name")
+        if key in TEMPLATE_RESERVED:
+            raise InputError(f"{where}: {key!r} is an argument of the chat template call, "
+                             "not a template variable")
+    return dict(kwargs)
+
+
 def read_json_object(path: Path) -> dict[str, Any]:
     """The JSON object in the file at ``path``; anything else (not UTF-8, not JSON, not an
     object, unreadable) is an :class:`InputError` naming the file."""

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from infer.compile_cache import add_compile_cache_args, enable_compile_cache_from
+from infer.prompts import check_messages, check_template_kwargs
 from infer.sampling import MAX_TOP_K
 from infer.slots import SlotEngine, SlotParams
 from orthrus_jax.cli import (
@@ -290,7 +291,7 @@ def _deadline_error() -> RequestError:
 ALLOWED = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
            "top_p", "top_k", "seed", "stop", "stream", "stream_options", "user", "n",
            "logprobs", "top_logprobs", "echo", "best_of", "presence_penalty",
-           "frequency_penalty", "logit_bias", "suffix"}
+           "frequency_penalty", "logit_bias", "suffix", "chat_template_kwargs"}
 # accepted only at the value that changes nothing
 NEUTRAL = {"n": (1,), "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (False,),
            "best_of": (1,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
@@ -360,6 +361,8 @@ class Api:
                 raise RequestError(f"'{name}'={json.dumps(body[name])[:40]} is not supported "
                                    f"(only {NEUTRAL[name][0]!r})", name, code="unsupported")
         wrong = "prompt" if chat else "messages"
+        if not chat and "chat_template_kwargs" in body:
+            wrong = "chat_template_kwargs"
         if wrong in body:
             raise RequestError(f"'{wrong}' is not a field of this endpoint (use "
                                f"{'/v1/completions' if chat else '/v1/chat/completions'})",
@@ -375,7 +378,8 @@ class Api:
             raise RequestError(f"model '{model[:80]}' does not exist; this server has "
                                f"'{self.model_name}'", "model", status=404,
                                code="model_not_found")
-        ids = self._messages(body.get("messages")) if chat else self._prompt(body.get("prompt"))
+        ids = self._messages(body.get("messages"), body.get("chat_template_kwargs")) if chat \
+            else self._prompt(body.get("prompt"))
         field = "messages" if chat else "prompt"
         L = self.engine.max_len
         if len(ids) >= L:
@@ -434,9 +438,14 @@ class Api:
             raise RequestError("'prompt' is empty", "prompt")
         return ids
 
-    def _messages(self, messages: Any) -> list[int]:
+    def _messages(self, messages: Any, template_kwargs: Any) -> list[int]:
         try:
-            return self.gen.encode(messages, chat=True)
+            template_kwargs = check_template_kwargs(template_kwargs)
+        except ValueError as e:
+            raise RequestError(str(e), "chat_template_kwargs") from None
+        try:
+            check_messages(messages)  # an array, as the API requires (not a lone string)
+            return self.gen.encode(messages, chat=True, template_kwargs=template_kwargs)
         except ValueError as e:  # InputError from check_messages; no chat template
             raise RequestError(str(e), "messages") from None
 

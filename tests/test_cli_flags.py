@@ -39,3 +39,24 @@ def test_out_of_range_flag_is_refused_naming_it(module, flag, value, message, ca
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flag}: {message}" in err, err
+
+
+def test_console_scripts_name_each_command_line_once():
+    """``[project.scripts]``: every entry is a command module's ``main`` (which a script
+    calls with no arguments), and every module run as ``python -m`` has one."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    targets = {}
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert name.startswith("orthrus-") and attr == "main", (name, target)
+        assert callable(getattr(importlib.import_module(module), attr)), target
+        targets[module] = name
+    assert len(targets) == len(scripts)  # no module twice
+    commands = {f"{p.parent.name}.{p.stem}" for folder in ("infer", "convert", "train")
+                for p in (root / folder).glob("*.py")
+                if 'if __name__ == "__main__":' in p.read_text()}
+    assert commands == set(targets), commands ^ set(targets)

@@ -163,3 +163,27 @@ def test_malformed_prompts_file_names_the_line(ids_dir, tmp_path):
 def test_missing_model_folder(tmp_path):
     status, _, err = run("--model", tmp_path / "nope", "--prompt-ids", "1")
     assert status == 2 and "nope" in err
+
+
+def test_chat_template_kwargs_reach_the_template(chat_dir, tmp_path, capsys):
+    """``--chat-template-kwargs``: the variables the template reads change the prompt (here
+    a ``prefix`` written before the messages), the same ids given directly decode alike."""
+    import shutil
+
+    folder = shutil.copytree(chat_dir, tmp_path / "m")
+    (folder / "chat_template.jinja").write_text(
+        "{% if prefix %}{{ prefix }} {% endif %}{% for m in messages %}{{ m['content'] }}"
+        "{% endfor %}")
+    [loud] = run_json("--model", folder, "--prompt", "the cat", "--chat", "--mode", "ar",
+                      "--chat-template-kwargs", '{"prefix": "a dog and"}',
+                      "--max-new-tokens", 4, "--eos-id", -1)
+    ids = tiny_chat_tokenizer().encode("a dog and the cat", add_special_tokens=False)
+    [direct] = run_json("--model", folder, "--prompt-ids", ",".join(map(str, ids)),
+                        "--mode", "ar", "--max-new-tokens", 4, "--eos-id", -1)
+    assert loud["token_ids"] == direct["token_ids"]
+    for bad, message in (("[1]", "must be an object of template variables, got a list"),
+                         ('{"tokenize": true}', "'tokenize' is an argument"),
+                         ("{x", "is not JSON")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["--model", str(folder), "--prompt", "hi", "--chat-template-kwargs", bad])
+        assert e.value.code == 2 and message in capsys.readouterr().err

@@ -244,6 +244,20 @@ BAD = [  # (name, body or raw bytes, endpoint, status, param, words in the messa
      "messages must be a non-empty list"),
     ("bad role", {"messages": [{"role": "robot", "content": "hi"}]}, "chat/completions", 400,
      "messages", "'role' must be one of"),
+    ("messages a string", {"messages": "not a list"}, "chat/completions", 400, "messages",
+     "messages must be a non-empty list of {'role', 'content'} objects, got a string"),
+    ("messages an object", {"messages": {"role": "user", "content": "hi"}}, "chat/completions",
+     400, "messages", "messages must be a non-empty list"),
+    ("messages null", {"messages": None}, "chat/completions", 400, "messages",
+     "messages must be a non-empty list of {'role', 'content'} objects, got null"),
+    ("template kwargs a list", {"messages": [{"role": "user", "content": "hi"}],
+                                "chat_template_kwargs": [1]}, "chat/completions", 400,
+     "chat_template_kwargs", "chat_template_kwargs must be an object"),
+    ("template kwargs reserved", {"messages": [{"role": "user", "content": "hi"}],
+                                  "chat_template_kwargs": {"tokenize": False}},
+     "chat/completions", 400, "chat_template_kwargs", "'tokenize' is an argument of the chat"),
+    ("template kwargs on completions", {"prompt": "hi", "chat_template_kwargs": {}},
+     "completions", 400, "chat_template_kwargs", "use /v1/chat/completions"),
     ("prompt on chat", {"prompt": "hi"}, "chat/completions", 400, "prompt",
      "use /v1/completions"),
     ("five stops", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "completions", 400,
@@ -274,6 +288,29 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
         client.completions.create(model=NAME, prompt="hi", max_tokens=0)
     assert _complete(client, "hi", False, max_tokens=3, temperature=0)[0] is not None
     assert _health(server)["status"] == "ok"
+
+
+def test_chat_template_kwargs_reach_the_template(server, client, offline):
+    """A template variable set by the request changes the prompt the model reads: here a
+    template that writes ``prefix`` before the messages (the usage counts its tokens)."""
+    template = ("{% if prefix %}{{ prefix }} {% endif %}{% for m in messages %}"
+                "{{ m['content'] }}{% endfor %}")
+    old = server.api.gen.tokenizer.chat_template
+    server.api.gen.tokenizer.chat_template = template
+    offline.tokenizer.chat_template = template
+    try:
+        messages = [{"role": "user", "content": "the cat"}]
+        plain = client.chat.completions.create(model=NAME, messages=messages, max_tokens=2,
+                                               temperature=0)
+        loud = client.chat.completions.create(
+            model=NAME, messages=messages, max_tokens=2, temperature=0,
+            extra_body={"chat_template_kwargs": {"prefix": "a dog and"}})
+        want = offline.encode(messages, chat=True, template_kwargs={"prefix": "a dog and"})
+        assert want == offline.tokenizer.encode("a dog and the cat", add_special_tokens=False)
+        assert loud.usage.prompt_tokens == len(want) > plain.usage.prompt_tokens
+    finally:
+        server.api.gen.tokenizer.chat_template = old
+        offline.tokenizer.chat_template = old
 
 
 def test_queue_full_and_deadline(server, client):
