@@ -245,6 +245,7 @@ def write_context_chart(report: dict, path: str) -> None:
                         (r["context"], r["orthrus_decode_tokens_per_second"]),
                         textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("context (prompt tokens)")
     ax.set_ylabel("tokens / s")
     ax.set_title(f"{report['model_type']}, {report['layers']} layers, batch "
