@@ -184,6 +184,8 @@ class Generator:
         ``compute_dtype`` is the dtype of activations, the KV cache and matmul
         accumulation (default: ``dtype``); see :func:`check_dtypes` for the pairs allowed.
         ``kwargs`` go to the constructor."""
+        if dtype is not None:
+            check_dtypes(dtype, compute_dtype)  # a bad pair fails before the folder is read
         config = ModelConfig.from_json_file(model_dir)
         generation = read_generation_config(model_dir, config.vocab_size)
         dtype = dtype or decode_dtype(config.param_dtype)
