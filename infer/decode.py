@@ -50,7 +50,7 @@ from infer.sampling import (
     sample,
     speculative_accept,
 )
-from orthrus_jax.cache import KVCache, init_cache, write_rows
+from orthrus_jax.cache import KVCache, attention_windows, init_cache, write_rows
 from orthrus_jax.model import OrthrusLM, prefill
 from orthrus_jax.sharding import Rules
 
@@ -405,7 +405,9 @@ def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array,
     c = model.config
     B = prompts.shape[0]
     # Per-layer K/V for a per-layer model (each unrolled layer updates its own array in place).
-    cache = init_cache(c, B, spec.max_len, mesh=mesh, rules=rules, per_layer=model.per_layer)
+    # Passes read the smallest attention window holding the live positions.
+    cache = init_cache(c, B, spec.max_len, mesh=mesh, rules=rules, per_layer=model.per_layer,
+                       windows=attention_windows(spec.max_len))
     logits, cache = prefill(model, prompts, cache, prompt_lengths, spec.prefill_chunk)
     first = pick(jax.vmap(jax.random.fold_in)(keys, jnp.zeros((B,), jnp.int32)), logits,
                  inputs.sampling, spec.greedy)

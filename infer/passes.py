@@ -54,7 +54,7 @@ from infer.compile_cache import add_compile_cache_args, enable_compile_cache_fro
 from infer.decode import RUNNING, DecodeInputs, DecodeState, run
 from infer.options import tree_budgets_arg
 from infer.sampling import SamplingParams
-from orthrus_jax.cache import KVCache, init_cache
+from orthrus_jax.cache import KVCache, attention_windows, init_cache
 from orthrus_jax.checkpoint import load_model
 from orthrus_jax.cli import non_negative_int, positive_int, run_command
 from orthrus_jax.config import DTYPE_NAMES, ModelConfig
@@ -86,13 +86,15 @@ def copy_pass(a: jax.Array) -> jax.Array:
     return a + 1.0
 
 
-@partial(jax.jit, donate_argnums=(2, 3))  # the K/V write is in place, as in decoding
-def ar_pass(model: OrthrusLM, tokens: jax.Array, k, v, lengths: jax.Array):
+# the K/V write is in place, as in decoding
+@partial(jax.jit, donate_argnums=(2, 3), static_argnames="windows")
+def ar_pass(model: OrthrusLM, tokens: jax.Array, k, v, lengths: jax.Array,
+            windows: tuple[int, ...] = ()):
     """``tokens [B, T]`` through the AR view at ``lengths``, writing their K/V: returns
     their float32 logits ``[B, T, V]`` and the new ``k``, ``v`` (donated in). The lengths
     stay put, so every call writes the same positions: the AR step (``T = 1``) and the
-    verify pass (``T = K``)."""
-    hidden, cache = model.ar_hidden(tokens, KVCache(k, v, lengths))
+    verify pass (``T = K``). ``windows``: the cache's attention windows."""
+    hidden, cache = model.ar_hidden(tokens, KVCache(k, v, lengths, windows))
     return model.logits(hidden), cache.k, cache.v
 
 
@@ -256,23 +258,28 @@ def time_passes_at(model: OrthrusLM, *, blocks: Sequence[int], contexts: Sequenc
                    batch_size: int = 1, repeats: int = 10, seed: int = 0,
                    loop_steps: int = LOOP_STEPS, passes: bool = True,
                    tree_budgets: Sequence[int] = (),
-                   tree_blocks: dict[int, int] | None = None) -> dict[int, dict]:
+                   tree_blocks: dict[int, int] | None = None,
+                   max_len: int | None = None) -> dict[int, dict]:
     """:func:`time_passes` at every context of ``contexts``, all timed in the same rounds
     (each round runs every pass and loop at every context once): ``{context: result}``.
     ``loop_steps = 0`` times the passes only, ``passes=False`` the loops only (their
     entries are then missing). ``tree_budgets`` adds ``"tree_verify_pass": {N: s}`` and
     ``"tree_iteration": {N: s}``: trees of ``N`` nodes, the loop's at the block
     ``tree_blocks[N]`` (default: the largest of ``blocks``, ``"tree_block"``; the blocks
-    used are ``"tree_blocks"``)."""
+    used are ``"tree_blocks"``). ``max_len``: the cache's positions per row (default, and
+    at least: the context plus the largest block); its passes read the smallest of its
+    :func:`~orthrus_jax.cache.attention_windows` that holds the context, as the decoder's
+    do."""
     c = model.config
     blocks = sorted({int(k) for k in blocks if k >= 2})
     room = max(blocks, default=1)  # positions one pass writes or reads past the context
     for context in contexts:
         if context < 1:
             raise ValueError(f"context={context} must be >= 1")
-        if context + room > c.max_position_embeddings:
-            raise ValueError(f"context {context} + block {room} exceeds the model's "
-                             f"max_position_embeddings {c.max_position_embeddings}")
+        if max(context + room, max_len or 0) > c.max_position_embeddings:
+            raise ValueError(f"context {context} + block {room} (or max_len {max_len}) "
+                             f"exceeds the model's max_position_embeddings "
+                             f"{c.max_position_embeddings}")
     model = unstack_layers(model)
     rng = np.random.default_rng(seed)
     mask = c.mask_token_id if c.mask_token_id is not None else 0
@@ -283,17 +290,21 @@ def time_passes_at(model: OrthrusLM, *, blocks: Sequence[int], contexts: Sequenc
     calls: dict[tuple, Callable[[], jax.Array]] = {}
     steps: dict[tuple, int] = {}
     for context in contexts:
-        cache = init_cache(c, batch_size, context + room, per_layer=True)
+        cache_len = max(context + room, max_len or 0)
+        cache = init_cache(c, batch_size, cache_len, per_layer=True,
+                           windows=attention_windows(cache_len))
         # Random K/V (their values do not change the cost) in the first `context` positions.
         keys = iter(jax.random.split(jax.random.key(seed), c.num_hidden_layers))
         kv = tuple(jax.random.normal(next(keys), a.shape, a.dtype) for a in cache.k)
-        held = [on_device(KVCache(kv, tuple(a * 0.5 for a in kv),
-                                  jnp.full((batch_size,), context, jnp.int32)))]
+        held = [on_device(dataclasses.replace(cache, k=kv, v=tuple(a * 0.5 for a in kv),
+                                              lengths=jnp.full((batch_size,), context,
+                                                               jnp.int32)))]
 
         def ar_call(t: jax.Array, held=held) -> Callable[[], jax.Array]:
             def call() -> jax.Array:
-                logits, k, v = ar_pass(model, t, held[0].k, held[0].v, held[0].lengths)
-                held[0] = KVCache(k, v, held[0].lengths)
+                logits, k, v = ar_pass(model, t, held[0].k, held[0].v, held[0].lengths,
+                                       held[0].windows)
+                held[0] = dataclasses.replace(held[0], k=k, v=v)
                 return logits
             return call
 
@@ -352,7 +363,7 @@ def random_tree(model: OrthrusLM, batch_size: int, block: int, budget: int, seed
 def measure(model: OrthrusLM, *, batch_size: int = 1, context: int | Sequence[int] = 2048,
             blocks: Sequence[int] | None = None, repeats: int = 10, copy_mib: int = 1024,
             seed: int = 0, loop_steps: int = LOOP_STEPS,
-            tree_budgets: Sequence[int] = ()) -> dict:
+            tree_budgets: Sequence[int] = (), max_len: int | None = None) -> dict:
     """Time the passes and the decode loop over a cache filled to ``context`` (one
     context, or several timed in the same rounds) at each block size of ``blocks``
     (default: the head's); see the module doc.
@@ -366,6 +377,8 @@ def measure(model: OrthrusLM, *, batch_size: int = 1, context: int | Sequence[in
     per context (keyed by the context as a string), each pass also with
     ``relative_to_first_context``. ``tree_budgets`` adds ``tree_verify_pass@N`` (with
     ``to_ar_step``) and the loop at the largest block verifying trees (``K/treeN``).
+    ``max_len``: the cache's positions per row (default: the context plus the largest
+    block), reported as ``"max_len"``.
     """
     c = model.config
     blocks = sorted({int(k) for k in (blocks or [c.block_size])})
@@ -377,14 +390,14 @@ def measure(model: OrthrusLM, *, batch_size: int = 1, context: int | Sequence[in
     tree_budgets = sorted({int(n) for n in tree_budgets})
     seconds = time_passes_at(model, blocks=blocks, batch_size=batch_size, contexts=contexts,
                              repeats=repeats, seed=seed, loop_steps=loop_steps,
-                             tree_budgets=tree_budgets)
+                             tree_budgets=tree_budgets, max_len=max_len)
     bandwidth = copy_bandwidth(copy_mib)
     cache = init_cache(c, batch_size, 1)
     out = {"model_type": c.model_type, "layers": c.num_hidden_layers,
            "hidden_size": c.hidden_size, "block_size": c.block_size, "blocks": blocks,
            "dtype": c.dtype, "batch_size": batch_size, "backend": jax.default_backend(),
            "device": str(jax.devices()[0]), "copy_bandwidth_gb_s": bandwidth / 1e9,
-           "loop_steps": loop_steps, "tree_budgets": tree_budgets}
+           "loop_steps": loop_steps, "tree_budgets": tree_budgets, "max_len": max_len}
     by_context, loops = {}, {}
     for ctx in contexts:
         t = seconds[ctx]
@@ -433,7 +446,9 @@ def format_report(r: dict) -> str:
     contexts = r.get("contexts", [r.get("context")])
     lines = [f"{r['model_type']}: {r['layers']} layers, hidden {r['hidden_size']}, block "
              f"{r['block_size']}, {r['dtype']}, batch {r['batch_size']}, context "
-             f"{', '.join(map(str, contexts))}, {r['backend']} ({r['device']})",
+             f"{', '.join(map(str, contexts))}"
+             + (f" in a {r['max_len']}-position cache" if r.get("max_len") else "")
+             + f", {r['backend']} ({r['device']})",
              f"copy bandwidth {r['copy_bandwidth_gb_s']:.1f} GB/s"]
     several = "contexts" in r
     for ctx in contexts:
@@ -488,6 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=_contexts, default=[2048],
                    help="cached positions per row; several, comma-separated (256,2048), "
                         "are timed in the same rounds")
+    p.add_argument("--max-len", type=positive_int, default=None,
+                   help="cache positions per row (default: the context plus the largest "
+                        "block); the passes read the smallest of its static attention "
+                        "windows that holds the context, as decoding does")
     p.add_argument("--blocks", type=_sizes, default=None,
                    help="block sizes to time, comma-separated (default: the head's)")
     p.add_argument("--tree-budgets", type=tree_budgets_arg, default=[],
@@ -522,7 +541,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         context = args.context[0] if len(args.context) == 1 else args.context
         r = measure(_model(args), batch_size=args.batch_size, context=context,
                     blocks=args.blocks, repeats=args.repeats, copy_mib=args.copy_mib,
-                    loop_steps=args.loop_steps, tree_budgets=args.tree_budgets)
+                    loop_steps=args.loop_steps, tree_budgets=args.tree_budgets,
+                    max_len=args.max_len)
         print(json.dumps(r) if args.json else format_report(r))
 
     return run_command(body)

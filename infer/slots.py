@@ -9,10 +9,19 @@ three kinds of compiled programs, all built by :meth:`SlotEngine.warm_up`:
   fresh ``[1, L]`` cache row, pick its first token (exactly :func:`infer.decode.start` at
   batch 1, as ``Generator.generate`` runs a single prompt), and write that row into slot
   ``s`` of the state; the other slots are untouched;
-- ``step``: :func:`infer.decode.run` for at most ``n`` iterations over all slots (free and
-  finished slots ride along, masked), one fixed block size, sampling with per-row
-  temperature / top-k / top-p (temperature 0: that row is greedy) and per-row PRNG keys;
-- ``free``: mark a slot finished, so it stops decoding at once.
+- ``step`` (one per row count ``R`` of :func:`row_counts`: 1, 2, 4, ..., ``S``):
+  :func:`infer.decode.run` for at most ``n`` iterations over the first ``R`` slots
+  (:func:`run_rows`), one fixed block size, sampling with per-row temperature / top-k /
+  top-p (temperature 0: that row is greedy) and per-row PRNG keys. A step runs the
+  smallest ``R`` that holds every busy slot (requests take the lowest free slot), so a
+  lone request costs a batch-1 step; free and finished slots below ``R`` ride along,
+  masked;
+- ``free``: mark a slot finished, so it stops decoding at once, and set its cache length
+  to 0.
+
+Passes read the smallest attention window of the cache that holds the live rows'
+positions (:func:`orthrus_jax.cache.attention_windows`), so a step costs what the busy
+rows' lengths need, not ``L``.
 
 No shape depends on the traffic, so after :meth:`warm_up` nothing compiles. The engine is
 not thread-safe: one thread (the server's scheduler) owns it.
@@ -20,6 +29,7 @@ not thread-safe: one thread (the server's scheduler) owns it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -41,7 +51,7 @@ from infer.decode import (
 )
 from infer.engine import Generator
 from infer.sampling import SamplingParams
-from orthrus_jax.cache import init_cache
+from orthrus_jax.cache import attention_windows, init_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +82,43 @@ class SlotUpdate:
     new_ids: list[int]
     finish_reason: str | None
     iterations: int
+
+
+def row_counts(slots: int) -> tuple[int, ...]:
+    """The row counts a step program exists for: the powers of two below ``slots``, and
+    ``slots``."""
+    out, r = [], 1
+    while r < slots:
+        out.append(r)
+        r *= 2
+    return (*out, slots)
+
+
+def run_rows(model, state: DecodeState, inputs: DecodeInputs, max_steps: jax.Array, spec,
+             rows: int) -> DecodeState:
+    """:func:`infer.decode.run` over the first ``rows`` rows of ``state`` (``inputs`` of
+    those rows); the other rows are neither computed nor changed.
+
+    The cache's K/V stay whole and are updated in place: its ``lengths`` of the first
+    ``rows`` rows say which rows a pass computes (the attention reads those rows only).
+    Every other field is sliced and written back (``rows`` entries each).
+    """
+    def head(a):
+        return a[:rows]
+
+    sub = dataclasses.replace(
+        jax.tree.map(head, dataclasses.replace(state, cache=None, step=None)),
+        cache=dataclasses.replace(state.cache, lengths=head(state.cache.lengths)),
+        step=state.step)
+    out = run(model, sub, inputs, max_steps, spec)
+
+    def put(big, small):
+        return jax.lax.dynamic_update_slice_in_dim(big, small, 0, 0)
+
+    merged = jax.tree.map(put, dataclasses.replace(state, cache=None, step=None),
+                          dataclasses.replace(out, cache=None, step=None))
+    return dataclasses.replace(merged, cache=dataclasses.replace(
+        out.cache, lengths=put(state.cache.lengths, out.cache.lengths)), step=out.step)
 
 
 class SlotEngine:
@@ -116,10 +163,10 @@ class SlotEngine:
         self._inputs = self._make_inputs()
         self.busy = [False] * slots  # host view: slot holds a request
         self._shown = [0] * slots  # tokens of each slot already reported
-        self._inserts: dict[int, object] = {}
-        self._run = jax.jit(lambda m, s, i, n: run(m, s, i, n, run_spec), donate_argnums=1)
-        self._free = jax.jit(lambda s, slot: dataclasses.replace(
-            s, finish=s.finish.at[slot].set(FINISH_LENGTH)), donate_argnums=0)
+        # One step program per row count: a step runs the first ``rows`` slots only.
+        self.row_counts = row_counts(slots)
+        self.rows_stepped: collections.Counter[int] = collections.Counter()  # steps per count
+        self._programs: dict[tuple, jax.stages.Compiled] = {}
         self.state = jax.jit(self._empty)()
         self.compile_seconds = 0.0
 
@@ -130,7 +177,8 @@ class SlotEngine:
         zeros = jnp.zeros((S,), jnp.int32)
         stats = jnp.zeros((S, K), jnp.float32)
         cache = init_cache(self.gen.config, S, self.max_len, mesh=self.gen.mesh,
-                           rules=self.gen.rules, per_layer=self.gen.model.per_layer)
+                           rules=self.gen.rules, per_layer=self.gen.model.per_layer,
+                           windows=attention_windows(self.max_len))
         return DecodeState(cache=cache, anchor=zeros,
                            tokens=jnp.zeros((S, self.out_len), jnp.int32), num_generated=zeros,
                            finish=jnp.full((S,), FINISH_LENGTH, jnp.int32),
@@ -170,22 +218,45 @@ class SlotEngine:
                 **{f: put(getattr(state, f), getattr(row, f)) for f in fields})
         return jax.jit(insert, donate_argnums=1)
 
+    def _run_fn(self, rows: int):
+        spec = self._spec(self.buckets[0], rows)
+        return jax.jit(lambda m, s, i, n: run_rows(m, s, i, n, spec, rows), donate_argnums=1)
+
+    @staticmethod
+    def _free_fn():
+        # A free slot's length drops to 0, so it never holds the attention window up.
+        return jax.jit(lambda s, slot: dataclasses.replace(
+            s, finish=s.finish.at[slot].set(FINISH_LENGTH),
+            cache=dataclasses.replace(s.cache, lengths=s.cache.lengths.at[slot].set(0))),
+            donate_argnums=0)
+
+    def _program(self, key: tuple, make, *args) -> jax.stages.Compiled:
+        """The compiled program ``key`` (``("insert", P)``, ``("step", rows)`` or
+        ``("free",)``), compiled ahead of time from ``make()`` for ``args`` the first time
+        (from JAX's persistent compilation cache where the command line turned it on)."""
+        if key not in self._programs:
+            self._programs[key] = make().lower(*args).compile()
+        return self._programs[key]
+
+    def _call(self, key: tuple, make, *args):
+        return self._program(key, make, *args)(*args)
+
     def _make_inputs(self) -> DecodeInputs:
         return DecodeInputs(jnp.asarray(self._budget), self.eos, SamplingParams(
             jnp.asarray(self._temperature), jnp.asarray(self._top_k),
             jnp.asarray(self._top_p)), tree_scoring=self._tree_scoring)
 
     def warm_up(self) -> float:
-        """Compile (and run once) every program: each prompt bucket's insert, the decode
-        step and free. Returns the seconds it took."""
+        """Compile every program ahead of time, running none: each prompt bucket's
+        insert, the step of each row count and free. Returns the seconds it took."""
         t0 = time.perf_counter()
         for P in self.buckets:
-            n = min(P, self.max_len - 1)
-            self.insert(0, [0] * n, SlotParams(1, temperature=1.0, top_k=1, seed=1))
-            self.free(0)
-        self.insert(0, [0], SlotParams(2))
-        self.step(1)
-        self.free(0)
+            self._program(("insert", P), lambda P=P: self._insert_fn(P),
+                          *self._insert_args(0, [0], P, SlotParams(1)))
+        for rows in self.row_counts:
+            self._program(("step", rows), lambda rows=rows: self._run_fn(rows),
+                          self.gen.model, self.state, self._row_inputs(rows), np.int32(1))
+        self._program(("free",), self._free_fn, self.state, np.int32(0))
         self.compile_seconds = time.perf_counter() - t0
         return self.compile_seconds
 
@@ -201,10 +272,6 @@ class SlotEngine:
         self.gen.check_ids(prompt_ids)
         params.check()
         P = prompt_bucket(len(prompt_ids), self.gen.chunk_size)
-        if P not in self._inserts:
-            self._inserts[P] = self._insert_fn(P)
-        prompt = np.zeros((1, P), np.int32)
-        prompt[0, :len(prompt_ids)] = prompt_ids
         self._budget[slot] = params.max_new_tokens
         # greedy rows have no filters: they never pay for the filtering work
         greedy = params.temperature == 0
@@ -212,17 +279,25 @@ class SlotEngine:
         self._top_k[slot] = 0 if greedy else params.top_k
         self._top_p[slot] = 1.0 if greedy else params.top_p
         self._inputs = self._make_inputs()
+        self.state = self._call(("insert", P), lambda: self._insert_fn(P),
+                                *self._insert_args(slot, prompt_ids, P, params))
+        self.busy[slot] = True
+        self._shown[slot] = 0
+        return self._updates([slot])[0]
+
+    def _insert_args(self, slot: int, prompt_ids: Sequence[int], P: int,
+                     params: SlotParams) -> tuple:
+        """The insert program's arguments: ``prompt_ids`` padded to bucket ``P`` for
+        ``slot``, whose settings are already in the engine's per-slot arrays."""
+        prompt = np.zeros((1, P), np.int32)
+        prompt[0, :len(prompt_ids)] = prompt_ids
         row_inputs = DecodeInputs(
             jnp.asarray(self._budget[slot:slot + 1]), self.eos,
             SamplingParams(*(jnp.asarray(a[slot:slot + 1]) for a in
                              (self._temperature, self._top_k, self._top_p))))
-        self.state = self._inserts[P](
-            self.gen.model, self.state, np.int32(slot), jnp.asarray(prompt),
-            jnp.asarray([len(prompt_ids)], jnp.int32), row_inputs,
-            jax.random.key(params.seed))
-        self.busy[slot] = True
-        self._shown[slot] = 0
-        return self._updates([slot])[0]
+        return (self.gen.model, self.state, np.int32(slot), jnp.asarray(prompt),
+                jnp.asarray([len(prompt_ids)], jnp.int32), row_inputs,
+                jax.random.key(params.seed))
 
     def step(self, n_iterations: int = 1) -> list[SlotUpdate]:
         """Run up to ``n_iterations`` loop iterations (fewer when every slot is done) and
@@ -231,13 +306,28 @@ class SlotEngine:
         busy = [i for i, b in enumerate(self.busy) if b]
         if not busy:
             return []
-        self.state = self._run(self.gen.model, self.state, self._inputs,
-                               np.int32(n_iterations))
+        rows = self.rows_for(busy)
+        self.rows_stepped[rows] += 1
+        self.state = self._call(("step", rows), lambda: self._run_fn(rows), self.gen.model,
+                                self.state, self._row_inputs(rows), np.int32(n_iterations))
         return self._updates(busy)
+
+    def rows_for(self, busy: Sequence[int]) -> int:
+        """The row count of the program that steps the ``busy`` slots: the smallest of
+        :attr:`row_counts` that holds the highest of them."""
+        need = max(busy) + 1
+        return next(r for r in self.row_counts if r >= need)
+
+    def _row_inputs(self, rows: int) -> DecodeInputs:
+        """The per-call inputs of the first ``rows`` slots."""
+        if rows == self.slots:
+            return self._inputs
+        return dataclasses.replace(self._inputs, max_new_tokens=self._inputs.max_new_tokens[
+            :rows], sampling=jax.tree.map(lambda a: a[:rows], self._inputs.sampling))
 
     def free(self, slot: int) -> None:
         """Stop ``slot``'s row (if still running) and make the slot free."""
-        self.state = self._free(self.state, np.int32(slot))
+        self.state = self._call(("free",), self._free_fn, self.state, np.int32(slot))
         self.busy[slot] = False
 
     def _updates(self, slots: list[int]) -> list[SlotUpdate]:

@@ -11,6 +11,8 @@ product, ``[B * Hkv, G * T, hd]``; they are the small operand.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -122,3 +124,31 @@ def block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
            + jnp.einsum("nmqt,nmtd->nmqd", p_block.astype(dt), vb,
                         preferred_element_type=jnp.float32))
     return _ungroup((out / denom).astype(dt), B, Hkv, K)
+
+
+def over_window(attention: Callable[[jax.Array, jax.Array], jax.Array], k_cache: jax.Array,
+                v_cache: jax.Array, windows: tuple[int, ...], need: jax.Array,
+                rows: int | None = None) -> jax.Array:
+    """``attention(k, v)`` over the first ``rows`` rows (default: all) and the first ``W``
+    positions of ``k_cache``/``v_cache`` ``[B, Hkv, S, hd]``, ``W`` the smallest of the
+    static ``windows`` with ``W >= need`` (a traced scalar: the positions any query may
+    see), else all ``S``.
+
+    One ``lax.switch`` with a branch per window (each a static slice, so each branch's
+    products have static shapes): the cost follows the live length in steps of the
+    windows, in one compiled program. ``attention`` must give the same result over any
+    prefix that holds every position its queries see (a mask from positions does).
+    """
+    B, _, S, _ = k_cache.shape
+    R = B if rows is None else rows
+
+    def over(w: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
+        if w == S and R == B:
+            return attention
+        return lambda k, v: attention(k[:R, :, :w], v[:R, :, :w])
+
+    ws = tuple(w for w in windows if w < S)
+    if not ws:
+        return over(S)(k_cache, v_cache)
+    index = jnp.sum((jnp.asarray(ws) < need).astype(jnp.int32))
+    return jax.lax.switch(index, [over(w) for w in (*ws, S)], k_cache, v_cache)

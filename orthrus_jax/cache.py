@@ -13,6 +13,12 @@ cache holds them in one of two forms, like the layer weights (``model.unstack_la
 
 ``lengths[batch]`` says how many positions of each row are committed. Entries at or past a
 row's length are stale: rolling back moves the length and never touches the data.
+
+``windows`` (static) are the shorter lengths a pass over the cache may restrict its
+attention to (:func:`attention_windows`): each pass reads the smallest window that holds
+every row's live positions, so its attention costs what the live lengths need rather
+than ``max_len`` (:func:`orthrus_jax.attention.over_window`). Empty: every pass reads the
+whole cache.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ class KVCache:
     k: KV  # [layers, batch, kv_heads, max_len, head_dim], or layers x [batch, kv_heads, ...]
     v: KV  # like k
     lengths: jax.Array  # [batch] int32
+    # ascending static lengths < max_len that attention may read instead of the whole cache
+    windows: tuple[int, ...] = dataclasses.field(default=(), metadata={"static": True})
 
     @property
     def per_layer(self) -> bool:
@@ -67,9 +75,13 @@ def init_cache(
     mesh: Mesh | None = None,
     rules: Rules | None = None,
     per_layer: bool = False,
+    windows: tuple[int, ...] = (),
 ) -> KVCache:
     """An empty cache (all lengths 0), stacked or ``per_layer`` (see the module doc),
-    optionally placed on ``mesh`` by the logical rules."""
+    optionally placed on ``mesh`` by the logical rules, whose passes read the smallest of
+    ``windows`` that holds the live positions (see the module doc; e.g.
+    :func:`attention_windows` of ``max_len``)."""
+    windows = _check_windows(windows, max_len)
     L = config.num_hidden_layers
     shape = (L, batch_size, config.num_key_value_heads, max_len, config.head_dim)
     dtype = config.jnp_dtype if dtype is None else dtype
@@ -82,7 +94,7 @@ def init_cache(
         k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
         if mesh is not None:
             k, v = jax.device_put(k, kv), jax.device_put(v, kv)
-        return KVCache(k, v, lengths)
+        return KVCache(k, v, lengths, windows)
 
     def layers() -> tuple[jax.Array, ...]:
         arrays = tuple(jnp.zeros(shape[1:], dtype) for _ in range(L))
@@ -91,14 +103,39 @@ def init_cache(
         one = NamedSharding(kv.mesh, PartitionSpec(*kv.spec[1:]))
         return tuple(jax.device_put(a, one) for a in arrays)
 
-    return KVCache(layers(), layers(), lengths)
+    return KVCache(layers(), layers(), lengths, windows)
+
+
+# The shortest window worth a branch: below it the whole-cache read costs less than a branch.
+MIN_WINDOW = 256
+
+
+def attention_windows(max_len: int, smallest: int = MIN_WINDOW) -> tuple[int, ...]:
+    """The static attention lengths of a ``max_len`` cache: the powers of two times
+    ``smallest`` that are below ``max_len`` (none for ``max_len <= smallest``). A pass then
+    reads at most twice the positions it needs (or ``smallest``, or the whole cache), and
+    a compiled pass holds about ``log2(max_len / smallest)`` attention branches per
+    layer."""
+    out, w = [], smallest
+    while w < max_len:
+        out.append(w)
+        w *= 2
+    return tuple(out)
+
+
+def _check_windows(windows, max_len: int) -> tuple[int, ...]:
+    windows = tuple(int(w) for w in windows)
+    if any(not 0 < w < max_len for w in windows) or list(windows) != sorted(set(windows)):
+        raise ValueError(f"windows={windows}: must be ascending distinct lengths in "
+                         f"(0, max_len={max_len})")
+    return windows
 
 
 def stack_cache(cache: KVCache) -> KVCache:
     """``cache`` in the stacked form (itself if already stacked)."""
     if not cache.per_layer:
         return cache
-    return KVCache(jnp.stack(cache.k), jnp.stack(cache.v), cache.lengths)
+    return dataclasses.replace(cache, k=jnp.stack(cache.k), v=jnp.stack(cache.v))
 
 
 def unstack_cache(cache: KVCache) -> KVCache:
@@ -106,7 +143,7 @@ def unstack_cache(cache: KVCache) -> KVCache:
     if cache.per_layer:
         return cache
     split = lambda a: tuple(a[i] for i in range(a.shape[0]))  # noqa: E731
-    return KVCache(split(cache.k), split(cache.v), cache.lengths)
+    return dataclasses.replace(cache, k=split(cache.k), v=split(cache.v))
 
 
 def layer_kv(cache_kv: KV, layer) -> jax.Array:
@@ -139,10 +176,10 @@ def _write_layer(one: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Ar
     the whole layer several times per pass.)
     """
     B, H, S, hd = one.shape
-    T = positions.shape[1]
-    heads = (jnp.arange(B)[:, None, None] * H + jnp.arange(H)[None, None, :])  # [B, 1, H]
+    R, T = positions.shape  # the first R rows are written (R <= B)
+    heads = (jnp.arange(R)[:, None, None] * H + jnp.arange(H)[None, None, :])  # [R, 1, H]
     flat = one.reshape(B * H, S, hd).at[
-        jnp.broadcast_to(heads, (B, T, H)), jnp.broadcast_to(positions[:, :, None], (B, T, H))
+        jnp.broadcast_to(heads, (R, T, H)), jnp.broadcast_to(positions[:, :, None], (R, T, H))
     ].set(new.astype(one.dtype), mode="drop")
     return flat.reshape(B, H, S, hd)
 
@@ -165,4 +202,4 @@ def write_rows(cache: KVCache, new_k: jax.Array, new_v: jax.Array, rows: jax.Arr
     for layer in range(k.shape[0]):
         ck = write_block(ck, layer, k[layer], positions)
         cv = write_block(cv, layer, v[layer], positions)
-    return KVCache(ck, cv, cache.lengths)
+    return dataclasses.replace(cache, k=ck, v=cv)

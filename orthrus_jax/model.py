@@ -8,6 +8,7 @@ queries see (causal over the cache vs cached prefix + own block).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from orthrus_jax.attention import block_attention, causal_cache_attention
+from orthrus_jax.attention import block_attention, causal_cache_attention, over_window
 from orthrus_jax.cache import KVCache, layer_kv, stack_cache, unstack_cache, write_block
 from orthrus_jax.config import ModelConfig
 from orthrus_jax.layers import (
@@ -113,15 +114,19 @@ class OrthrusLM(nnx.Module):
         if per_layer_cache and not self.per_layer:
             cache = stack_cache(cache)  # a traced layer index needs the stack
 
+        need = jnp.max(cache.lengths) + T  # every key a query of the chunk may see
+
         def attention(q, k, v, layer, kv):
             kv = (write_block(kv[0], layer, k, positions), write_block(kv[1], layer, v, positions))
-            return causal_cache_attention(q, layer_kv(kv[0], layer), layer_kv(kv[1], layer),
-                                          positions), kv
+            o = over_window(lambda kc, vc: causal_cache_attention(q, kc, vc, positions),
+                            layer_kv(kv[0], layer), layer_kv(kv[1], layer), cache.windows, need,
+                            tokens.shape[0])
+            return o, kv
 
         x, (k, v) = self._run_layers(AR_VIEW, self.embed(tokens), positions, attention,
                                      (cache.k, cache.v), remat)
         step = T if num_valid is None else num_valid.astype(jnp.int32)
-        out = KVCache(k, v, cache.lengths + step)
+        out = dataclasses.replace(cache, k=k, v=v, lengths=cache.lengths + step)
         if per_layer_cache:
             out = unstack_cache(out)
         return rms_norm(x, self.norm[...], c.rms_norm_eps), out
@@ -146,10 +151,13 @@ class OrthrusLM(nnx.Module):
         shape = (c.num_hidden_layers, B, T, c.num_key_value_heads, c.head_dim)
         buffers = (jnp.zeros(shape, c.jnp_dtype), jnp.zeros(shape, c.jnp_dtype))
 
+        need = jnp.max(cache.lengths)
+
         def attention(q, k, v, layer, kv):
-            o = block_attention(q[:, None], layer_kv(cache.k, layer), layer_kv(cache.v, layer),
-                                k[:, None], v[:, None], cache.lengths[:, None],
-                                visible[:, None])
+            o = over_window(lambda kc, vc: block_attention(
+                q[:, None], kc, vc, k[:, None], v[:, None], cache.lengths[:, None],
+                visible[:, None]), layer_kv(cache.k, layer), layer_kv(cache.v, layer),
+                cache.windows, need, B)
             kv = tuple(jax.lax.dynamic_update_index_in_dim(buf, new.astype(buf.dtype), layer, 0)
                        for buf, new in zip(kv, (k, v), strict=True))
             return o[:, 0], kv
@@ -179,10 +187,14 @@ class OrthrusLM(nnx.Module):
         if cache.per_layer and not self.per_layer:
             cache = stack_cache(cache)  # a traced layer index needs the stack
 
+        need = jnp.max(anchors)
+
         def attention(q, k, v, layer, state):
             split = lambda t: t.reshape(B, m, K, *t.shape[2:])  # noqa: E731
-            o = block_attention(split(q), layer_kv(cache.k, layer), layer_kv(cache.v, layer),
-                                split(k), split(v), anchors)
+            o = over_window(lambda kc, vc: block_attention(split(q), kc, vc, split(k), split(v),
+                                                           anchors),
+                            layer_kv(cache.k, layer), layer_kv(cache.v, layer), cache.windows,
+                            need, B)
             return o.reshape(B, m * K, *o.shape[3:]), state
 
         x, _ = self._run_layers(DIFFUSION_VIEW, self.embed(blocks.reshape(B, m * K)), positions,

@@ -10,9 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import infer.slots
 from infer.buckets import prompt_buckets
 from infer.engine import Generator
-from infer.slots import SlotEngine, SlotParams
+from infer.slots import SlotEngine, SlotParams, row_counts
+from orthrus_jax.cache import attention_windows
 from tests.hf_reference import hf_model, to_orthrus
 
 MAX_LEN = 64
@@ -48,7 +50,7 @@ def _requests(seed: int, n: int, max_new: tuple[int, int]) -> list[tuple[list[in
 
 
 def _serve(engine: SlotEngine, reqs, cancel_after: dict[int, int]):
-    """Admit requests into free slots as they free up, one iteration at a time; request
+    """Admit requests into the lowest free slot, at most one per iteration; request
     ``i`` in ``cancel_after`` is freed after that many iterations. Returns outputs and
     finish reasons (None: freed early)."""
     out: dict[int, list[int]] = {i: [] for i in range(len(reqs))}
@@ -66,11 +68,12 @@ def _serve(engine: SlotEngine, reqs, cancel_after: dict[int, int]):
             del owner[u.slot]
 
     while pending or owner:
-        for s in engine.free_slots():
-            if pending:
-                i = pending.pop(0)
-                owner[s], age[i] = i, 0
-                take(engine.insert(s, *reqs[i]))
+        # one arrival per iteration: the busy slots grow from slot 0 and drain unevenly
+        free = engine.free_slots()
+        if pending and free:
+            i = pending.pop(0)
+            owner[free[0]], age[i] = i, 0
+            take(engine.insert(free[0], *reqs[i]))
         for u in engine.step(1):
             age[owner[u.slot]] += 1
             take(u)
@@ -80,8 +83,14 @@ def _serve(engine: SlotEngine, reqs, cancel_after: dict[int, int]):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode,tree_budget", [("orthrus", None), ("ar", None), ("orthrus", 5)],
                          ids=["orthrus", "ar", "orthrus-tree5"])
-def test_slots_equal_offline_and_never_recompile(gen, eos, backend_compiles, mode, tree_budget):
+def test_slots_equal_offline_and_never_recompile(gen, eos, backend_compiles, mode, tree_budget,
+                                                monkeypatch):
+    # The slots' cache reads windows of 16 and 32 positions (offline reads its whole cache).
+    monkeypatch.setattr(infer.slots, "attention_windows",
+                        lambda n: attention_windows(n, smallest=16))
     engine = SlotEngine(gen, slots=4, mode=mode, eos_ids=eos, tree_budget=tree_budget)
+    assert engine.state.cache.windows == (16, 32)
+    assert engine.row_counts == (1, 2, 4)
     assert engine.tree_budget == (tree_budget or 0)
     assert engine.buckets == prompt_buckets(MAX_LEN, gen.chunk_size) == [16, 32, 64]
     engine.warm_up()
@@ -93,6 +102,7 @@ def test_slots_equal_offline_and_never_recompile(gen, eos, backend_compiles, mod
     out, finish = _serve(engine, reqs, cancel)
     assert backend_compiles() == n0  # no shape depends on the traffic
     assert engine.free_slots() == [0, 1, 2, 3]
+    assert len(engine.rows_stepped) > 1  # steps of fewer rows than slots ran
     reasons = set()
     for i, (prompt, p) in enumerate(reqs):
         [r] = gen.generate([prompt], mode=mode, max_new_tokens=p.max_new_tokens,
@@ -106,6 +116,20 @@ def test_slots_equal_offline_and_never_recompile(gen, eos, backend_compiles, mod
             reasons.add(r.finish_reason)
     assert reasons == {"eos", "length"}
     assert finish[8] is None  # freed right after its prefill
+
+
+def test_row_counts_are_powers_of_two_up_to_the_slots():
+    assert row_counts(1) == (1,)
+    assert row_counts(8) == (1, 2, 4, 8)
+    assert row_counts(6) == (1, 2, 4, 6)
+
+
+def test_a_lone_request_steps_one_row_wherever_the_others_were(gen):
+    engine = SlotEngine(gen, slots=4, mode="ar")
+    assert engine.rows_for([0]) == 1
+    assert engine.rows_for([0, 1]) == 2
+    assert engine.rows_for([2]) == 4
+    assert engine.rows_for([1, 3]) == 4
 
 
 def test_insert_refuses_bad_input(gen):
