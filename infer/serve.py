@@ -1,8 +1,9 @@
 """``python -m infer.serve``: an OpenAI-compatible HTTP server over continuous batching.
 
 One scheduler thread owns the :class:`~infer.slots.SlotEngine` and makes every JAX call:
-it admits queued requests into free slots (prefill), runs the compiled decode loop one
-iteration at a time for all slots, and hands each request its newly committed text.
+it admits queued requests into the lowest free slots (prefilled together), runs the
+compiled decode loop one iteration at a time over the busy slots, and hands each request
+its newly committed text.
 HTTP handlers (FastAPI on uvicorn, asyncio) only parse, queue and relay. See
 docs/serving.md.
 """
@@ -200,8 +201,7 @@ class Scheduler:
                     admit = [self._pending.popleft() for _ in range(min(len(free),
                                                                         len(self._pending)))]
                     self.metrics.queue.set(len(self._pending))
-                for slot, job in zip(free, admit, strict=False):
-                    self._admit(slot, job)
+                self._admit_many(list(zip(free, admit, strict=False)))
                 if self._jobs:
                     for u in self.engine.step(1):
                         self.metrics.tokens_per_iteration.observe(len(u.new_ids))
@@ -218,13 +218,37 @@ class Scheduler:
                 self._pending.clear()
                 self._jobs.clear()
 
-    def _admit(self, slot: int, job: Job) -> None:
+    def _admit_many(self, pairs: list[tuple[int, Job]]) -> None:
+        """Admit jobs into their slots, prefilled together (``SlotEngine.insert_many``);
+        if the engine refuses one, each is admitted alone so only that one fails."""
+        live = [(slot, job) for slot, job in pairs if self._admissible(job)]
+        if len(live) < 2:
+            for slot, job in live:
+                self._admit(slot, job)
+            return
+        try:
+            updates = self.engine.insert_many([(slot, job.prompt_ids, job.params)
+                                               for slot, job in live])
+        except ValueError:
+            for slot, job in live:
+                self._admit(slot, job)
+            return
+        for (slot, job), u in zip(live, updates, strict=True):
+            self._jobs[slot] = job
+            self.metrics.busy.set(len(self._jobs))
+            self._update(job, slot, u.new_ids, u.finish_reason)
+
+    def _admissible(self, job: Job) -> bool:
+        """Whether ``job`` is still wanted (counted and answered here if not)."""
         if job.cancelled:
             self.metrics.requests.labels("cancelled").inc()
-            return
+            return False
         if time.monotonic() > job.deadline:
             self._fail(job, _deadline_error(), "timeout")
-            return
+            return False
+        return True
+
+    def _admit(self, slot: int, job: Job) -> None:
         try:
             u = self.engine.insert(slot, job.prompt_ids, job.params)
         except ValueError as e:  # checked by Api.parse already; never a crash
@@ -635,13 +659,13 @@ def build_server(gen, *, slots: int, mode: str = "orthrus", block_size: int | st
                  model_name: str = "model", api_key: str | None = None, queue_size: int = 64,
                  deadline: float = 600.0, max_body: int = 1 << 20,
                  eos_ids: Sequence[int] | None = None,
-                 tree_budget: int | str | None = None) -> Server:
+                 tree_budget: int | str | None = None, prefill_rows: int = 1) -> Server:
     """Warm up a :class:`SlotEngine` on ``gen`` (a :class:`~infer.engine.Generator` whose
     ``max_len`` is the cache length), start its scheduler and make the app."""
     if gen.tokenizer is None:
         raise InputError("the model folder has no tokenizer: the server needs one")
     engine = SlotEngine(gen, slots=slots, mode=mode, block_size=block_size, eos_ids=eos_ids,
-                        tree_budget=tree_budget)
+                        tree_budget=tree_budget, prefill_rows=prefill_rows)
     engine.warm_up()
     metrics = Metrics()
     scheduler = Scheduler(engine, gen.decode_text, queue_size=queue_size, metrics=metrics)
@@ -668,6 +692,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests decoding at once (rows of the compiled loop)")
     p.add_argument("--max-len", type=positive_int, default=2048,
                    help="KV cache length per slot: prompt + output tokens")
+    p.add_argument("--prefill-rows", type=positive_int, default=1,
+                   help="queued prompts prefilled together by one program (default 1: on a "
+                        "CPU a prefill is compute-bound and batching it only delays first "
+                        "tokens; more pays on a GPU)")
     p.add_argument("--mode", choices=MODES, default="orthrus")
     p.add_argument("--block-size", type=parse_block_size, default=None,
                    help="Orthrus block, fixed for all requests: 'auto' (resolved once at "
@@ -746,7 +774,8 @@ def _main(args: argparse.Namespace) -> int:
                           tree_budget=resolve_tree_budget(args.tree_budget, block, gen),
                           model_name=args.served_model_name or Path(model_dir).name,
                           api_key=args.api_key, queue_size=args.queue_size,
-                          deadline=args.deadline, max_body=args.max_body)
+                          deadline=args.deadline, max_body=args.max_body,
+                          prefill_rows=args.prefill_rows)
     tree = server.api.engine.tree_budget
     trees = f", trees of {tree} nodes" if tree else ""
     print(f"compiled in {time.perf_counter() - t0:.1f} s (block size "

@@ -5,10 +5,12 @@ KV cache of ``S`` rows of ``L`` positions (``L``: the Generator's ``max_len``; p
 ``[S, kv_heads, L, head_dim]``) and
 three kinds of compiled programs, all built by :meth:`SlotEngine.warm_up`:
 
-- ``insert`` (one per prompt-length bucket ``P``): prefill one prompt ``[1, P]`` into a
-  fresh ``[1, L]`` cache row, pick its first token (exactly :func:`infer.decode.start` at
-  batch 1, as ``Generator.generate`` runs a single prompt), and write that row into slot
-  ``s`` of the state; the other slots are untouched;
+- ``insert`` (one per prompt-length bucket ``P`` and count ``n`` of
+  :meth:`SlotEngine.insert_counts`): prefill ``n`` prompts ``[n, P]`` into a fresh
+  ``[n, L]`` cache, pick their first tokens (exactly :func:`infer.decode.start`, each row
+  as ``Generator.generate`` runs a single prompt), and write those rows into their slots
+  of the state; the other slots are untouched. Requests admitted together are prefilled
+  together (:meth:`SlotEngine.insert_many`);
 - ``step`` (one per row count ``R`` of :func:`row_counts`: 1, 2, 4, ..., ``S``):
   :func:`infer.decode.run` for at most ``n`` iterations over the first ``R`` slots
   (:func:`run_rows`), one fixed block size, sampling with per-row temperature / top-k /
@@ -37,6 +39,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from infer.buckets import MODES, bucket, eos_array, max_block, prompt_bucket, prompt_buckets
 from infer.decode import (
@@ -129,12 +132,14 @@ class SlotEngine:
     instead of chains (None: chains; ``"auto"`` resolved with the block size, see
     :meth:`infer.engine.Generator.block_plan`); every slot then holds ``budget + 1``
     verify rows. ``eos_ids``: default the model's (:attr:`Generator.eos_ids`: those of
-    ``config.json`` and ``generation_config.json``).
+    ``config.json`` and ``generation_config.json``). ``prefill_rows``: at most this many
+    prompts are prefilled by one program (:meth:`insert_counts`); more than 1 pays where
+    a prefill is memory-bound (a GPU at short prompts), not where it is compute-bound.
     """
 
     def __init__(self, gen: Generator, *, slots: int, mode: str = "orthrus",
                  block_size: int | str | None = None, eos_ids: Sequence[int] | None = None,
-                 tree_budget: int | str | None = None):
+                 tree_budget: int | str | None = None, prefill_rows: int = 1):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: choose one of {MODES}")
         if slots < 1:
@@ -143,7 +148,10 @@ class SlotEngine:
             raise ValueError(f"block_size={block_size!r} applies to mode 'orthrus' only")
         if mode == "ar" and tree_budget is not None:
             raise ValueError(f"tree_budget={tree_budget!r} applies to mode 'orthrus' only")
+        if prefill_rows < 1:
+            raise ValueError(f"prefill_rows={prefill_rows} must be >= 1")
         self.gen, self.slots, self.mode = gen, slots, mode
+        self.prefill_rows = prefill_rows
         self.max_len = gen.max_len
         self.max_block = max_block(mode, gen.config.block_size)
         chosen = gen.block_plan(block_size, tree_budget=tree_budget, greedy=False,
@@ -166,7 +174,9 @@ class SlotEngine:
         # One step program per row count: a step runs the first ``rows`` slots only.
         self.row_counts = row_counts(slots)
         self.rows_stepped: collections.Counter[int] = collections.Counter()  # steps per count
+        self.inserted: collections.Counter[int] = collections.Counter()  # inserts per count
         self._programs: dict[tuple, jax.stages.Compiled] = {}
+        self._graphdef = nnx.graphdef(gen.model)
         self.state = jax.jit(self._empty)()
         self.compile_seconds = 0.0
 
@@ -194,33 +204,46 @@ class SlotEngine:
         return self.gen.spec(self.mode, (self.block,), False, batch, prompt_len, self.out_len,
                              self.eos.shape[0], self.tree_budget)
 
-    def _insert_fn(self, prompt_len: int):
+    def _insert_fn(self, prompt_len: int, n: int):
         gen = self.gen
-        spec = self._spec(prompt_len, 1)
+        spec = self._spec(prompt_len, n)
 
-        def insert(model, state: DecodeState, slot, prompt, length, inputs, key):
-            row = start(model, prompt, length, inputs, row_keys(key, jnp.zeros((1,), jnp.int32)),
-                        spec, mesh=gen.mesh, rules=gen.rules)
+        def insert(weights, state: DecodeState, slots, prompts, lengths, inputs, seeds):
+            model = nnx.merge(self._graphdef, weights)
+            # each row's key is that of row 0 of a generate call with its own seed
+            keys = jax.vmap(lambda seed: row_keys(jax.random.key(seed),
+                                                  jnp.zeros((1,), jnp.int32))[0])(seeds)
+            rows = start(model, prompts, lengths, inputs, keys, spec, mesh=gen.mesh,
+                         rules=gen.rules)
 
-            def put(big, one, axis=0):
-                return jax.lax.dynamic_update_index_in_dim(big, one.astype(big.dtype), slot,
-                                                           axis)
+            def put(big, new, axis=0):
+                at = (slice(None),) * axis + (slots,)
+                return big.at[at].set(new.astype(big.dtype))
             axis = state.cache.batch_axis
             cache = dataclasses.replace(
                 state.cache,
-                k=jax.tree.map(lambda big, one: put(big, one, axis), state.cache.k, row.cache.k),
-                v=jax.tree.map(lambda big, one: put(big, one, axis), state.cache.v, row.cache.v),
-                lengths=put(state.cache.lengths, row.cache.lengths))
+                k=jax.tree.map(lambda big, new: put(big, new, axis), state.cache.k, rows.cache.k),
+                v=jax.tree.map(lambda big, new: put(big, new, axis), state.cache.v, rows.cache.v),
+                lengths=put(state.cache.lengths, rows.cache.lengths))
             fields = ("anchor", "tokens", "num_generated", "finish", "key", "iterations",
                       "accepted_hist", "block_hist", "seen_tokens", "seen_iterations", "ar_run")
             return dataclasses.replace(
                 state, cache=cache,
-                **{f: put(getattr(state, f), getattr(row, f)) for f in fields})
+                **{f: put(getattr(state, f), getattr(rows, f)) for f in fields})
         return jax.jit(insert, donate_argnums=1)
+
+    def insert_counts(self, prompt_len: int) -> tuple[int, ...]:
+        """How many prompts of bucket ``prompt_len`` one insert program prefills together:
+        the :attr:`row_counts` up to ``prefill_rows`` whose prompts hold at most
+        ``max_len`` tokens in all (at least 1), so the programs stay few and a batch's
+        prefill bounded."""
+        return tuple(n for n in self.row_counts if n == 1 or (
+            n <= self.prefill_rows and n * prompt_len <= self.max_len))
 
     def _run_fn(self, rows: int):
         spec = self._spec(self.buckets[0], rows)
-        return jax.jit(lambda m, s, i, n: run_rows(m, s, i, n, spec, rows), donate_argnums=1)
+        return jax.jit(lambda w, s, i, n: run_rows(nnx.merge(self._graphdef, w), s, i, n, spec,
+                                                   rows), donate_argnums=1)
 
     @staticmethod
     def _free_fn():
@@ -230,8 +253,13 @@ class SlotEngine:
             cache=dataclasses.replace(s.cache, lengths=s.cache.lengths.at[slot].set(0))),
             donate_argnums=0)
 
+    def _weights(self) -> nnx.State:
+        """The model's arrays as the programs take them (the model itself is rebuilt from
+        them inside each program: a module traced by ``lower`` would keep its tracers)."""
+        return nnx.state(self.gen.model)
+
     def _program(self, key: tuple, make, *args) -> jax.stages.Compiled:
-        """The compiled program ``key`` (``("insert", P)``, ``("step", rows)`` or
+        """The compiled program ``key`` (``("insert", P, n)``, ``("step", rows)`` or
         ``("free",)``), compiled ahead of time from ``make()`` for ``args`` the first time
         (from JAX's persistent compilation cache where the command line turned it on)."""
         if key not in self._programs:
@@ -251,11 +279,12 @@ class SlotEngine:
         insert, the step of each row count and free. Returns the seconds it took."""
         t0 = time.perf_counter()
         for P in self.buckets:
-            self._program(("insert", P), lambda P=P: self._insert_fn(P),
-                          *self._insert_args(0, [0], P, SlotParams(1)))
+            for n in self.insert_counts(P):
+                self._program(("insert", P, n), lambda P=P, n=n: self._insert_fn(P, n),
+                              *self._insert_args([(i, [0], SlotParams(1)) for i in range(n)], P))
         for rows in self.row_counts:
             self._program(("step", rows), lambda rows=rows: self._run_fn(rows),
-                          self.gen.model, self.state, self._row_inputs(rows), np.int32(1))
+                          self._weights(), self.state, self._row_inputs(rows), np.int32(1))
         self._program(("free",), self._free_fn, self.state, np.int32(0))
         self.compile_seconds = time.perf_counter() - t0
         return self.compile_seconds
@@ -267,37 +296,65 @@ class SlotEngine:
     def insert(self, slot: int, prompt_ids: Sequence[int], params: SlotParams) -> SlotUpdate:
         """Prefill ``prompt_ids`` into free ``slot`` and pick its first token (returned).
         Raises ``ValueError`` for a bad prompt or settings."""
-        if self.busy[slot]:
-            raise ValueError(f"slot {slot} is busy")
-        self.gen.check_ids(prompt_ids)
-        params.check()
-        P = prompt_bucket(len(prompt_ids), self.gen.chunk_size)
-        self._budget[slot] = params.max_new_tokens
-        # greedy rows have no filters: they never pay for the filtering work
-        greedy = params.temperature == 0
-        self._temperature[slot] = params.temperature
-        self._top_k[slot] = 0 if greedy else params.top_k
-        self._top_p[slot] = 1.0 if greedy else params.top_p
-        self._inputs = self._make_inputs()
-        self.state = self._call(("insert", P), lambda: self._insert_fn(P),
-                                *self._insert_args(slot, prompt_ids, P, params))
-        self.busy[slot] = True
-        self._shown[slot] = 0
-        return self._updates([slot])[0]
+        return self.insert_many([(slot, prompt_ids, params)])[0]
 
-    def _insert_args(self, slot: int, prompt_ids: Sequence[int], P: int,
-                     params: SlotParams) -> tuple:
-        """The insert program's arguments: ``prompt_ids`` padded to bucket ``P`` for
-        ``slot``, whose settings are already in the engine's per-slot arrays."""
-        prompt = np.zeros((1, P), np.int32)
-        prompt[0, :len(prompt_ids)] = prompt_ids
+    def insert_many(self, requests: Sequence[tuple[int, Sequence[int], SlotParams]]
+                    ) -> list[SlotUpdate]:
+        """Prefill several ``(slot, prompt_ids, params)`` at once and pick their first
+        tokens (returned in the same order): prompts of one length bucket go through one
+        program together, in groups of :meth:`insert_counts` (largest first). Every
+        request is checked before any is inserted: ``ValueError`` names the first bad one,
+        and then nothing changed."""
+        slots = [slot for slot, _, _ in requests]
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"slots {slots}: a slot is given twice")
+        for slot, prompt_ids, params in requests:
+            if not 0 <= slot < self.slots:
+                raise ValueError(f"slot {slot} is not in [0, {self.slots})")
+            if self.busy[slot]:
+                raise ValueError(f"slot {slot} is busy")
+            self.gen.check_ids(prompt_ids)
+            params.check()
+        by_bucket: dict[int, list] = {}
+        for req in requests:
+            by_bucket.setdefault(prompt_bucket(len(req[1]), self.gen.chunk_size), []).append(req)
+        for slot, _, params in requests:
+            self._budget[slot] = params.max_new_tokens
+            # greedy rows have no filters: they never pay for the filtering work
+            greedy = params.temperature == 0
+            self._temperature[slot] = params.temperature
+            self._top_k[slot] = 0 if greedy else params.top_k
+            self._top_p[slot] = 1.0 if greedy else params.top_p
+        self._inputs = self._make_inputs()
+        for P, group in by_bucket.items():
+            counts = self.insert_counts(P)
+            while group:
+                n = max(c for c in counts if c <= len(group))
+                part, group = group[:n], group[n:]
+                self.state = self._call(("insert", P, n), lambda P=P, n=n: self._insert_fn(P, n),
+                                        *self._insert_args(part, P))
+                self.inserted[n] += 1
+        for slot in slots:
+            self.busy[slot] = True
+            self._shown[slot] = 0
+        return self._updates(slots)
+
+    def _insert_args(self, requests: Sequence[tuple[int, Sequence[int], SlotParams]],
+                     P: int) -> tuple:
+        """The insert program's arguments for ``requests`` (their prompts padded to bucket
+        ``P``), whose settings are already in the engine's per-slot arrays."""
+        slots = np.array([slot for slot, _, _ in requests], np.int32)
+        prompts = np.zeros((len(requests), P), np.int32)
+        for i, (_, ids, _) in enumerate(requests):
+            prompts[i, :len(ids)] = ids
+        lengths = np.array([len(ids) for _, ids, _ in requests], np.int32)
+        seeds = np.array([params.seed for _, _, params in requests], np.int32)
         row_inputs = DecodeInputs(
-            jnp.asarray(self._budget[slot:slot + 1]), self.eos,
-            SamplingParams(*(jnp.asarray(a[slot:slot + 1]) for a in
+            jnp.asarray(self._budget[slots]), self.eos,
+            SamplingParams(*(jnp.asarray(a[slots]) for a in
                              (self._temperature, self._top_k, self._top_p))))
-        return (self.gen.model, self.state, np.int32(slot), jnp.asarray(prompt),
-                jnp.asarray([len(prompt_ids)], jnp.int32), row_inputs,
-                jax.random.key(params.seed))
+        return (self._weights(), self.state, jnp.asarray(slots), jnp.asarray(prompts),
+                jnp.asarray(lengths), row_inputs, jnp.asarray(seeds))
 
     def step(self, n_iterations: int = 1) -> list[SlotUpdate]:
         """Run up to ``n_iterations`` loop iterations (fewer when every slot is done) and
@@ -308,7 +365,7 @@ class SlotEngine:
             return []
         rows = self.rows_for(busy)
         self.rows_stepped[rows] += 1
-        self.state = self._call(("step", rows), lambda: self._run_fn(rows), self.gen.model,
+        self.state = self._call(("step", rows), lambda: self._run_fn(rows), self._weights(),
                                 self.state, self._row_inputs(rows), np.int32(n_iterations))
         return self._updates(busy)
 

@@ -56,8 +56,9 @@ def offline(folder) -> Generator:
 
 @pytest.fixture(scope="module")
 def server(folder):
+    # queued requests are prefilled two at a time (the concurrency tests go through both)
     srv = build_server(Generator.load(folder, max_len=MAX_LEN), slots=SLOTS, model_name=NAME,
-                       queue_size=64, deadline=60.0, max_body=4096)
+                       queue_size=64, deadline=60.0, max_body=4096, prefill_rows=2)
     sock = _free_socket()
     uv = uvicorn.Server(uvicorn.Config(srv.app, log_level="warning"))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)

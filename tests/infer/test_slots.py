@@ -49,8 +49,9 @@ def _requests(seed: int, n: int, max_new: tuple[int, int]) -> list[tuple[list[in
     return out
 
 
-def _serve(engine: SlotEngine, reqs, cancel_after: dict[int, int]):
-    """Admit requests into the lowest free slot, at most one per iteration; request
+def _serve(engine: SlotEngine, reqs, cancel_after: dict[int, int], at_once: bool = False):
+    """Admit requests into the lowest free slot, at most one per iteration (``at_once``:
+    into every free slot, prefilled together by ``insert_many``); request
     ``i`` in ``cancel_after`` is freed after that many iterations. Returns outputs and
     finish reasons (None: freed early)."""
     out: dict[int, list[int]] = {i: [] for i in range(len(reqs))}
@@ -70,7 +71,14 @@ def _serve(engine: SlotEngine, reqs, cancel_after: dict[int, int]):
     while pending or owner:
         # one arrival per iteration: the busy slots grow from slot 0 and drain unevenly
         free = engine.free_slots()
-        if pending and free:
+        if pending and free and at_once:
+            admitted = list(zip(free, pending, strict=False))
+            del pending[:len(admitted)]
+            for s, i in admitted:
+                owner[s], age[i] = i, 0
+            for u in engine.insert_many([(s, *reqs[i]) for s, i in admitted]):
+                take(u)
+        elif pending and free:
             i = pending.pop(0)
             owner[free[0]], age[i] = i, 0
             take(engine.insert(free[0], *reqs[i]))
@@ -81,14 +89,16 @@ def _serve(engine: SlotEngine, reqs, cancel_after: dict[int, int]):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,tree_budget", [("orthrus", None), ("ar", None), ("orthrus", 5)],
-                         ids=["orthrus", "ar", "orthrus-tree5"])
+@pytest.mark.parametrize("mode,tree_budget,at_once", [
+    ("orthrus", None, False), ("ar", None, False), ("orthrus", 5, False), ("orthrus", None, True)],
+    ids=["orthrus", "ar", "orthrus-tree5", "orthrus-batched-prefill"])
 def test_slots_equal_offline_and_never_recompile(gen, eos, backend_compiles, mode, tree_budget,
-                                                monkeypatch):
+                                                at_once, monkeypatch):
     # The slots' cache reads windows of 16 and 32 positions (offline reads its whole cache).
     monkeypatch.setattr(infer.slots, "attention_windows",
                         lambda n: attention_windows(n, smallest=16))
-    engine = SlotEngine(gen, slots=4, mode=mode, eos_ids=eos, tree_budget=tree_budget)
+    engine = SlotEngine(gen, slots=4, mode=mode, eos_ids=eos, tree_budget=tree_budget,
+                        prefill_rows=4 if at_once else 1)
     assert engine.state.cache.windows == (16, 32)
     assert engine.row_counts == (1, 2, 4)
     assert engine.tree_budget == (tree_budget or 0)
@@ -99,10 +109,13 @@ def test_slots_equal_offline_and_never_recompile(gen, eos, backend_compiles, mod
                      max_new=(2, 8) if mode == "orthrus" else (8, 15))
     cancel = {3: 1, 8: 0}
     n0 = backend_compiles()
-    out, finish = _serve(engine, reqs, cancel)
+    out, finish = _serve(engine, reqs, cancel, at_once)
     assert backend_compiles() == n0  # no shape depends on the traffic
     assert engine.free_slots() == [0, 1, 2, 3]
-    assert len(engine.rows_stepped) > 1  # steps of fewer rows than slots ran
+    if at_once:
+        assert max(engine.inserted) > 1  # prompts were prefilled together
+    else:
+        assert len(engine.rows_stepped) > 1  # steps of fewer rows than slots ran
     reasons = set()
     for i, (prompt, p) in enumerate(reqs):
         [r] = gen.generate([prompt], mode=mode, max_new_tokens=p.max_new_tokens,
@@ -130,6 +143,29 @@ def test_a_lone_request_steps_one_row_wherever_the_others_were(gen):
     assert engine.rows_for([0, 1]) == 2
     assert engine.rows_for([2]) == 4
     assert engine.rows_for([1, 3]) == 4
+
+
+def test_insert_many_checks_every_request_before_inserting_any(gen):
+    assert SlotEngine(gen, slots=4, mode="ar").insert_counts(16) == (1,)  # the default
+    with pytest.raises(ValueError, match="prefill_rows=0"):
+        SlotEngine(gen, slots=4, mode="ar", prefill_rows=0)
+    engine = SlotEngine(gen, slots=4, mode="ar", prefill_rows=4)
+    assert engine.insert_counts(16) == (1, 2, 4) and engine.insert_counts(32) == (1, 2)
+    assert engine.insert_counts(64) == (1,)
+    good = ([1, 2, 3], SlotParams(4))
+    for bad, match in [((1, [1] * MAX_LEN, SlotParams(1)), "does not fit"),
+                       ((1, [1], SlotParams(0)), "max_new_tokens=0"),
+                       ((0, [1], SlotParams(1)), "given twice"),
+                       ((7, [1], SlotParams(1)), "slot 7 is not in")]:
+        with pytest.raises(ValueError, match=match):
+            engine.insert_many([(0, *good), bad])
+        assert engine.free_slots() == [0, 1, 2, 3] and not engine.inserted
+    [u0, u2] = engine.insert_many([(0, *good), (2, [5, 6], SlotParams(3))])
+    assert (u0.slot, u2.slot) == (0, 2) and len(u0.new_ids) == len(u2.new_ids) == 1
+    assert engine.inserted == {2: 1} and engine.free_slots() == [1, 3]
+    with pytest.raises(ValueError, match="slot 2 is busy"):
+        engine.insert_many([(1, *good), (2, *good)])
+    assert engine.free_slots() == [1, 3]
 
 
 def test_insert_refuses_bad_input(gen):
