@@ -230,7 +230,7 @@ class SlotEngine:
             return dataclasses.replace(
                 state, cache=cache,
                 **{f: put(getattr(state, f), getattr(rows, f)) for f in fields})
-        return jax.jit(insert, donate_argnums=1)
+        return jax.jit(insert, donate_argnums=1, out_shardings=self._state_shardings())
 
     def insert_counts(self, prompt_len: int) -> tuple[int, ...]:
         """How many prompts of bucket ``prompt_len`` one insert program prefills together:
@@ -243,15 +243,20 @@ class SlotEngine:
     def _run_fn(self, rows: int):
         spec = self._spec(self.buckets[0], rows)
         return jax.jit(lambda w, s, i, n: run_rows(nnx.merge(self._graphdef, w), s, i, n, spec,
-                                                   rows), donate_argnums=1)
+                                                   rows), donate_argnums=1,
+                       out_shardings=self._state_shardings())
 
-    @staticmethod
-    def _free_fn():
+    def _free_fn(self):
         # A free slot's length drops to 0, so it never holds the attention window up.
         return jax.jit(lambda s, slot: dataclasses.replace(
             s, finish=s.finish.at[slot].set(FINISH_LENGTH),
             cache=dataclasses.replace(s.cache, lengths=s.cache.lengths.at[slot].set(0))),
-            donate_argnums=0)
+            donate_argnums=0, out_shardings=self._state_shardings())
+
+    def _state_shardings(self):
+        """The state's shardings, which every program keeps (a compiled program takes its
+        inputs laid out exactly as when it was compiled)."""
+        return jax.tree.map(lambda a: a.sharding, self.state)
 
     def _weights(self) -> nnx.State:
         """The model's arrays as the programs take them (the model itself is rebuilt from

@@ -15,6 +15,7 @@ from infer.buckets import prompt_buckets
 from infer.engine import Generator
 from infer.slots import SlotEngine, SlotParams, row_counts
 from orthrus_jax.cache import attention_windows
+from orthrus_jax.sharding import make_mesh, shard_model
 from tests.hf_reference import hf_model, to_orthrus
 
 MAX_LEN = 64
@@ -179,3 +180,27 @@ def test_insert_refuses_bad_input(gen):
     assert engine.free_slots() == [0]
     with pytest.raises(ValueError, match="mode"):
         SlotEngine(gen, slots=1, mode="beam")
+
+
+@pytest.mark.slow
+def test_slots_on_a_tensor_mesh_equal_offline(gen):
+    """KV heads split over ``tensor``: the programs keep the state's layout (each is
+    compiled for it), batched inserts and steps of fewer rows included."""
+    mesh = make_mesh("tensor=2")
+    model = shard_model(to_orthrus(hf_model("qwen3", False, seed=0), block_size=8), mesh)
+    engine = SlotEngine(Generator(model, max_len=MAX_LEN, mesh=mesh), slots=4, prefill_rows=2)
+    engine.warm_up()
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 512, n).tolist() for n in (3, 9, 14)]
+    budgets = (6, 6, 2)  # slot 2 finishes first: the last steps run 2 rows
+    out = {u.slot: u.new_ids for u in engine.insert_many(
+        [(i, p, SlotParams(n)) for i, (p, n) in enumerate(zip(prompts, budgets, strict=True))])}
+    while any(engine.busy):
+        for u in engine.step(1):
+            out[u.slot] += u.new_ids
+            if u.finish_reason:
+                engine.free(u.slot)
+    want = [gen.generate([p], max_new_tokens=n, block_size=engine.block)[0].token_ids
+            for p, n in zip(prompts, budgets, strict=True)]
+    assert [out[i] for i in range(3)] == want
+    assert engine.inserted[2] == 1 and len(engine.rows_stepped) > 1
