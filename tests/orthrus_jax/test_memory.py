@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import infer.decode
 from infer.buckets import DecodeSpec, cache_len
 from infer.decode import DecodeInputs, row_keys, run, start
 from infer.engine import Generator
@@ -219,7 +220,13 @@ DECODE_TOLERANCE = (0.8, 2.2)
     (4, 2, 1000, 8),  # the decode loop dominates (a prefill chunk of 8 is smaller)
     pytest.param(1, 2, 1000, 512, marks=pytest.mark.slow),  # the prefill chunk dominates
     pytest.param(2, 1, 3000, 512, marks=pytest.mark.slow)])
-def test_decode_activation_estimate_is_close_to_xla(layers, batch, context, chunk):
+def test_decode_activation_estimate_is_close_to_xla(layers, batch, context, chunk,
+                                                    monkeypatch):
+    # XLA's analysis is taken of the programs without attention windows: a windowed pass's
+    # largest branch computes what the whole-cache program computes, and the planner sizes
+    # that branch, but XLA reports less for the windowed program (1 layer, batch 2, cache
+    # 1024, chunk 512: 9.2 MB against 17.3 MB without windows).
+    monkeypatch.setattr(infer.decode, "attention_windows", lambda max_len: ())
     config = tiny(num_hidden_layers=layers)
     plan = plan_decode(config, dtype="float32", batch=batch, context=context,
                        chunk_size=chunk)
