@@ -219,24 +219,13 @@ class Scheduler:
                 self._jobs.clear()
 
     def _admit_many(self, pairs: list[tuple[int, Job]]) -> None:
-        """Admit jobs into their slots, prefilled together (``SlotEngine.insert_many``);
-        if the engine refuses one, each is admitted alone so only that one fails."""
+        """Admit jobs into their slots, ``--prefill-rows`` at a time prefilled together
+        (``SlotEngine.insert_many``), each group's first tokens sent as soon as it is
+        done."""
         live = [(slot, job) for slot, job in pairs if self._admissible(job)]
-        if len(live) < 2:
-            for slot, job in live:
-                self._admit(slot, job)
-            return
-        try:
-            updates = self.engine.insert_many([(slot, job.prompt_ids, job.params)
-                                               for slot, job in live])
-        except ValueError:
-            for slot, job in live:
-                self._admit(slot, job)
-            return
-        for (slot, job), u in zip(live, updates, strict=True):
-            self._jobs[slot] = job
-            self.metrics.busy.set(len(self._jobs))
-            self._update(job, slot, u.new_ids, u.finish_reason)
+        n = self.engine.prefill_rows
+        for i in range(0, len(live), n):
+            self._admit(live[i:i + n])
 
     def _admissible(self, job: Job) -> bool:
         """Whether ``job`` is still wanted (counted and answered here if not)."""
@@ -248,15 +237,23 @@ class Scheduler:
             return False
         return True
 
-    def _admit(self, slot: int, job: Job) -> None:
+    def _admit(self, group: list[tuple[int, Job]]) -> None:
+        """Prefill ``group`` together; if the engine refuses one of several, each is
+        admitted alone, so only that one fails."""
         try:
-            u = self.engine.insert(slot, job.prompt_ids, job.params)
+            updates = self.engine.insert_many([(slot, job.prompt_ids, job.params)
+                                               for slot, job in group])
         except ValueError as e:  # checked by Api.parse already; never a crash
-            self._fail(job, RequestError(str(e)), "bad_request")
+            if len(group) > 1:
+                for one in group:
+                    self._admit([one])
+            else:
+                self._fail(group[0][1], RequestError(str(e)), "bad_request")
             return
-        self._jobs[slot] = job
-        self.metrics.busy.set(len(self._jobs))
-        self._update(job, slot, u.new_ids, u.finish_reason)
+        for (slot, job), u in zip(group, updates, strict=True):
+            self._jobs[slot] = job
+            self.metrics.busy.set(len(self._jobs))
+            self._update(job, slot, u.new_ids, u.finish_reason)
 
     def _sweep(self) -> None:
         now = time.monotonic()
