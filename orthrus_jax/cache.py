@@ -19,6 +19,10 @@ attention to (:func:`attention_windows`): each pass reads the smallest window th
 every row's live positions, so its attention costs what the live lengths need rather
 than ``max_len`` (:func:`orthrus_jax.attention.over_window`). Empty: every pass reads the
 whole cache.
+
+``lengths`` may cover fewer rows than ``k``/``v`` hold: a pass over such a cache computes,
+writes and reads the first ``len(lengths)`` rows only, in place (how a server steps its
+busy slots without copying their K/V).
 """
 
 from __future__ import annotations
@@ -155,9 +159,10 @@ def layer_kv(cache_kv: KV, layer) -> jax.Array:
 
 
 def write_block(cache_kv: KV, layer, new: jax.Array, positions: jax.Array) -> KV:
-    """Write ``new[b, t]`` (``[batch, T, kv_heads, head_dim]``) at ``positions[b, t]`` of
-    layer ``layer`` of ``cache_kv`` (either form; returned in the same form); positions past
-    ``max_len`` are dropped. In the per-layer form only that layer's array is updated."""
+    """Write ``new[b, t]`` (``[R, T, kv_heads, head_dim]``) at ``positions[b, t]`` of
+    layer ``layer`` of ``cache_kv`` (either form; returned in the same form), into its
+    first ``R`` rows; positions past ``max_len`` are dropped. In the per-layer form only
+    that layer's array is updated."""
     if isinstance(cache_kv, tuple):
         one = _write_layer(cache_kv[layer], new, positions)
         return cache_kv[:layer] + (one,) + cache_kv[layer + 1:]
