@@ -395,19 +395,23 @@ def choose_block(state: DecodeState, inputs: DecodeInputs,
 
 def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array,
           inputs: DecodeInputs, keys: jax.Array, spec: DecodeSpec, *, mesh: Mesh | None = None,
-          rules: Rules | None = None) -> DecodeState:
+          rules: Rules | None = None, cache: KVCache | None = None) -> DecodeState:
     """Prefill right-padded ``prompts [B, P]`` and pick each row's first token; ``keys [B]``
     are the rows' PRNG keys (:func:`row_keys`).
 
     With ``mesh``, the cache is laid out by the logical-axis ``rules`` (batch over the
     data axes, KV heads over ``tensor``), matching a model placed with the same rules.
+    ``cache``: rows of ``spec.max_len`` positions that already hold each row's first
+    ``cache.lengths[b]`` tokens (a cached prefix); ``prompts`` are then what follows
+    (default: an empty cache).
     """
     c = model.config
     B = prompts.shape[0]
     # Per-layer K/V for a per-layer model (each unrolled layer updates its own array in place).
     # Passes read the smallest attention window holding the live positions.
-    cache = init_cache(c, B, spec.max_len, mesh=mesh, rules=rules, per_layer=model.per_layer,
-                       windows=attention_windows(spec.max_len))
+    if cache is None:
+        cache = init_cache(c, B, spec.max_len, mesh=mesh, rules=rules,
+                           per_layer=model.per_layer, windows=attention_windows(spec.max_len))
     logits, cache = prefill(model, prompts, cache, prompt_lengths, spec.prefill_chunk)
     first = pick(jax.vmap(jax.random.fold_in)(keys, jnp.zeros((B,), jnp.int32)), logits,
                  inputs.sampling, spec.greedy)

@@ -7,6 +7,12 @@ sent once, in order, by whichever client is free: ``messages`` and text prompts 
 ``/v1/completions``; token ids always to ``/v1/completions``. Reported: requests/s,
 generated tokens/s (server usage counts), time to first token and per-token latency after
 it (p50/p90/p99), and errors.
+
+Chats as people hold them: ``--system-file`` puts one system message before every chat
+prompt (a long shared instruction or few-shot preamble), and ``--turns N`` makes each
+record a conversation of ``N`` turns, each after the last answer with ``--follow-up`` as
+the user's next message (the report adds time to first token per turn). Both are what a
+server's prefix cache is for.
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from infer.prompts import read_prompts_file
-from orthrus_jax.cli import CommandError, positive_int, run_command
+from orthrus_jax.cli import CommandError, InputError, positive_int, run_command
 
 
 @dataclasses.dataclass
@@ -30,6 +37,7 @@ class Outcome:
     """One request: its text, finish reason and timings, or its error."""
 
     index: int
+    turn: int = 0
     text: str = ""
     finish_reason: str | None = None
     tokens: int = 0
@@ -39,19 +47,21 @@ class Outcome:
 
 
 def _request(item: dict, endpoint: str, model: str, max_tokens: int,
-             temperature: float) -> tuple[str, dict]:
+             temperature: float, system: str | None = None) -> tuple[str, dict]:
     body: dict = {"model": model, "max_tokens": max_tokens, "temperature": temperature,
                   "stream": True, "stream_options": {"include_usage": True}}
     if "prompt_ids" in item:
         return "/v1/completions", {**body, "prompt": item["prompt_ids"]}
     if endpoint == "chat" or "messages" in item:
         messages = item.get("messages") or [{"role": "user", "content": item["prompt"]}]
+        if system is not None:
+            messages = [{"role": "system", "content": system}, *messages]
         return "/v1/chat/completions", {**body, "messages": messages}
     return "/v1/completions", {**body, "prompt": item["prompt"]}
 
 
-async def _one(client, index: int, path: str, body: dict) -> Outcome:
-    out = Outcome(index)
+async def _one(client, index: int, path: str, body: dict, turn: int = 0) -> Outcome:
+    out = Outcome(index, turn)
     t0 = time.perf_counter()
     parts: list[str] = []
     try:
@@ -89,8 +99,10 @@ async def _one(client, index: int, path: str, body: dict) -> Outcome:
 async def run_load(url: str, items: Sequence[dict], *, concurrency: int, max_tokens: int,
                    endpoint: str = "chat", model: str | None = None,
                    api_key: str | None = None, temperature: float = 0.0,
-                   timeout: float = 600.0) -> tuple[list[Outcome], float]:
-    """Send every item; returns the outcomes (in item order) and the wall seconds."""
+                   timeout: float = 600.0, system: str | None = None, turns: int = 1,
+                   follow_up: str = "Go on.") -> tuple[list[Outcome], float]:
+    """Send every item (``turns`` chat turns each, see the module doc); returns the
+    outcomes (in item order, then turn) and the wall seconds."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -108,13 +120,20 @@ async def run_load(url: str, items: Sequence[dict], *, concurrency: int, max_tok
         async def worker() -> None:
             while todo:
                 i, item = todo.pop(0)
-                path, body = _request(item, endpoint, model, max_tokens, temperature)
-                results.append(await _one(client, i, path, body))
+                path, body = _request(item, endpoint, model, max_tokens, temperature, system)
+                for turn in range(turns):
+                    out = await _one(client, i, path, body, turn)
+                    results.append(out)
+                    if out.error is not None or turn == turns - 1:
+                        break
+                    body = {**body, "messages": [
+                        *body["messages"], {"role": "assistant", "content": out.text},
+                        {"role": "user", "content": follow_up}]}
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - t0
-    return sorted(results, key=lambda o: o.index), seconds
+    return sorted(results, key=lambda o: (o.index, o.turn)), seconds
 
 
 def _percentiles(values: list[float]) -> dict:
@@ -127,7 +146,11 @@ def summarize(outcomes: Sequence[Outcome], seconds: float, **labels) -> dict:
     """The report: labels, counts, rates and latency percentiles (seconds)."""
     ok = [o for o in outcomes if o.error is None]
     tokens = sum(o.tokens for o in ok)
-    return {**labels, "requests": len(outcomes), "errors": len(outcomes) - len(ok),
+    turns = sorted({o.turn for o in outcomes})
+    by_turn = {} if turns == [0] else {"ttft_s_by_turn": {
+        str(t + 1): _percentiles([o.ttft for o in ok if o.turn == t and o.ttft is not None])
+        for t in turns}}
+    return {**labels, **by_turn, "requests": len(outcomes), "errors": len(outcomes) - len(ok),
             "seconds": round(seconds, 3),
             "requests_per_s": round(len(ok) / seconds, 3) if seconds else 0.0,
             "tokens": tokens, "tokens_per_s": round(tokens / seconds, 2) if seconds else 0.0,
@@ -146,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--endpoint", choices=("chat", "completions"), default="chat")
     p.add_argument("--limit", type=positive_int, default=None, help="first N prompts only")
+    p.add_argument("--system-file", default=None,
+                   help="a text file: one system message before every chat prompt")
+    p.add_argument("--turns", type=positive_int, default=1,
+                   help="chat turns per prompt, each after the last answer (default 1)")
+    p.add_argument("--follow-up", default="Go on.",
+                   help="the user's message of every turn after the first")
     p.add_argument("--model", default=None, help="model name (default: the server's first)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--mode-label", default=None, help="a label copied into the report")
@@ -162,16 +191,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     items = read_prompts_file(args.prompts_file)[:args.limit]
+    system = None
+    if args.system_file is not None:
+        try:
+            system = Path(args.system_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"--system-file {args.system_file}: {e}") from None
+    chat_only = [i for i, item in enumerate(items) if "prompt_ids" in item or (
+        args.endpoint == "completions" and "messages" not in item)]
+    if (system is not None or args.turns > 1) and chat_only:
+        raise InputError(f"--system-file and --turns need chat prompts: record "
+                         f"{chat_only[0] + 1} of {args.prompts_file} goes to /v1/completions")
     outcomes, seconds = asyncio.run(run_load(
         args.url, items, concurrency=args.concurrency, max_tokens=args.max_tokens,
         endpoint=args.endpoint, model=args.model, api_key=args.api_key,
-        temperature=args.temperature))
+        temperature=args.temperature, system=system, turns=args.turns,
+        follow_up=args.follow_up))
     report = summarize(outcomes, seconds, mode_label=args.mode_label,
                        concurrency=args.concurrency, max_tokens=args.max_tokens)
     if args.outputs:
         with open(args.outputs, "w", encoding="utf-8") as f:
             for o in outcomes:
-                f.write(json.dumps({"index": o.index, "text": o.text, "error": o.error,
+                f.write(json.dumps({"index": o.index, "turn": o.turn, "text": o.text,
+                                    "error": o.error,
                                     "finish_reason": o.finish_reason, "tokens": o.tokens})
                         + "\n")
     if args.json:
@@ -184,6 +226,9 @@ def _main(args: argparse.Namespace) -> int:
               f"{report['requests_per_s']} req/s, {report['tokens_per_s']} tokens/s\n"
               f"  time to first token p50/p90/p99: {t['p50']} / {t['p90']} / {t['p99']} s\n"
               f"  per-token latency   p50/p90/p99: {lat['p50']} / {lat['p90']} / {lat['p99']} s")
+        for turn, q in report.get("ttft_s_by_turn", {}).items():
+            print(f"  turn {turn}: time to first token p50/p90/p99: {q['p50']} / {q['p90']} / "
+                  f"{q['p99']} s")
         for e in report["error_samples"]:
             print(f"  error: {e}", file=sys.stderr)
     return 1 if report["errors"] else 0

@@ -38,13 +38,19 @@ class SamplingParams:
 
     @classmethod
     def make(cls, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
+        """Scalar settings, checked (:meth:`check`)."""
+        cls.check(temperature, top_k, top_p)
+        return cls(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+
+    @staticmethod
+    def check(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> None:
+        """Raise ``ValueError`` naming the bad setting (no device work)."""
         if temperature < 0:
             raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p={top_p} must be in (0, 1]")
         if not 0 <= top_k <= MAX_TOP_K:
             raise ValueError(f"top_k={top_k} must be in [0, MAX_TOP_K={MAX_TOP_K}] (0 = off)")
-        return cls(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
 
     def expand(self, ndim: int) -> SamplingParams:
         """The values with trailing unit axes, to broadcast against ``ndim``-d logits."""

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from infer.compile_cache import add_compile_cache_args, enable_compile_cache_from
+from infer.prefix_cache import DEFAULT_BLOCK_TOKENS, block_bytes, blocks_within
 from infer.prompts import check_messages, check_template_kwargs
 from infer.sampling import MAX_TOP_K
 from infer.slots import SlotEngine, SlotParams
@@ -43,6 +44,7 @@ log = logging.getLogger("infer.serve")
 FINISH_TO_OPENAI = {"eos": "stop", "length": "length", "cache_full": "length"}
 MAX_STOPS = 4
 DEFAULT_COMPLETION_TOKENS = 16  # the OpenAI default of /v1/completions
+DEFAULT_PREFIX_CACHE_MB = 256.0
 
 
 class RequestError(InputError):
@@ -78,6 +80,13 @@ class Metrics:
         self.busy = Gauge("orthrus_slots_busy", "Slots holding a request", registry=r)
         self.ttft = Histogram("orthrus_time_to_first_token_seconds",
                               "Arrival to first token", registry=r)
+        self.prefix_queries = Counter("orthrus_prefix_cache_queries",
+                                      "Prompt tokens looked up in the prefix cache", registry=r)
+        self.prefix_hits = Counter("orthrus_prefix_cache_hits",
+                                   "Prompt tokens whose K/V came from the prefix cache",
+                                   registry=r)
+        self.prefix_blocks = Gauge("orthrus_prefix_cache_blocks",
+                                   "Blocks held by the prefix cache", registry=r)
         self.tpot = Histogram("orthrus_time_per_output_token_seconds",
                               "Seconds per output token after the first", registry=r,
                               buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
@@ -136,6 +145,7 @@ class Scheduler:
         self._closing = False
         self._closing_requested = False  # draining: no new requests
         self.broken: str | None = None
+        self._prefix_seen = (0, 0)  # prefix-cache queries and hits already counted
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
 
     def start(self) -> None:
@@ -207,6 +217,7 @@ class Scheduler:
                         self.metrics.tokens_per_iteration.observe(len(u.new_ids))
                         self._update(self._jobs[u.slot], u.slot, u.new_ids, u.finish_reason)
                 self._sweep()
+                self._count_prefix()
         except Exception as e:  # noqa: BLE001 (a failed device call: fail every request)
             self.broken = f"{type(e).__name__}: {e}"
             log.error("scheduler failed:\n%s", traceback.format_exc())
@@ -217,6 +228,16 @@ class Scheduler:
                     self._fail(job, err, "error")
                 self._pending.clear()
                 self._jobs.clear()
+
+    def _count_prefix(self) -> None:
+        index = self.engine.prefix
+        if index is None:
+            return
+        queries, hits = self._prefix_seen
+        self.metrics.prefix_queries.inc(index.queries - queries)
+        self.metrics.prefix_hits.inc(index.hits - hits)
+        self.metrics.prefix_blocks.set(len(index))
+        self._prefix_seen = (index.queries, index.hits)
 
     def _admit_many(self, pairs: list[tuple[int, Job]]) -> None:
         """Admit jobs into their slots, ``--prefill-rows`` at a time prefilled together
@@ -624,10 +645,14 @@ def create_app(api: Api, metrics: Metrics):
     async def health():
         s = api.scheduler
         status = "failed: " + s.broken if s.broken else "ok"
+        index = api.engine.prefix
+        prefix = None if index is None else {
+            "blocks": len(index), "capacity": index.num_blocks,
+            "block_tokens": index.block_tokens, "hit_rate": index.hits / max(index.queries, 1)}
         return JSONResponse({"status": status, "slots": api.engine.slots, "busy": s.busy,
                              "queue": s.queue_depth, "mode": api.engine.mode,
                              "block_size": api.engine.block,
-                             "tree_budget": api.engine.tree_budget},
+                             "tree_budget": api.engine.tree_budget, "prefix_cache": prefix},
                             status_code=503 if s.broken else 200)
 
     @app.get("/metrics")
@@ -656,13 +681,33 @@ def build_server(gen, *, slots: int, mode: str = "orthrus", block_size: int | st
                  model_name: str = "model", api_key: str | None = None, queue_size: int = 64,
                  deadline: float = 600.0, max_body: int = 1 << 20,
                  eos_ids: Sequence[int] | None = None,
-                 tree_budget: int | str | None = None, prefill_rows: int = 1) -> Server:
+                 tree_budget: int | str | None = None, prefill_rows: int = 1,
+                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+                 prefix_block_tokens: int | None = None) -> Server:
     """Warm up a :class:`SlotEngine` on ``gen`` (a :class:`~infer.engine.Generator` whose
-    ``max_len`` is the cache length), start its scheduler and make the app."""
+    ``max_len`` is the cache length), start its scheduler and make the app.
+    ``prefix_cache_mb``: the prefix cache's size in MiB (0: none), in blocks of
+    ``prefix_block_tokens`` tokens (default: 64, or the largest divisor of ``max_len``
+    below it)."""
     if gen.tokenizer is None:
         raise InputError("the model folder has no tokenizer: the server needs one")
+    if not prefix_cache_mb >= 0:
+        raise InputError(f"--prefix-cache-mb {prefix_cache_mb} must be >= 0 (0: off)")
+    prefix_blocks = 0
+    if prefix_block_tokens is None:
+        prefix_block_tokens = math.gcd(gen.max_len, DEFAULT_BLOCK_TOKENS)
+    if prefix_cache_mb > 0:
+        if gen.max_len % prefix_block_tokens:
+            raise InputError(f"--prefix-block-tokens {prefix_block_tokens} must divide "
+                             f"--max-len {gen.max_len}")
+        prefix_blocks = blocks_within(gen.config, prefix_cache_mb, prefix_block_tokens)
+        if prefix_blocks < 1:
+            each = block_bytes(gen.config, prefix_block_tokens) / 2**20
+            raise InputError(f"--prefix-cache-mb {prefix_cache_mb} holds no block of "
+                             f"{prefix_block_tokens} tokens ({each:.2f} MiB each)")
     engine = SlotEngine(gen, slots=slots, mode=mode, block_size=block_size, eos_ids=eos_ids,
-                        tree_budget=tree_budget, prefill_rows=prefill_rows)
+                        tree_budget=tree_budget, prefill_rows=prefill_rows,
+                        prefix_blocks=prefix_blocks, prefix_block_tokens=prefix_block_tokens)
     engine.warm_up()
     metrics = Metrics()
     scheduler = Scheduler(engine, gen.decode_text, queue_size=queue_size, metrics=metrics)
@@ -693,6 +738,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queued prompts prefilled together by one program (default 1: on a "
                         "CPU a prefill is compute-bound and batching it only delays first "
                         "tokens; more pays on a GPU)")
+    p.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_PREFIX_CACHE_MB,
+                   help="MiB of K/V kept for prompt prefixes (system prompts, a chat's earlier "
+                        "turns) that later requests reuse instead of prefilling; 0: off "
+                        f"(default {DEFAULT_PREFIX_CACHE_MB:g})")
+    p.add_argument("--prefix-block-tokens", type=positive_int, default=None,
+                   help="tokens per prefix-cache block (a prefix is reused in whole blocks; "
+                        f"must divide --max-len; default {DEFAULT_BLOCK_TOKENS}, or the largest "
+                        "divisor of --max-len below it)")
     p.add_argument("--mode", choices=MODES, default="orthrus")
     p.add_argument("--block-size", type=parse_block_size, default=None,
                    help="Orthrus block, fixed for all requests: 'auto' (resolved once at "
@@ -772,7 +825,9 @@ def _main(args: argparse.Namespace) -> int:
                           model_name=args.served_model_name or Path(model_dir).name,
                           api_key=args.api_key, queue_size=args.queue_size,
                           deadline=args.deadline, max_body=args.max_body,
-                          prefill_rows=args.prefill_rows)
+                          prefill_rows=args.prefill_rows,
+                          prefix_cache_mb=args.prefix_cache_mb,
+                          prefix_block_tokens=args.prefix_block_tokens)
     tree = server.api.engine.tree_budget
     trees = f", trees of {tree} nodes" if tree else ""
     print(f"compiled in {time.perf_counter() - t0:.1f} s (block size "

@@ -19,7 +19,15 @@ three kinds of compiled programs, all built by :meth:`SlotEngine.warm_up`:
   lone request costs a batch-1 step; free and finished slots below ``R`` ride along,
   masked;
 - ``free``: mark a slot finished, so it stops decoding at once, and set its cache length
-  to 0.
+  to 0;
+- ``store`` (with a prefix cache): copy whole blocks of a slot's cache rows into the
+  prefix store.
+
+With a prefix cache (``prefix_blocks > 0``, :mod:`infer.prefix_cache`), an insert first
+looks each prompt up: the longest stored prefix of whole blocks is gathered into the
+request's fresh cache rows and only the rest of the prompt is prefilled (its bucket is
+that of the rest). The prompt's blocks are stored after the prefill, and the blocks of
+prompt and answer when the slot is freed.
 
 Passes read the smallest attention window of the cache that holds the live rows'
 positions (:func:`orthrus_jax.cache.attention_windows`), so a step costs what the busy
@@ -53,8 +61,16 @@ from infer.decode import (
     start,
 )
 from infer.engine import Generator
+from infer.prefix_cache import (
+    DEFAULT_BLOCK_TOKENS,
+    PrefixIndex,
+    gather_prefix,
+    init_store,
+    store_row,
+)
 from infer.sampling import SamplingParams
 from orthrus_jax.cache import attention_windows, init_cache
+from orthrus_jax.sharding import named_sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +87,7 @@ class SlotParams:
         """Raise ``ValueError`` naming the bad field."""
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
-        SamplingParams.make(self.temperature, self.top_k, self.top_p)
+        SamplingParams.check(self.temperature, self.top_k, self.top_p)
         if not 0 <= self.seed < 2**31:
             raise ValueError(f"seed={self.seed} must be in [0, 2**31)")
 
@@ -135,11 +151,15 @@ class SlotEngine:
     ``config.json`` and ``generation_config.json``). ``prefill_rows``: at most this many
     prompts are prefilled by one program (:meth:`insert_counts`); more than 1 pays where
     a prefill is memory-bound (a GPU at short prompts), not where it is compute-bound.
+    ``prefix_blocks``: blocks of ``prefix_block_tokens`` tokens in the prefix store (0: no
+    prefix caching; see the module doc); ``max_len`` must be a multiple of
+    ``prefix_block_tokens``.
     """
 
     def __init__(self, gen: Generator, *, slots: int, mode: str = "orthrus",
                  block_size: int | str | None = None, eos_ids: Sequence[int] | None = None,
-                 tree_budget: int | str | None = None, prefill_rows: int = 1):
+                 tree_budget: int | str | None = None, prefill_rows: int = 1,
+                 prefix_blocks: int = 0, prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: choose one of {MODES}")
         if slots < 1:
@@ -150,6 +170,11 @@ class SlotEngine:
             raise ValueError(f"tree_budget={tree_budget!r} applies to mode 'orthrus' only")
         if prefill_rows < 1:
             raise ValueError(f"prefill_rows={prefill_rows} must be >= 1")
+        if prefix_blocks < 0:
+            raise ValueError(f"prefix_blocks={prefix_blocks} must be >= 0")
+        if prefix_blocks and (prefix_block_tokens < 1 or gen.max_len % prefix_block_tokens):
+            raise ValueError(f"prefix_block_tokens={prefix_block_tokens} must divide the "
+                             f"cache length {gen.max_len}")
         self.gen, self.slots, self.mode = gen, slots, mode
         self.prefill_rows = prefill_rows
         self.max_len = gen.max_len
@@ -171,6 +196,7 @@ class SlotEngine:
         self._inputs = self._make_inputs()
         self.busy = [False] * slots  # host view: slot holds a request
         self._shown = [0] * slots  # tokens of each slot already reported
+        self._held: list[list[int]] = [[] for _ in range(slots)]  # prompt + tokens reported
         # One step program per row count: a step runs the first ``rows`` slots only.
         self.row_counts = row_counts(slots)
         self.rows_stepped: collections.Counter[int] = collections.Counter()  # steps per count
@@ -179,6 +205,12 @@ class SlotEngine:
         self._graphdef = nnx.graphdef(gen.model)
         self.state = jax.jit(self._empty)()
         self.compile_seconds = 0.0
+        self.prefix = (PrefixIndex(prefix_blocks, prefix_block_tokens) if prefix_blocks
+                       else None)
+        self.store = None if self.prefix is None else init_store(
+            gen.config, prefix_blocks, prefix_block_tokens, sharding=None if gen.mesh is None
+            else named_sharding((None, "kv_heads", "cache_seq", "head_dim"), gen.mesh,
+                                gen.rules, name="prefix_store"))
 
     # ------------------------------------------------------------------ programs
     def _empty(self) -> DecodeState:
@@ -208,13 +240,16 @@ class SlotEngine:
         gen = self.gen
         spec = self._spec(prompt_len, n)
 
-        def insert(weights, state: DecodeState, slots, prompts, lengths, inputs, seeds):
+        def insert(weights, state: DecodeState, slots, prompts, lengths, inputs, seeds,
+                   store=None, blocks=None, prefix_lengths=None):
             model = nnx.merge(self._graphdef, weights)
             # each row's key is that of row 0 of a generate call with its own seed
             keys = jax.vmap(lambda seed: row_keys(jax.random.key(seed),
                                                   jnp.zeros((1,), jnp.int32))[0])(seeds)
+            cache = None if store is None else gather_prefix(
+                store, blocks, prefix_lengths, self.max_len, attention_windows(self.max_len))
             rows = start(model, prompts, lengths, inputs, keys, spec, mesh=gen.mesh,
-                         rules=gen.rules)
+                         rules=gen.rules, cache=cache)
 
             def put(big, new, axis=0):
                 at = (slice(None),) * axis + (slots,)
@@ -253,6 +288,11 @@ class SlotEngine:
             cache=dataclasses.replace(s.cache, lengths=s.cache.lengths.at[slot].set(0))),
             donate_argnums=0, out_shardings=self._state_shardings())
 
+    def _store_fn(self):
+        return jax.jit(lambda store, s, row, src, dst: store_row(store, s.cache, row, src, dst),
+                       donate_argnums=0,
+                       out_shardings=jax.tree.map(lambda a: a.sharding, self.store))
+
     def _state_shardings(self):
         """The state's shardings, which every program keeps (a compiled program takes its
         inputs laid out exactly as when it was compiled)."""
@@ -264,9 +304,10 @@ class SlotEngine:
         return nnx.state(self.gen.model)
 
     def _program(self, key: tuple, make, *args) -> jax.stages.Compiled:
-        """The compiled program ``key`` (``("insert", P, n)``, ``("step", rows)`` or
-        ``("free",)``), compiled ahead of time from ``make()`` for ``args`` the first time
-        (from JAX's persistent compilation cache where the command line turned it on)."""
+        """The compiled program ``key`` (``("insert", P, n)``, ``("step", rows)``,
+        ``("free",)`` or ``("store",)``), compiled ahead of time from ``make()`` for
+        ``args`` the first time (from JAX's persistent compilation cache where the command
+        line turned it on)."""
         if key not in self._programs:
             self._programs[key] = make().lower(*args).compile()
         return self._programs[key]
@@ -281,7 +322,7 @@ class SlotEngine:
 
     def warm_up(self) -> float:
         """Compile every program ahead of time, running none: each prompt bucket's
-        insert, the step of each row count and free. Returns the seconds it took."""
+        insert, the step of each row count, free and store. Returns the seconds it took."""
         t0 = time.perf_counter()
         for P in self.buckets:
             for n in self.insert_counts(P):
@@ -291,6 +332,8 @@ class SlotEngine:
             self._program(("step", rows), lambda rows=rows: self._run_fn(rows),
                           self._weights(), self.state, self._row_inputs(rows), np.int32(1))
         self._program(("free",), self._free_fn, self.state, np.int32(0))
+        if self.prefix is not None:
+            self._program(("store",), self._store_fn, *self._store_args(0, []))
         self.compile_seconds = time.perf_counter() - t0
         return self.compile_seconds
 
@@ -320,9 +363,13 @@ class SlotEngine:
                 raise ValueError(f"slot {slot} is busy")
             self.gen.check_ids(prompt_ids)
             params.check()
+        # store slots of each prompt's cached prefix; the rest of the prompt is prefilled
+        hits = {slot: [] if self.prefix is None else self.prefix.match(ids)
+                for slot, ids, _ in requests}
         by_bucket: dict[int, list] = {}
         for req in requests:
-            by_bucket.setdefault(prompt_bucket(len(req[1]), self.gen.chunk_size), []).append(req)
+            rest = len(req[1]) - len(hits[req[0]]) * self._block_tokens
+            by_bucket.setdefault(prompt_bucket(rest, self.gen.chunk_size), []).append(req)
         for slot, _, params in requests:
             self._budget[slot] = params.max_new_tokens
             # greedy rows have no filters: they never pay for the filtering work
@@ -337,29 +384,67 @@ class SlotEngine:
                 n = max(c for c in counts if c <= len(group))
                 part, group = group[:n], group[n:]
                 self.state = self._call(("insert", P, n), lambda P=P, n=n: self._insert_fn(P, n),
-                                        *self._insert_args(part, P))
+                                        *self._insert_args(part, P, hits))
                 self.inserted[n] += 1
-        for slot in slots:
+        for slot, ids, _ in requests:
             self.busy[slot] = True
             self._shown[slot] = 0
+            self._held[slot] = [int(t) for t in ids]
+            self._store_blocks(slot, ids)
         return self._updates(slots)
 
+    @property
+    def _block_tokens(self) -> int:
+        return 0 if self.prefix is None else self.prefix.block_tokens
+
+    def _store_blocks(self, slot: int, ids: Sequence[int]) -> None:
+        """Store the whole blocks of ``ids`` (tokens whose K/V fill the first positions
+        of ``slot``'s cache rows) that the prefix store lacks."""
+        if self.prefix is None:
+            return
+        todo = self.prefix.insert(ids)
+        if todo:
+            self.store = self._call(("store",), self._store_fn, *self._store_args(slot, todo))
+
+    def _store_args(self, slot: int, todo: Sequence[tuple[int, int]]) -> tuple:
+        """The store program's arguments: ``todo``'s ``(block, store slot)`` pairs padded
+        to a cache's worth of blocks (padding: block 0 to slot ``num_blocks``, dropped)."""
+        m = self.max_len // self._block_tokens
+        src = np.zeros((m,), np.int32)
+        dst = np.full((m,), self.prefix.num_blocks, np.int32)
+        for i, (block, at) in enumerate(todo):
+            src[i], dst[i] = block, at
+        return self.store, self.state, np.int32(slot), jnp.asarray(src), jnp.asarray(dst)
+
     def _insert_args(self, requests: Sequence[tuple[int, Sequence[int], SlotParams]],
-                     P: int) -> tuple:
-        """The insert program's arguments for ``requests`` (their prompts padded to bucket
-        ``P``), whose settings are already in the engine's per-slot arrays."""
+                     P: int, hits: dict[int, list[int]] | None = None) -> tuple:
+        """The insert program's arguments for ``requests`` (what follows each prompt's
+        cached prefix, store slots ``hits[slot]``, padded to bucket ``P``), whose settings
+        are already in the engine's per-slot arrays."""
+        hits = hits or {}
+        n, B = len(requests), self._block_tokens
         slots = np.array([slot for slot, _, _ in requests], np.int32)
-        prompts = np.zeros((len(requests), P), np.int32)
-        for i, (_, ids, _) in enumerate(requests):
-            prompts[i, :len(ids)] = ids
-        lengths = np.array([len(ids) for _, ids, _ in requests], np.int32)
+        prompts = np.zeros((n, P), np.int32)
+        lengths = np.zeros((n,), np.int32)
+        blocks = np.zeros((n, self.max_len // max(B, 1)), np.int32)
+        for i, (slot, ids, _) in enumerate(requests):
+            hit = hits.get(slot, [])
+            rest = ids[len(hit) * B:]
+            prompts[i, :len(rest)] = rest
+            lengths[i] = len(rest)
+            blocks[i, :len(hit)] = hit
         seeds = np.array([params.seed for _, _, params in requests], np.int32)
         row_inputs = DecodeInputs(
             jnp.asarray(self._budget[slots]), self.eos,
             SamplingParams(*(jnp.asarray(a[slots]) for a in
                              (self._temperature, self._top_k, self._top_p))))
-        return (self._weights(), self.state, jnp.asarray(slots), jnp.asarray(prompts),
+        args = (self._weights(), self.state, jnp.asarray(slots), jnp.asarray(prompts),
                 jnp.asarray(lengths), row_inputs, jnp.asarray(seeds))
+        if self.prefix is None:
+            return args
+        prefix_lengths = np.array([len(hits.get(slot, [])) * B for slot, _, _ in requests],
+                                  np.int32)
+        return (*args, self.store, jnp.asarray(blocks), jnp.asarray(prefix_lengths))
 
     def step(self, n_iterations: int = 1) -> list[SlotUpdate]:
         """Run up to ``n_iterations`` loop iterations (fewer when every slot is done) and
@@ -388,7 +473,11 @@ class SlotEngine:
             :rows], sampling=jax.tree.map(lambda a: a[:rows], self._inputs.sampling))
 
     def free(self, slot: int) -> None:
-        """Stop ``slot``'s row (if still running) and make the slot free."""
+        """Stop ``slot``'s row (if still running) and make the slot free; with a prefix
+        cache, the whole blocks of its prompt and answer are stored first (every token
+        but the newest has its K/V in the cache)."""
+        if self.busy[slot]:
+            self._store_blocks(slot, self._held[slot][:-1])
         self.state = self._call(("free",), self._free_fn, self.state, np.int32(slot))
         self.busy[slot] = False
 
@@ -401,6 +490,7 @@ class SlotEngine:
         for s in slots:
             new = tokens[s, self._shown[s]:counts[s]].tolist()
             self._shown[s] = int(counts[s])
+            self._held[s] += new
             reason = None if finish[s] == RUNNING else FINISH_REASONS[int(finish[s])]
             out.append(SlotUpdate(s, new, reason, int(iterations[s])))
         return out

@@ -382,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     from infer.sampling import SamplingParams
 
-    SamplingParams.make(args.temperature, args.top_k, args.top_p)  # fail before loading
+    SamplingParams.check(args.temperature, args.top_k, args.top_p)  # fail before loading
     if args.max_len is not None and args.max_len < 2:
         raise ValueError("--max-len must be >= 2")
 

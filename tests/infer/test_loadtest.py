@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from infer.loadtest import main
 
+SEEN: list[dict] = []  # the bodies the stand-in server received
+
 
 def _app() -> FastAPI:
     app = FastAPI()
@@ -26,6 +28,7 @@ def _app() -> FastAPI:
 
     async def answer(request: Request, chat: bool):
         body = await request.json()
+        SEEN.append(body)
         assert body["model"] == "fake" and body["stream"] is True
         prompt = json.dumps(body.get("messages") or body.get("prompt"))
         if "refuse" in prompt:
@@ -105,3 +108,35 @@ def test_bad_arguments(tmp_path, capsys):
     assert "prompts file not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--url", "x", "--prompts-file", "y", "--concurrency", "0"])
+
+
+def test_a_shared_system_message_and_conversations_of_several_turns(url, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps(
+        {"messages": [{"role": "user", "content": "b"}]}) + "\n")
+    system = tmp_path / "system.txt"
+    system.write_text("be brief\n")
+    outputs = tmp_path / "out.jsonl"
+    SEEN.clear()
+    assert main(["--url", url, "--prompts-file", str(prompts), "--system-file", str(system),
+                 "--turns", "3", "--follow-up", "more", "--json", "--outputs",
+                 str(outputs)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["requests"] == 6 and set(report["ttft_s_by_turn"]) == {"1", "2", "3"}
+    rows = [json.loads(line) for line in outputs.read_text().splitlines()]
+    assert [(r["index"], r["turn"]) for r in rows] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1),
+                                                       (1, 2)]
+    first, second, third = SEEN[:3]  # one client: the first conversation, turn by turn
+    sys_msg = {"role": "system", "content": "be brief\n"}
+    assert first["messages"] == [sys_msg, {"role": "user", "content": "a"}]
+    assert second["messages"] == first["messages"] + [
+        {"role": "assistant", "content": "one two three"}, {"role": "user", "content": "more"}]
+    assert third["messages"][:-2] == second["messages"]
+    # token-id prompts go to /v1/completions: no system message, no turns
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text(json.dumps({"prompt_ids": [1, 2]}) + "\n")
+    assert main(["--url", url, "--prompts-file", str(ids), "--turns", "2"]) == 2
+    assert "--system-file and --turns need chat prompts: record 1" in capsys.readouterr().err
+    assert main(["--url", url, "--prompts-file", str(prompts), "--system-file",
+                 str(tmp_path / "none.txt")]) == 2
+    assert "--system-file" in capsys.readouterr().err

@@ -56,9 +56,11 @@ def offline(folder) -> Generator:
 
 @pytest.fixture(scope="module")
 def server(folder):
-    # queued requests are prefilled two at a time (the concurrency tests go through both)
+    # queued requests are prefilled two at a time (the concurrency tests go through both);
+    # prompts reuse cached prefixes in blocks of 8 tokens
     srv = build_server(Generator.load(folder, max_len=MAX_LEN), slots=SLOTS, model_name=NAME,
-                       queue_size=64, deadline=60.0, max_body=4096, prefill_rows=2)
+                       queue_size=64, deadline=60.0, max_body=4096, prefill_rows=2,
+                       prefix_cache_mb=1.0, prefix_block_tokens=8)
     sock = _free_socket()
     uv = uvicorn.Server(uvicorn.Config(srv.app, log_level="warning"))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -159,6 +161,35 @@ def test_stop_strings_across_token_boundaries(client, offline):
     streamed = [c.choices[0].text for c in client.completions.create(
         model=NAME, prompt=prompt, max_tokens=12, temperature=0, stop=stop, stream=True)]
     assert "".join(streamed) == want and all(stop not in s for s in streamed)
+
+
+def test_a_chats_second_turn_reuses_the_first_and_answers_as_offline(server, client, offline):
+    def counted():
+        text = httpx.get(server.url + "/metrics").text
+        return {name: float(line.split()[-1]) for line in text.splitlines()
+                for name in ("orthrus_prefix_cache_hits_total",
+                             "orthrus_prefix_cache_queries_total") if line.startswith(name)}
+    system = {"role": "system", "content": "a cat"}
+    first = [system, {"role": "user", "content": "two dogs"}]
+    before = counted()
+    r = client.chat.completions.create(model=NAME, messages=first, max_tokens=6, temperature=0)
+    answer = r.choices[0].message.content
+    second = first + [{"role": "assistant", "content": answer},
+                      {"role": "user", "content": "ran"}]
+    r2 = client.chat.completions.create(model=NAME, messages=second, max_tokens=4,
+                                        temperature=0)
+    for messages, got, n in ((first, answer, 6), (second, r2.choices[0].message.content, 4)):
+        [ref] = offline.generate([offline.encode(messages, chat=True)], max_new_tokens=n,
+                                 block_size=4)
+        assert got == ref.text
+    after = counted()
+    n2 = len(offline.encode(second, chat=True))
+    hits = after["orthrus_prefix_cache_hits_total"] - before["orthrus_prefix_cache_hits_total"]
+    # the second turn found the first turn's whole blocks
+    assert hits >= len(offline.encode(first, chat=True)) // 8 * 8 > 0
+    assert hits <= n2 - 1
+    health = _health(server)["prefix_cache"]
+    assert health["block_tokens"] == 8 and 0 < health["blocks"] <= health["capacity"]
 
 
 # --------------------------------------------------------------------------- batching

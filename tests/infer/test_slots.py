@@ -185,10 +185,12 @@ def test_insert_refuses_bad_input(gen):
 @pytest.mark.slow
 def test_slots_on_a_tensor_mesh_equal_offline(gen):
     """KV heads split over ``tensor``: the programs keep the state's layout (each is
-    compiled for it), batched inserts and steps of fewer rows included."""
+    compiled for it), batched inserts, steps of fewer rows and the prefix store (split
+    like the cache) included."""
     mesh = make_mesh("tensor=2")
     model = shard_model(to_orthrus(hf_model("qwen3", False, seed=0), block_size=8), mesh)
-    engine = SlotEngine(Generator(model, max_len=MAX_LEN, mesh=mesh), slots=4, prefill_rows=2)
+    engine = SlotEngine(Generator(model, max_len=MAX_LEN, mesh=mesh), slots=4, prefill_rows=2,
+                        prefix_blocks=4, prefix_block_tokens=8)
     engine.warm_up()
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, 512, n).tolist() for n in (3, 9, 14)]
@@ -204,3 +206,7 @@ def test_slots_on_a_tensor_mesh_equal_offline(gen):
             for p, n in zip(prompts, budgets, strict=True)]
     assert [out[i] for i in range(3)] == want
     assert engine.inserted[2] == 1 and len(engine.rows_stepped) > 1
+    # the longest prompt again: its first block comes from the store
+    [u] = engine.insert_many([(3, prompts[2], SlotParams(2))])
+    again = u.new_ids + engine.step(1)[0].new_ids
+    assert again == want[2] and engine.prefix.hits == 8
