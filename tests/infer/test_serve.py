@@ -28,6 +28,7 @@ import uvicorn
 from infer.engine import Generator
 from infer.loadtest import run_load, summarize
 from infer.serve import build_server
+from orthrus_jax.cli import InputError
 from tests.hf_reference import tiny_model_dir
 
 MAX_LEN = 64
@@ -454,3 +455,12 @@ def test_without_the_serve_extra_the_command_says_how_to_install_it(monkeypatch,
     err = capsys.readouterr().err
     assert err.startswith("error: python -m infer.serve needs the serve extra (missing: "
                           "uvicorn): pip install 'orthrus-jax[serve]'"), err
+
+
+def test_bad_prefix_cache_settings_are_refused_naming_the_flag(offline):
+    for kwargs, match in [(dict(prefix_cache_mb=-1.0), "--prefix-cache-mb -1.0 must be >= 0"),
+                          (dict(prefix_cache_mb=1.0, prefix_block_tokens=24),
+                           "--prefix-block-tokens 24 must divide --max-len 64"),
+                          (dict(prefix_cache_mb=1e-6), "--prefix-cache-mb 1e-06 holds no block")]:
+        with pytest.raises(InputError, match=match):
+            build_server(offline, slots=1, **kwargs)
