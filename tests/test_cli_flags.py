@@ -56,7 +56,11 @@ def test_console_scripts_name_each_command_line_once():
         assert callable(getattr(importlib.import_module(module), attr)), target
         targets[module] = name
     assert len(targets) == len(scripts)  # no module twice
+    # a module run as ``python -m``, or a package's command line (``pkg/cli.py`` beside
+    # its ``__main__.py``)
     commands = {f"{p.parent.name}.{p.stem}" for folder in ("infer", "convert", "train")
                 for p in (root / folder).glob("*.py")
                 if 'if __name__ == "__main__":' in p.read_text()}
+    commands |= {f"{folder}.{p.parent.name}.cli" for folder in ("infer", "convert", "train")
+                 for p in (root / folder).glob("*/__main__.py")}
     assert commands == set(targets), commands ^ set(targets)

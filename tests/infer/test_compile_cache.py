@@ -33,7 +33,7 @@ from infer.compile_cache import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-CLIS = ("infer.generate", "infer.bench", "infer.serve", "infer.calibrate", "infer.passes",
+CLIS = ("infer.generate", "infer.bench", "infer.serve.cli", "infer.calibrate", "infer.passes",
         "train.main", "train.distill")
 WARNING = "warning: compilation cache "
 

@@ -446,12 +446,12 @@ def test_loadtest_against_the_server(server, backend_compiles):
 def test_without_the_serve_extra_the_command_says_how_to_install_it(monkeypatch, capsys):
     import importlib.util
 
-    from infer import serve
+    from infer.serve import cli
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "uvicorn" else real(name, *a))
-    assert serve.main(["--model", "no-such-folder"]) == 2
+    assert cli.main(["--model", "no-such-folder"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: python -m infer.serve needs the serve extra (missing: "
                           "uvicorn): pip install 'orthrus-jax[serve]'"), err
