@@ -40,9 +40,10 @@ not thread-safe: one thread (the server's scheduler) owns it.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +72,9 @@ from infer.prefix_cache import (
 from infer.sampling import SamplingParams
 from orthrus_jax.cache import attention_windows, init_cache
 from orthrus_jax.sharding import named_sharding
+
+# Blocks one call of the prefix store's program copies.
+STORE_BLOCKS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,20 +324,30 @@ class SlotEngine:
             jnp.asarray(self._temperature), jnp.asarray(self._top_k),
             jnp.asarray(self._top_p)), tree_scoring=self._tree_scoring)
 
-    def warm_up(self) -> float:
-        """Compile every program ahead of time, running none: each prompt bucket's
-        insert, the step of each row count, free and store. Returns the seconds it took."""
+    def warm_up(self, workers: int = 2) -> float:
+        """Compile every program ahead of time, running none: the step of each row count,
+        each prompt bucket's insert, free and store. Returns the seconds it took.
+
+        Programs are lowered here one after another (tracing holds the interpreter) and
+        compiled by ``workers`` threads meanwhile (XLA compiles, or loads a program from
+        the persistent compilation cache, without it), the largest first."""
         t0 = time.perf_counter()
-        for P in self.buckets:
+        todo: list[tuple[tuple, Callable, tuple]] = [
+            (("step", rows), lambda rows=rows: self._run_fn(rows),
+             (self._weights(), self.state, self._row_inputs(rows), np.int32(1)))
+            for rows in reversed(self.row_counts)]
+        for P in reversed(self.buckets):
             for n in self.insert_counts(P):
-                self._program(("insert", P, n), lambda P=P, n=n: self._insert_fn(P, n),
-                              *self._insert_args([(i, [0], SlotParams(1)) for i in range(n)], P))
-        for rows in self.row_counts:
-            self._program(("step", rows), lambda rows=rows: self._run_fn(rows),
-                          self._weights(), self.state, self._row_inputs(rows), np.int32(1))
-        self._program(("free",), self._free_fn, self.state, np.int32(0))
+                todo.append((("insert", P, n), lambda P=P, n=n: self._insert_fn(P, n),
+                             self._insert_args([(i, [0], SlotParams(1)) for i in range(n)], P)))
+        todo.append((("free",), self._free_fn, (self.state, np.int32(0))))
         if self.prefix is not None:
-            self._program(("store",), self._store_fn, *self._store_args(0, []))
+            todo.append((("store",), self._store_fn, self._store_args(0, [])))
+        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+            compiling = {key: pool.submit(make().lower(*args).compile)
+                         for key, make, args in todo if key not in self._programs}
+            for key, future in compiling.items():
+                self._programs[key] = future.result()
         self.compile_seconds = time.perf_counter() - t0
         return self.compile_seconds
 
@@ -403,13 +417,22 @@ class SlotEngine:
         if self.prefix is None:
             return
         todo = self.prefix.insert(ids)
-        if todo:
-            self.store = self._call(("store",), self._store_fn, *self._store_args(slot, todo))
+        m = self._blocks_per_store
+        for i in range(0, len(todo), m):
+            self.store = self._call(("store",), self._store_fn,
+                                    *self._store_args(slot, todo[i:i + m]))
+
+    @property
+    def _blocks_per_store(self) -> int:
+        """Blocks one store call copies (a call copies that many, padding included, so
+        it stays small: a request stores a block or two at a time, a long prompt in a few
+        calls)."""
+        return min(self.max_len // self._block_tokens, STORE_BLOCKS)
 
     def _store_args(self, slot: int, todo: Sequence[tuple[int, int]]) -> tuple:
         """The store program's arguments: ``todo``'s ``(block, store slot)`` pairs padded
-        to a cache's worth of blocks (padding: block 0 to slot ``num_blocks``, dropped)."""
-        m = self.max_len // self._block_tokens
+        to :attr:`_blocks_per_store` (padding: block 0 to slot ``num_blocks``, dropped)."""
+        m = self._blocks_per_store
         src = np.zeros((m,), np.int32)
         dst = np.full((m,), self.prefix.num_blocks, np.int32)
         for i, (block, at) in enumerate(todo):

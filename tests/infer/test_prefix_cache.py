@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import infer.slots
 from infer.engine import Generator
 from infer.prefix_cache import PrefixIndex, chain_hash
 from infer.slots import SlotEngine, SlotParams
@@ -160,10 +161,11 @@ def test_shared_prefixes_and_chat_turns_decode_as_without_the_cache(gen, backend
 
 def test_stored_blocks_hold_what_a_fresh_prefill_computes(gen):
     engine = SlotEngine(gen, slots=1, mode="ar", prefix_blocks=8, prefix_block_tokens=B)
-    ids = np.random.default_rng(5).integers(0, 512, 21).tolist()
-    engine.insert(0, ids, SlotParams(3))
-    slots = [s for _, s in engine.prefix.insert(ids)] or engine.prefix.match(ids + [0])
-    assert len(slots) == 2
+    ids = np.random.default_rng(5).integers(0, 512, 50).tolist()
+    engine.insert(0, ids, SlotParams(3))  # six blocks: two calls of the store program
+    assert infer.slots.STORE_BLOCKS < 6
+    slots = engine.prefix.match(ids + [0])
+    assert len(slots) == 6
     cache = init_cache(gen.config, 1, MAX_LEN, per_layer=gen.model.per_layer)
     _, cache = prefill(gen.model, np.array([ids]), cache, np.array([len(ids)]))
     for layer in (0, gen.config.num_hidden_layers - 1):
