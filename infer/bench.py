@@ -59,7 +59,9 @@ from infer.engine import Generator, check_dtypes, summarize
 from infer.options import (
     add_chat_args,
     add_decoding_args,
+    add_progress_args,
     block_size_arg,
+    prefill_progress,
     sampling_arg,
     sampling_flags,
     tree_budget_arg,
@@ -79,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSONL of {prompt|messages|prompt_ids}, one per line")
     p.add_argument("--limit", type=positive_int, default=None, help="use the first N prompts only")
     add_chat_args(p)
+    add_progress_args(p)
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--repeats", type=positive_int, default=1,
                    help="timed rounds after the warm-up; the best round is reported")
@@ -130,6 +133,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     items = read_prompts_file(args.prompts_file)[:args.limit]  # never empty: --limit >= 1
     gen = Generator.load(args.model, dtype=args.dtype, compute_dtype=args.compute_dtype,
                          max_len=args.max_len)
+    gen.prefill_progress = prefill_progress(args)
     tokenizer = gen.tokenizer
     use_chat = args.chat == "on" or (
         args.chat == "auto" and bool(getattr(tokenizer, "chat_template", None)))

@@ -126,6 +126,7 @@ class DecodeSpec:
     max_block: int
     prefill_chunk: int | None = None  # prefill in chunks of this many tokens
     tree_budget: int = 0  # drafted nodes per tree (0: a chain)
+    prefill_progress: bool = False  # report each prefilled chunk to the host
 
     def __post_init__(self):
         if self.mode not in MODES:

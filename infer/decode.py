@@ -35,6 +35,7 @@ could not hold another token. Finished rows keep riding along, masked.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -395,7 +396,8 @@ def choose_block(state: DecodeState, inputs: DecodeInputs,
 
 def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array,
           inputs: DecodeInputs, keys: jax.Array, spec: DecodeSpec, *, mesh: Mesh | None = None,
-          rules: Rules | None = None, cache: KVCache | None = None) -> DecodeState:
+          rules: Rules | None = None, cache: KVCache | None = None,
+          progress: Callable[[jax.Array, jax.Array], None] | None = None) -> DecodeState:
     """Prefill right-padded ``prompts [B, P]`` and pick each row's first token; ``keys [B]``
     are the rows' PRNG keys (:func:`row_keys`).
 
@@ -403,7 +405,7 @@ def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array,
     data axes, KV heads over ``tensor``), matching a model placed with the same rules.
     ``cache``: rows of ``spec.max_len`` positions that already hold each row's first
     ``cache.lengths[b]`` tokens (a cached prefix); ``prompts`` are then what follows
-    (default: an empty cache).
+    (default: an empty cache). ``progress``: see :func:`orthrus_jax.model.prefill`.
     """
     c = model.config
     B = prompts.shape[0]
@@ -412,7 +414,8 @@ def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array,
     if cache is None:
         cache = init_cache(c, B, spec.max_len, mesh=mesh, rules=rules,
                            per_layer=model.per_layer, windows=attention_windows(spec.max_len))
-    logits, cache = prefill(model, prompts, cache, prompt_lengths, spec.prefill_chunk)
+    logits, cache = prefill(model, prompts, cache, prompt_lengths, spec.prefill_chunk,
+                            progress)
     first = pick(jax.vmap(jax.random.fold_in)(keys, jnp.zeros((B,), jnp.int32)), logits,
                  inputs.sampling, spec.greedy)
     zeros = jnp.zeros((B,), jnp.int32)

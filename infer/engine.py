@@ -52,6 +52,9 @@ from orthrus_jax.memory import peak_memory, tree_bytes
 from orthrus_jax.model import OrthrusLM, copy_diffusion, unstack_layers
 from orthrus_jax.sharding import Rules
 
+# A prompt of at least this many prefill chunks reports its progress (prefill_progress).
+PROGRESS_CHUNKS = 4
+
 
 @dataclasses.dataclass
 class GenerationResult:
@@ -166,6 +169,9 @@ class Generator:
         self.config = model.config
         self.tokenizer = tokenizer
         self.chunk_size = chunk_size
+        # called with (tokens prefilled, tokens in all) after each chunk of a long prompt
+        self.prefill_progress: Callable[[int, int], None] | None = None
+        self._warming = False
         self.max_len = max_len or self.config.max_position_embeddings
         self.mesh, self.rules = mesh, rules
         self.profile, self.cost_root = profile, cost_root
@@ -289,6 +295,11 @@ class Generator:
         can decode (:func:`infer.buckets.check_prompt_ids`)."""
         check_prompt_ids(ids, self.config.vocab_size, self.max_len)
 
+    def _report_prefill(self, done, total) -> None:
+        """The host side of a long prefill's progress (a ``jax.debug.callback``)."""
+        if self.prefill_progress is not None and not self._warming:
+            self.prefill_progress(int(done), int(total))
+
     # ----------------------------------------------------------------- compile
     def prompt_bucket(self, rows: Sequence[Sequence[int]]) -> int:
         """The padded prompt length of a batch of ``rows`` (:func:`infer.buckets.prompt_bucket`)."""
@@ -303,7 +314,9 @@ class Generator:
                           max_len=cache_len(prompt_len, out_len, self.max_len), n_eos=n_eos,
                           max_block=max_block(mode, self.config.block_size),
                           prefill_chunk=self.chunk_size if prompt_len > self.chunk_size
-                          else None)
+                          else None,
+                          prefill_progress=self.prefill_progress is not None
+                          and prompt_len >= PROGRESS_CHUNKS * self.chunk_size)
 
     def tree_scoring(self, spec: DecodeSpec) -> TreeScoring | None:
         """How a program of ``spec`` scores its draft trees (None without a tree budget):
@@ -334,8 +347,12 @@ class Generator:
             model, prompts, lengths, inputs, key, rows = start_args
             inputs = dataclasses.replace(inputs, max_new_tokens=jnp.full((spec.batch,), 2,
                                                                          jnp.int32))
-            state = start_c(model, prompts, lengths, inputs, key, rows)
-            jax.block_until_ready(run_c(model, state, inputs, jnp.int32(1)))  # one iteration
+            self._warming = True  # the dummy batch reports no prefill progress
+            try:
+                state = start_c(model, prompts, lengths, inputs, key, rows)
+                jax.block_until_ready(run_c(model, state, inputs, jnp.int32(1)))  # one iteration
+            finally:
+                self._warming = False
             self._compiled[spec] = (start_c, run_c)
             self.compile_seconds[spec] = time.perf_counter() - t0
         return self._compiled[spec]
@@ -379,8 +396,10 @@ class Generator:
                               self.tree_scoring(spec))
         prompts = jnp.zeros((batch, spec.prompt_len), jnp.int32)
         lengths = jnp.ones((batch,), jnp.int32)
+        progress = self._report_prefill if spec.prefill_progress else None
         start_fn = jax.jit(lambda m, p, n, i, k, r: start(
-            m, p, n, i, row_keys(k, r), spec, mesh=self.mesh, rules=self.rules))
+            m, p, n, i, row_keys(k, r), spec, mesh=self.mesh, rules=self.rules,
+            progress=progress))
         args = (self.model, prompts, lengths, inputs, jax.random.key(0), lengths)
         state = jax.eval_shape(start_fn, *args)
         run_fn = jax.jit(lambda m, s, i, n: run(m, s, i, n, spec), donate_argnums=1)

@@ -26,7 +26,9 @@ from infer.engine import Generator, check_dtypes, summarize
 from infer.options import (
     add_chat_args,
     add_decoding_args,
+    add_progress_args,
     block_size_arg,
+    prefill_progress,
     sampling_arg,
     sampling_flags,
     tree_budget_arg,
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated token ids (repeatable)")
     p.add_argument("--prompts-file", help="JSONL of {prompt|messages|prompt_ids}")
     add_chat_args(p)
+    add_progress_args(p)
     p.add_argument("--mode", choices=MODES, default="orthrus")
     p.add_argument("--max-new-tokens", type=positive_int, default=256)
     add_decoding_args(p)
@@ -90,6 +93,7 @@ def _main(args: argparse.Namespace) -> int:
         args.model = default_model_dir()
     gen = Generator.load(args.model, dtype=args.dtype, compute_dtype=args.compute_dtype,
                          mesh=mesh, max_len=args.max_len)
+    gen.prefill_progress = prefill_progress(args)
     chat = args.chat == "on" or (
         args.chat == "auto" and bool(getattr(gen.tokenizer, "chat_template", None)))
     labels: list[Any] = []

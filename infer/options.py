@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import TYPE_CHECKING
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TextIO
 
 from infer.buckets import MAX_TREE_BUDGET
 from infer.generation_config import Sampling
@@ -18,6 +20,30 @@ from orthrus_jax.config import DTYPE_NAMES
 
 if TYPE_CHECKING:
     from infer.engine import Generator
+
+
+def add_progress_args(p: argparse.ArgumentParser) -> None:
+    """``--prefill-progress`` / ``--no-prefill-progress``."""
+    p.add_argument("--prefill-progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a progress line on stderr while a long prompt (4 prefill chunks or "
+                        "more) prefills (default: when stderr is a terminal)")
+
+
+def prefill_progress(args: argparse.Namespace, stream: TextIO | None = None
+                     ) -> Callable[[int, int], None] | None:
+    """What ``--prefill-progress`` asks for: a function that rewrites one line of
+    ``stream`` (default stderr) with the prompt tokens prefilled so far, or None."""
+    stream = sys.stderr if stream is None else stream
+    on = args.prefill_progress
+    if on is None:
+        on = stream.isatty()
+    if not on:
+        return None
+
+    def show(done: int, total: int) -> None:
+        print(f"\rprefill: {done:,} / {total:,} prompt tokens", end="\n" if done >= total
+              else "", file=stream, flush=True)
+    return show
 
 
 def template_kwargs_arg(text: str) -> dict:

@@ -360,13 +360,17 @@ def _shape(value) -> str:
 
 
 def prefill(model: OrthrusLM, tokens: jax.Array, cache: KVCache, prompt_lengths: jax.Array,
-            chunk_size: int | None = None) -> tuple[jax.Array, KVCache]:
+            chunk_size: int | None = None,
+            progress: Callable[[jax.Array, jax.Array], None] | None = None
+            ) -> tuple[jax.Array, KVCache]:
     """Run the AR view over right-padded prompts ``tokens [B, P]`` in chunks.
 
     Row ``b`` has ``prompt_lengths[b]`` valid tokens, appended at its current cache length.
     Chunks of ``chunk_size`` tokens (``P`` must be a multiple; default: one chunk) go
     through one ``lax.scan``, so the compiled size does not grow with the prompt. Returns
     the float32 logits ``[B, V]`` of each row's last prompt token and the updated cache.
+    ``progress(done, total)``: called on the host after each chunk with the prompt tokens
+    prefilled so far and in all (of the longest row), through ``jax.debug.callback``.
     """
     B, P = tokens.shape
     C = P if chunk_size is None else chunk_size
@@ -385,6 +389,9 @@ def prefill(model: OrthrusLM, tokens: jax.Array, cache: KVCache, prompt_lengths:
         idx = jnp.clip(num_valid - 1, 0, C - 1)
         here = jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
         ends_here = (remaining > 0) & (remaining <= C)
+        if progress is not None:
+            total = jnp.max(prompt_lengths)
+            jax.debug.callback(progress, jnp.minimum((i + 1) * C, total), total)
         return (cache, jnp.where(ends_here[:, None], here, last)), None
 
     last = jnp.zeros((B, model.config.hidden_size), model.config.jnp_dtype)
