@@ -98,14 +98,17 @@ class PrefixIndex:
         for e in reversed(chain):
             self._entries.move_to_end(e.key)
 
-    def match(self, ids: Sequence[int]) -> list[int]:
+    def match(self, ids: Sequence[int], count: bool = True, own: int = 0) -> list[int]:
         """Store slots of the longest cached prefix of ``ids`` in whole blocks, leaving at
         least the last token to be computed (its logits pick the next token); counted in
-        :attr:`queries` and :attr:`hits`, and marked recently used."""
+        :attr:`queries` and :attr:`hits` (unless not ``count``; ``own``: tokens the
+        request itself stored ahead of this lookup, its chunked prefill, are no hit), and
+        marked recently used."""
         chain = self._walk(ids, (len(ids) - 1) // self.block_tokens)
         self._touch(chain)
-        self.queries += len(ids)
-        self.hits += len(chain) * self.block_tokens
+        if count:
+            self.queries += len(ids)
+            self.hits += max(len(chain) * self.block_tokens - own, 0)
         return [e.index for e in chain]
 
     def insert(self, ids: Sequence[int]) -> list[tuple[int, int]]:

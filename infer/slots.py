@@ -71,6 +71,7 @@ from infer.prefix_cache import (
 )
 from infer.sampling import SamplingParams
 from orthrus_jax.cache import attention_windows, init_cache
+from orthrus_jax.model import prefill
 from orthrus_jax.sharding import named_sharding
 
 # Blocks one call of the prefix store's program copies.
@@ -157,13 +158,16 @@ class SlotEngine:
     a prefill is memory-bound (a GPU at short prompts), not where it is compute-bound.
     ``prefix_blocks``: blocks of ``prefix_block_tokens`` tokens in the prefix store (0: no
     prefix caching; see the module doc); ``max_len`` must be a multiple of
-    ``prefix_block_tokens``.
+    ``prefix_block_tokens``. ``prefill_chunk`` (with a prefix store; a multiple of its
+    block): a prompt with more uncached tokens than this is prefilled that many at a time
+    (:meth:`prefill_next_chunk`, between steps) before its insert; 0: never.
     """
 
     def __init__(self, gen: Generator, *, slots: int, mode: str = "orthrus",
                  block_size: int | str | None = None, eos_ids: Sequence[int] | None = None,
                  tree_budget: int | str | None = None, prefill_rows: int = 1,
-                 prefix_blocks: int = 0, prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS):
+                 prefix_blocks: int = 0, prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS,
+                 prefill_chunk: int = 0):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: choose one of {MODES}")
         if slots < 1:
@@ -179,6 +183,11 @@ class SlotEngine:
         if prefix_blocks and (prefix_block_tokens < 1 or gen.max_len % prefix_block_tokens):
             raise ValueError(f"prefix_block_tokens={prefix_block_tokens} must divide the "
                              f"cache length {gen.max_len}")
+        if prefill_chunk and (not prefix_blocks or prefill_chunk < 0
+                              or prefill_chunk % prefix_block_tokens):
+            raise ValueError(f"prefill_chunk={prefill_chunk} needs a prefix store and must be "
+                             f"a multiple of its block of {prefix_block_tokens} tokens")
+        self.prefill_chunk = prefill_chunk
         self.gen, self.slots, self.mode = gen, slots, mode
         self.prefill_rows = prefill_rows
         self.max_len = gen.max_len
@@ -205,6 +214,8 @@ class SlotEngine:
         self.row_counts = row_counts(slots)
         self.rows_stepped: collections.Counter[int] = collections.Counter()  # steps per count
         self.inserted: collections.Counter[int] = collections.Counter()  # inserts per count
+        self.chunks = 0  # chunks prefilled ahead of their inserts
+        self._chunked: dict[tuple[int, ...], int] = {}  # tokens so prefilled, by prompt
         self._programs: dict[tuple, jax.stages.Compiled] = {}
         self._graphdef = nnx.graphdef(gen.model)
         self.state = jax.jit(self._empty)()
@@ -292,6 +303,20 @@ class SlotEngine:
             cache=dataclasses.replace(s.cache, lengths=s.cache.lengths.at[slot].set(0))),
             donate_argnums=0, out_shardings=self._state_shardings())
 
+    def _chunk_fn(self):
+        """Prefill one chunk of ``prefill_chunk`` tokens after a prefix gathered from the
+        store, and store the chunk's blocks."""
+        C, B = self.prefill_chunk, self._block_tokens
+        windows = attention_windows(self.max_len)
+
+        def chunk(weights, store, blocks, start, tokens, dst):
+            model = nnx.merge(self._graphdef, weights)
+            cache = gather_prefix(store, blocks[None], start[None], self.max_len, windows)
+            _, cache = prefill(model, tokens, cache, jnp.full((1,), C, jnp.int32))
+            return store_row(store, cache, jnp.int32(0), start // B + jnp.arange(C // B), dst)
+        return jax.jit(chunk, donate_argnums=1,
+                       out_shardings=jax.tree.map(lambda a: a.sharding, self.store))
+
     def _store_fn(self):
         return jax.jit(lambda store, s, row, src, dst: store_row(store, s.cache, row, src, dst),
                        donate_argnums=0,
@@ -343,6 +368,9 @@ class SlotEngine:
         todo.append((("free",), self._free_fn, (self.state, np.int32(0))))
         if self.prefix is not None:
             todo.append((("store",), self._store_fn, self._store_args(0, [])))
+        if self.prefill_chunk:
+            todo.append((("chunk",), self._chunk_fn, self._chunk_args([0] * self.max_len, [],
+                                                                      [])))
         with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
             compiling = {key: pool.submit(make().lower(*args).compile)
                          for key, make, args in todo if key not in self._programs}
@@ -378,8 +406,8 @@ class SlotEngine:
             self.gen.check_ids(prompt_ids)
             params.check()
         # store slots of each prompt's cached prefix; the rest of the prompt is prefilled
-        hits = {slot: [] if self.prefix is None else self.prefix.match(ids)
-                for slot, ids, _ in requests}
+        hits = {slot: [] if self.prefix is None else self.prefix.match(
+            ids, own=self._chunked.pop(tuple(ids), 0)) for slot, ids, _ in requests}
         by_bucket: dict[int, list] = {}
         for req in requests:
             rest = len(req[1]) - len(hits[req[0]]) * self._block_tokens
@@ -406,6 +434,56 @@ class SlotEngine:
             self._held[slot] = [int(t) for t in ids]
             self._store_blocks(slot, ids)
         return self._updates(slots)
+
+    # ------------------------------------------------------------------ chunked prefill
+    def uncached(self, prompt_ids: Sequence[int]) -> int:
+        """Tokens of ``prompt_ids`` an insert would prefill now: those after its longest
+        cached prefix (a lookup that counts no query)."""
+        if self.prefix is None:
+            return len(prompt_ids)
+        return len(prompt_ids) - len(self.prefix.match(prompt_ids, count=False)) * \
+            self._block_tokens
+
+    def needs_chunks(self, prompt_ids: Sequence[int]) -> bool:
+        """Whether ``prompt_ids`` is to be prefilled in chunks before its insert (more
+        than ``prefill_chunk`` uncached tokens)."""
+        return bool(self.prefill_chunk) and self.uncached(prompt_ids) > self.prefill_chunk
+
+    def prefill_next_chunk(self, prompt_ids: Sequence[int]) -> None:
+        """Prefill the ``prefill_chunk`` tokens of ``prompt_ids`` that follow its longest
+        cached prefix into the prefix store (one program; the slots decode on between
+        calls). Once :meth:`needs_chunks` is false, an insert finds the chunks as a cached
+        prefix and prefills only the rest."""
+        if not self.needs_chunks(prompt_ids):
+            raise ValueError("this prompt needs no chunked prefill")
+        self.gen.check_ids(prompt_ids)
+        hit = self.prefix.match(prompt_ids, count=False)
+        end = len(hit) * self._block_tokens + self.prefill_chunk
+        # the chunk's blocks (the prefix before it is stored: the lookup just walked it)
+        todo = [(i, s) for i, s in self.prefix.insert(prompt_ids[:end]) if i >= len(hit)]
+        self.store = self._call(("chunk",), self._chunk_fn,
+                                *self._chunk_args(prompt_ids, hit, todo))
+        self.chunks += 1
+        key = tuple(prompt_ids)
+        self._chunked[key] = self._chunked.get(key, 0) + self.prefill_chunk
+
+    def forget_chunks(self, prompt_ids: Sequence[int]) -> None:
+        """A prompt prefilled in part by :meth:`prefill_next_chunk` will not be inserted
+        (its request went away); its chunks stay in the store as any cached prefix."""
+        self._chunked.pop(tuple(prompt_ids), None)
+
+    def _chunk_args(self, prompt_ids: Sequence[int], hit: Sequence[int],
+                    todo: Sequence[tuple[int, int]]) -> tuple:
+        B, C = self._block_tokens, self.prefill_chunk
+        blocks = np.zeros((self.max_len // B,), np.int32)
+        blocks[:len(hit)] = hit
+        start = len(hit) * B
+        tokens = np.asarray(prompt_ids[start:start + C], np.int32)[None]
+        dst = np.full((C // B,), self.prefix.num_blocks, np.int32)
+        for i, s in todo:
+            dst[i - len(hit)] = s
+        return (self._weights(), self.store, jnp.asarray(blocks), np.int32(start),
+                jnp.asarray(tokens), jnp.asarray(dst))
 
     @property
     def _block_tokens(self) -> int:

@@ -22,6 +22,7 @@ from infer.slots import SlotEngine
 from orthrus_jax.cli import InputError
 
 DEFAULT_PREFIX_CACHE_MB = 256.0
+DEFAULT_PREFILL_CHUNK = 256
 
 
 class Disconnected(Exception):
@@ -211,12 +212,15 @@ def build_server(gen, *, slots: int, mode: str = "orthrus", block_size: int | st
                  eos_ids: Sequence[int] | None = None,
                  tree_budget: int | str | None = None, prefill_rows: int = 1,
                  prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
-                 prefix_block_tokens: int | None = None) -> Server:
+                 prefix_block_tokens: int | None = None,
+                 prefill_chunk_tokens: int | None = None) -> Server:
     """Warm up a :class:`SlotEngine` on ``gen`` (a :class:`~infer.engine.Generator` whose
     ``max_len`` is the cache length), start its scheduler and make the app.
     ``prefix_cache_mb``: the prefix cache's size in MiB (0: none), in blocks of
     ``prefix_block_tokens`` tokens (default: 64, or the largest divisor of ``max_len``
-    below it)."""
+    below it). ``prefill_chunk_tokens`` (with the prefix cache; 0: off; default 256, in
+    whole blocks): a prompt with more uncached tokens than this is prefilled that many per
+    iteration, between the decode steps of the running requests."""
     if gen.tokenizer is None:
         raise InputError("the model folder has no tokenizer: the server needs one")
     if not prefix_cache_mb >= 0:
@@ -233,9 +237,20 @@ def build_server(gen, *, slots: int, mode: str = "orthrus", block_size: int | st
             each = block_bytes(gen.config, prefix_block_tokens) / 2**20
             raise InputError(f"--prefix-cache-mb {prefix_cache_mb} holds no block of "
                              f"{prefix_block_tokens} tokens ({each:.2f} MiB each)")
+    if prefill_chunk_tokens is None:
+        prefill_chunk_tokens = -(-DEFAULT_PREFILL_CHUNK // prefix_block_tokens) * \
+            prefix_block_tokens
+    if prefill_chunk_tokens < 0:
+        raise InputError(f"--prefill-chunk-tokens {prefill_chunk_tokens} must be >= 0 (0: off)")
+    if not prefix_blocks:
+        prefill_chunk_tokens = 0  # the chunks are stored as cached prefixes
+    elif prefill_chunk_tokens % prefix_block_tokens:
+        raise InputError(f"--prefill-chunk-tokens {prefill_chunk_tokens} must be a multiple "
+                         f"of --prefix-block-tokens {prefix_block_tokens}")
     engine = SlotEngine(gen, slots=slots, mode=mode, block_size=block_size, eos_ids=eos_ids,
                         tree_budget=tree_budget, prefill_rows=prefill_rows,
-                        prefix_blocks=prefix_blocks, prefix_block_tokens=prefix_block_tokens)
+                        prefix_blocks=prefix_blocks, prefix_block_tokens=prefix_block_tokens,
+                        prefill_chunk=prefill_chunk_tokens)
     engine.warm_up()
     metrics = Metrics()
     scheduler = Scheduler(engine, queue_size=queue_size, metrics=metrics)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from infer.compile_cache import add_compile_cache_args, enable_compile_cache_from
 from infer.prefix_cache import DEFAULT_BLOCK_TOKENS
-from infer.serve.app import DEFAULT_PREFIX_CACHE_MB, build_server
+from infer.serve.app import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFIX_CACHE_MB, build_server
 from orthrus_jax.cli import (
     CommandError,
     InputError,
@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per prefix-cache block (a prefix is reused in whole blocks; "
                         f"must divide --max-len; default {DEFAULT_BLOCK_TOKENS}, or the largest "
                         "divisor of --max-len below it)")
+    p.add_argument("--prefill-chunk-tokens", type=non_negative_int, default=None,
+                   help="a prompt with more uncached tokens than this is prefilled this many "
+                        "per iteration, between the running requests' decode steps, so their "
+                        "streams keep flowing (needs the prefix cache, which holds the chunks; "
+                        f"a multiple of --prefix-block-tokens; 0: off; default "
+                        f"{DEFAULT_PREFILL_CHUNK}, in whole blocks)")
     p.add_argument("--mode", choices=MODES, default="orthrus")
     p.add_argument("--block-size", type=parse_block_size, default=None,
                    help="Orthrus block, fixed for all requests: 'auto' (resolved once at "
@@ -133,7 +139,8 @@ def _main(args: argparse.Namespace) -> int:
                           deadline=args.deadline, max_body=args.max_body,
                           prefill_rows=args.prefill_rows,
                           prefix_cache_mb=args.prefix_cache_mb,
-                          prefix_block_tokens=args.prefix_block_tokens)
+                          prefix_block_tokens=args.prefix_block_tokens,
+                          prefill_chunk_tokens=args.prefill_chunk_tokens)
     tree = server.api.engine.tree_budget
     trees = f", trees of {tree} nodes" if tree else ""
     print(f"compiled in {time.perf_counter() - t0:.1f} s (block size "

@@ -1,6 +1,7 @@
 """The scheduler: one thread owns the :class:`~infer.slots.SlotEngine` and makes every JAX
 call. It admits queued requests into the lowest free slots (``--prefill-rows`` prompts
-per program), runs the compiled decode loop one iteration at a time over the busy slots,
+per program; a long prompt first prefilled a chunk per iteration, its slot kept for it),
+runs the compiled decode loop one iteration at a time over the busy slots,
 and hands each request its new token ids; requests end at EOS, at their budget, at their
 deadline, when their client goes away, or when their handler met a stop string.
 """
@@ -59,6 +60,8 @@ class Scheduler:
         self._pending: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._jobs: dict[int, Job] = {}  # slot -> job
+        # long prompts prefilling chunk by chunk, each with the slot kept for it
+        self._staging: collections.deque[tuple[int, Job]] = collections.deque()
         self._closing = False
         self._closing_requested = False  # draining: no new requests
         self.broken: str | None = None
@@ -74,7 +77,8 @@ class Scheduler:
 
     @property
     def busy(self) -> int:
-        return len(self._jobs)
+        """Requests holding a slot (decoding, or prefilling a long prompt in chunks)."""
+        return len(self._jobs) + len(self._staging)
 
     def submit(self, job: Job) -> None:
         with self._cv:
@@ -117,9 +121,16 @@ class Scheduler:
         self._thread.join(timeout)
         err = RequestError("the server shut down before this request finished", status=503,
                            type_="server_error", code="shutdown")
-        for job in list(self._pending) + list(self._jobs.values()):
+        for job in self._all_jobs():
             self._fail(job, err, "shutdown")
+        self._forget_all()
+
+    def _all_jobs(self) -> list[Job]:
+        return [*self._pending, *(job for _, job in self._staging), *self._jobs.values()]
+
+    def _forget_all(self) -> None:
         self._pending.clear()
+        self._staging.clear()
         self._jobs.clear()
 
     # ------------------------------------------------------------------ the loop
@@ -127,15 +138,18 @@ class Scheduler:
         try:
             while True:
                 with self._cv:
-                    while not (self._closing or self._pending or self._jobs):
+                    while not (self._closing or self._pending or self._jobs
+                               or self._staging):
                         self._cv.wait()
                     if self._closing:
                         return
-                    free = self.engine.free_slots()
+                    kept = {slot for slot, _ in self._staging}
+                    free = [s for s in self.engine.free_slots() if s not in kept]
                     admit = [self._pending.popleft() for _ in range(min(len(free),
                                                                         len(self._pending)))]
                     self.metrics.queue.set(len(self._pending))
                 self._admit_many(list(zip(free, admit, strict=False)))
+                self._prefill_chunk()
                 if self._jobs:
                     for u in self.engine.step(1):
                         self.metrics.tokens_per_iteration.observe(len(u.new_ids))
@@ -148,10 +162,9 @@ class Scheduler:
             err = RequestError(f"internal error: {self.broken}", status=500,
                                type_="server_error")
             with self._cv:
-                for job in list(self._pending) + list(self._jobs.values()):
+                for job in self._all_jobs():
                     self._fail(job, err, "error")
-                self._pending.clear()
-                self._jobs.clear()
+                self._forget_all()
 
     def _count_prefix(self) -> None:
         index = self.engine.prefix
@@ -167,10 +180,33 @@ class Scheduler:
         """Admit jobs into their slots, ``--prefill-rows`` at a time prefilled together
         (``SlotEngine.insert_many``), each group's first tokens sent as soon as it is
         done."""
-        live = [(slot, job) for slot, job in pairs if self._admissible(job)]
+        live = []
+        for slot, job in pairs:
+            if not self._admissible(job):
+                continue
+            if self.engine.needs_chunks(job.prompt_ids):
+                self._staging.append((slot, job))  # prefilled a chunk per iteration first
+            else:
+                live.append((slot, job))
         n = self.engine.prefill_rows
         for i in range(0, len(live), n):
             self._admit(live[i:i + n])
+
+    def _prefill_chunk(self) -> None:
+        """One chunk of the first long prompt waiting (then the running slots take their
+        step); once the rest fits one insert, the job is admitted into its kept slot."""
+        if not self._staging:
+            return
+        slot, job = self._staging[0]
+        try:
+            self.engine.prefill_next_chunk(job.prompt_ids)
+        except ValueError as e:  # checked by Api.parse already; never a crash
+            self._staging.popleft()
+            self._fail(job, RequestError(str(e)), "bad_request")
+            return
+        if not self.engine.needs_chunks(job.prompt_ids):
+            self._staging.popleft()
+            self._admit([(slot, job)])
 
     def _admissible(self, job: Job) -> bool:
         """Whether ``job`` is still wanted (counted and answered here if not)."""
@@ -202,6 +238,11 @@ class Scheduler:
 
     def _sweep(self) -> None:
         now = time.monotonic()
+        for slot, job in list(self._staging):
+            if job.cancelled or now > job.deadline:
+                self._staging.remove((slot, job))
+                self.engine.forget_chunks(job.prompt_ids)
+                self._admissible(job)  # counts and answers it
         for slot, job in list(self._jobs.items()):
             if job.finished:
                 self._end(slot, job, now)

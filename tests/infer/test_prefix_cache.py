@@ -174,3 +174,42 @@ def test_stored_blocks_hold_what_a_fresh_prefill_computes(gen):
                 np.testing.assert_allclose(np.asarray(store[layer][s]),
                                            np.asarray(fresh[layer][0, :, j * B:(j + 1) * B]),
                                            atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["orthrus", pytest.param("ar", marks=pytest.mark.slow)])
+def test_a_long_prompt_prefilled_in_chunks_between_steps_decodes_as_offline(gen, mode):
+    engine = SlotEngine(gen, slots=2, mode=mode, prefix_blocks=8, prefix_block_tokens=B,
+                        prefill_chunk=2 * B)
+    engine.warm_up()
+    rng = np.random.default_rng(6)
+    short, long = rng.integers(0, 512, 5).tolist(), rng.integers(0, 512, 50).tolist()
+    out = {0: engine.insert(0, short, SlotParams(12)).new_ids}
+    assert not engine.needs_chunks(short) and engine.needs_chunks(long)
+    steps = 0
+    while engine.needs_chunks(long):  # 50 tokens: chunks of 16 until at most 16 are left
+        engine.prefill_next_chunk(long)
+        for u in engine.step(1):  # the running request goes on between chunks
+            out[u.slot] += u.new_ids
+        steps += 1
+    assert engine.chunks == steps == 3 and engine.uncached(long) == 2
+    out[1] = engine.insert(1, long, SlotParams(6)).new_ids
+    assert engine.prefix.hits == 0  # its own chunks are no hit
+    while any(engine.busy):
+        for u in engine.step(1):
+            out[u.slot] += u.new_ids
+            if u.finish_reason:
+                engine.free(u.slot)
+    for slot, (prompt, n) in {0: (short, 12), 1: (long, 6)}.items():
+        [r] = gen.generate([prompt], mode=mode, max_new_tokens=n, block_size=engine.block)
+        assert out[slot] == r.token_ids, slot
+    assert len(out[0]) > steps  # tokens came while the long prompt prefilled
+
+
+def test_chunked_prefill_settings_are_checked(gen):
+    for kwargs in (dict(prefill_chunk=16), dict(prefix_blocks=4, prefix_block_tokens=B,
+                                               prefill_chunk=12)):
+        with pytest.raises(ValueError, match="prefill_chunk=1[62] needs a prefix store"):
+            SlotEngine(gen, slots=1, **kwargs)
+    engine = SlotEngine(gen, slots=1, prefix_blocks=4, prefix_block_tokens=B, prefill_chunk=16)
+    with pytest.raises(ValueError, match="needs no chunked prefill"):
+        engine.prefill_next_chunk([1, 2, 3])

@@ -58,10 +58,11 @@ def offline(folder) -> Generator:
 @pytest.fixture(scope="module")
 def server(folder):
     # queued requests are prefilled two at a time (the concurrency tests go through both);
-    # prompts reuse cached prefixes in blocks of 8 tokens
+    # prompts reuse cached prefixes in blocks of 8 tokens, and a prompt with more than 16
+    # uncached tokens is prefilled 16 at a time between decode steps
     srv = build_server(Generator.load(folder, max_len=MAX_LEN), slots=SLOTS, model_name=NAME,
                        queue_size=64, deadline=60.0, max_body=4096, prefill_rows=2,
-                       prefix_cache_mb=1.0, prefix_block_tokens=8)
+                       prefix_cache_mb=1.0, prefix_block_tokens=8, prefill_chunk_tokens=16)
     sock = _free_socket()
     uv = uvicorn.Server(uvicorn.Config(srv.app, log_level="warning"))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -172,7 +173,7 @@ def test_a_chats_second_turn_reuses_the_first_and_answers_as_offline(server, cli
                              "orthrus_prefix_cache_queries_total") if line.startswith(name)}
     system = {"role": "system", "content": "a cat"}
     first = [system, {"role": "user", "content": "two dogs"}]
-    before = counted()
+    before, chunks = counted(), server.scheduler.engine.chunks
     r = client.chat.completions.create(model=NAME, messages=first, max_tokens=6, temperature=0)
     answer = r.choices[0].message.content
     second = first + [{"role": "assistant", "content": answer},
@@ -189,6 +190,8 @@ def test_a_chats_second_turn_reuses_the_first_and_answers_as_offline(server, cli
     # the second turn found the first turn's whole blocks
     assert hits >= len(offline.encode(first, chat=True)) // 8 * 8 > 0
     assert hits <= n2 - 1
+    # the first turn (34 tokens) was prefilled 16 tokens at a time, its rest at insert
+    assert server.scheduler.engine.chunks > chunks
     health = _health(server)["prefix_cache"]
     assert health["block_tokens"] == 8 and 0 < health["blocks"] <= health["capacity"]
 
@@ -242,6 +245,34 @@ def test_disconnect_mid_stream_frees_the_slot(server):
         assert server.metrics.requests.labels("cancelled")._value.get() == before + 1
     finally:
         del engine.step
+
+
+def test_disconnect_while_a_long_prompt_prefills_in_chunks(server):
+    """Chunks slowed to 0.3 s: the client leaves during the chunked prefill of its 50-token
+    prompt (three chunks of 16 before the insert); the request is dropped before it is
+    inserted and its kept slot is free again."""
+    engine = server.scheduler.engine
+    chunk = engine.prefill_next_chunk
+    engine.prefill_next_chunk = lambda ids: (time.sleep(0.3), chunk(ids))[1]
+    try:
+        before = server.metrics.requests.labels("cancelled")._value.get()
+        inserted, chunks = sum(engine.inserted.values()), engine.chunks
+        ids = np.random.default_rng(9).integers(3, 300, 50).tolist()
+        body = dict(model=NAME, prompt=ids, max_tokens=4, temperature=0, stream=True)
+        with httpx.stream("POST", server.url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            t0 = time.monotonic()
+            while _health(server)["busy"] == 0 and time.monotonic() < t0 + 10:
+                time.sleep(0.01)
+            assert _health(server)["busy"] == 1  # its slot is kept while it prefills
+        t0 = time.monotonic()
+        while _health(server)["busy"] and time.monotonic() < t0 + 10:
+            time.sleep(0.01)
+        assert _health(server)["busy"] == 0
+        assert server.metrics.requests.labels("cancelled")._value.get() == before + 1
+        assert engine.chunks - chunks < 3 and sum(engine.inserted.values()) == inserted
+    finally:
+        del engine.prefill_next_chunk
 
 
 # --------------------------------------------------------------------------- refusals
