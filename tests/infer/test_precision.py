@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from infer import bench, generate, serve
+from infer import bench, generate
 from infer.engine import Generator, check_dtypes
+from infer.serve import cli as serve
 from orthrus_jax.cache import init_cache
 from orthrus_jax.checkpoint import load_model, save_model
 from tests.hf_reference import hf_model, to_orthrus
