@@ -261,7 +261,7 @@ def test_budget_zero_is_plain_ar_and_bad_budgets_are_refused():
 
 
 @pytest.mark.parametrize("value", ["-1", "256", "x", "2.5"])
-@pytest.mark.parametrize("cli", ["generate", "bench", "serve"])
+@pytest.mark.parametrize("cli", ["generate", "bench", "serve.cli"])
 def test_bad_tree_budget_flags_are_refused_naming_the_flag(cli, value, capsys):
     import importlib
 
