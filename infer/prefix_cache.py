@@ -58,7 +58,7 @@ class PrefixIndex:
 
     ``num_blocks`` store slots of ``block_tokens`` tokens each. Counters (tokens):
     ``queries`` (prompt tokens looked up), ``hits`` (of those, served from the store);
-    ``stored`` and ``evicted`` count blocks.
+    ``evicted`` counts blocks.
     """
 
     def __init__(self, num_blocks: int, block_tokens: int, hasher: Hasher = chain_hash):
@@ -69,7 +69,7 @@ class PrefixIndex:
         self.num_blocks, self.block_tokens, self._hash = num_blocks, block_tokens, hasher
         self._entries: collections.OrderedDict[bytes, _Entry] = collections.OrderedDict()
         self._free = list(range(num_blocks - 1, -1, -1))  # popped from the end: 0 first
-        self.queries = self.hits = self.stored = self.evicted = 0
+        self.queries = self.hits = self.evicted = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -135,7 +135,6 @@ class PrefixIndex:
             todo.append((i, e.index))
             new.append(e)
             parent = e
-            self.stored += 1
         self._touch([e for e in chain + new if e.live])
         return todo
 

@@ -314,13 +314,15 @@ class SlotEngine:
             cache = gather_prefix(store, blocks[None], start[None], self.max_len, windows)
             _, cache = prefill(model, tokens, cache, jnp.full((1,), C, jnp.int32))
             return store_row(store, cache, jnp.int32(0), start // B + jnp.arange(C // B), dst)
-        return jax.jit(chunk, donate_argnums=1,
-                       out_shardings=jax.tree.map(lambda a: a.sharding, self.store))
+        return jax.jit(chunk, donate_argnums=1, out_shardings=self._store_shardings())
 
     def _store_fn(self):
         return jax.jit(lambda store, s, row, src, dst: store_row(store, s.cache, row, src, dst),
-                       donate_argnums=0,
-                       out_shardings=jax.tree.map(lambda a: a.sharding, self.store))
+                       donate_argnums=0, out_shardings=self._store_shardings())
+
+    def _store_shardings(self):
+        """The prefix store's shardings, which the programs that write it keep."""
+        return jax.tree.map(lambda a: a.sharding, self.store)
 
     def _state_shardings(self):
         """The state's shardings, which every program keeps (a compiled program takes its
@@ -454,11 +456,11 @@ class SlotEngine:
         cached prefix into the prefix store (one program; the slots decode on between
         calls). Once :meth:`needs_chunks` is false, an insert finds the chunks as a cached
         prefix and prefills only the rest."""
-        if not self.needs_chunks(prompt_ids):
+        hit = [] if self.prefix is None else self.prefix.match(prompt_ids, count=False)
+        end = len(hit) * self._block_tokens + self.prefill_chunk
+        if not self.prefill_chunk or len(prompt_ids) <= end:  # not needs_chunks
             raise ValueError("this prompt needs no chunked prefill")
         self.gen.check_ids(prompt_ids)
-        hit = self.prefix.match(prompt_ids, count=False)
-        end = len(hit) * self._block_tokens + self.prefill_chunk
         # the chunk's blocks (the prefix before it is stored: the lookup just walked it)
         todo = [(i, s) for i, s in self.prefix.insert(prompt_ids[:end]) if i >= len(hit)]
         self.store = self._call(("chunk",), self._chunk_fn,
@@ -527,13 +529,10 @@ class SlotEngine:
         slots = np.array([slot for slot, _, _ in requests], np.int32)
         prompts = np.zeros((n, P), np.int32)
         lengths = np.zeros((n,), np.int32)
-        blocks = np.zeros((n, self.max_len // max(B, 1)), np.int32)
         for i, (slot, ids, _) in enumerate(requests):
-            hit = hits.get(slot, [])
-            rest = ids[len(hit) * B:]
+            rest = ids[len(hits.get(slot, [])) * B:]
             prompts[i, :len(rest)] = rest
             lengths[i] = len(rest)
-            blocks[i, :len(hit)] = hit
         seeds = np.array([params.seed for _, _, params in requests], np.int32)
         row_inputs = DecodeInputs(
             jnp.asarray(self._budget[slots]), self.eos,
@@ -543,6 +542,10 @@ class SlotEngine:
                 jnp.asarray(lengths), row_inputs, jnp.asarray(seeds))
         if self.prefix is None:
             return args
+        blocks = np.zeros((n, self.max_len // B), np.int32)
+        for i, (slot, _, _) in enumerate(requests):
+            hit = hits.get(slot, [])
+            blocks[i, :len(hit)] = hit
         prefix_lengths = np.array([len(hits.get(slot, [])) * B for slot, _, _ in requests],
                                   np.int32)
         return (*args, self.store, jnp.asarray(blocks), jnp.asarray(prefix_lengths))
