@@ -197,11 +197,12 @@ def _main(args: argparse.Namespace) -> int:
             system = Path(args.system_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise InputError(f"--system-file {args.system_file}: {e}") from None
-    chat_only = [i for i, item in enumerate(items) if "prompt_ids" in item or (
-        args.endpoint == "completions" and "messages" not in item)]
-    if (system is not None or args.turns > 1) and chat_only:
+    # the records that go to /v1/completions, as _request routes them
+    not_chat = [i for i, item in enumerate(items)
+                if _request(item, args.endpoint, "", 1, 0.0)[0] != "/v1/chat/completions"]
+    if (system is not None or args.turns > 1) and not_chat:
         raise InputError(f"--system-file and --turns need chat prompts: record "
-                         f"{chat_only[0] + 1} of {args.prompts_file} goes to /v1/completions")
+                         f"{not_chat[0] + 1} of {args.prompts_file} goes to /v1/completions")
     outcomes, seconds = asyncio.run(run_load(
         args.url, items, concurrency=args.concurrency, max_tokens=args.max_tokens,
         endpoint=args.endpoint, model=args.model, api_key=args.api_key,
