@@ -13,8 +13,9 @@ three kinds of compiled programs, all built by :meth:`SlotEngine.warm_up`:
   together (:meth:`SlotEngine.insert_many`);
 - ``step`` (one per row count ``R`` of :func:`row_counts`: 1, 2, 4, ..., ``S``):
   :func:`infer.decode.run` for at most ``n`` iterations over the first ``R`` slots
-  (:func:`run_rows`), one fixed block size, sampling with per-row temperature / top-k /
-  top-p (temperature 0: that row is greedy) and per-row PRNG keys. A step runs the
+  (:func:`run_rows`) with the block size and tree budget of that row count
+  (:attr:`SlotEngine.plans`: speculation by load), sampling with per-row temperature /
+  top-k / top-p (temperature 0: that row is greedy) and per-row PRNG keys. A step runs the
   smallest ``R`` that holds every busy slot (requests take the lowest free slot), so a
   lone request costs a batch-1 step; free and finished slots below ``R`` ride along,
   masked;
@@ -41,16 +42,25 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infer.buckets import MODES, bucket, eos_array, max_block, prompt_bucket, prompt_buckets
+from infer.buckets import (
+    MAX_TREE_BUDGET,
+    MODES,
+    bucket,
+    eos_array,
+    max_block,
+    prompt_bucket,
+    prompt_buckets,
+)
 from infer.decode import (
     FINISH_LENGTH,
     FINISH_REASONS,
@@ -62,6 +72,7 @@ from infer.decode import (
     start,
 )
 from infer.engine import Generator
+from infer.executables import ExecutableStore, fresh_compiles
 from infer.prefix_cache import (
     DEFAULT_BLOCK_TOKENS,
     PrefixIndex,
@@ -148,11 +159,15 @@ def run_rows(model, state: DecodeState, inputs: DecodeInputs, max_steps: jax.Arr
 class SlotEngine:
     """``slots`` rows decoding together over the Generator's model; see the module doc.
 
-    ``block_size``: Orthrus's block, one fixed size for every row (``"auto"`` is resolved
-    once here, non-adaptive); ``tree_budget``: verify draft trees of that many nodes
-    instead of chains (None: chains; ``"auto"`` resolved with the block size, see
-    :meth:`infer.engine.Generator.block_plan`); every slot then holds ``budget + 1``
-    verify rows. ``eos_ids``: default the model's (:attr:`Generator.eos_ids`: those of
+    ``block_size``: Orthrus's block; ``tree_budget``: verify draft trees of that many
+    nodes instead of chains (None: chains; every slot then holds ``budget + 1`` verify
+    rows). Fixed values hold at every load. ``"auto"`` (either) chooses them once here
+    for each row count a step may run (speculation by load, :meth:`_choose_plans`):
+    drafting where the measured costs say it pays at that many rows, plain AR steps
+    where the rows are many. ``plans``: ``{rows: (block, tree budget)}`` for each of
+    :attr:`row_counts`, given instead of choosing. ``executables``: compiled programs
+    are loaded from this store when it holds them (no tracing, no compiling) and saved
+    to it when compiled. ``eos_ids``: default the model's (:attr:`Generator.eos_ids`: those of
     ``config.json`` and ``generation_config.json``). ``prefill_rows``: at most this many
     prompts are prefilled by one program (:meth:`insert_counts`); more than 1 pays where
     a prefill is memory-bound (a GPU at short prompts), not where it is compute-bound.
@@ -167,7 +182,8 @@ class SlotEngine:
                  block_size: int | str | None = None, eos_ids: Sequence[int] | None = None,
                  tree_budget: int | str | None = None, prefill_rows: int = 1,
                  prefix_blocks: int = 0, prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS,
-                 prefill_chunk: int = 0):
+                 prefill_chunk: int = 0, plans: Mapping[int, tuple[int, int]] | None = None,
+                 executables: ExecutableStore | None = None):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: choose one of {MODES}")
         if slots < 1:
@@ -188,15 +204,16 @@ class SlotEngine:
             raise ValueError(f"prefill_chunk={prefill_chunk} needs a prefix store and must be "
                              f"a multiple of its block of {prefix_block_tokens} tokens")
         self.prefill_chunk = prefill_chunk
+        self.executables = executables
         self.gen, self.slots, self.mode = gen, slots, mode
         self.prefill_rows = prefill_rows
         self.max_len = gen.max_len
         self.max_block = max_block(mode, gen.config.block_size)
-        chosen = gen.block_plan(block_size, tree_budget=tree_budget, greedy=False,
-                                batch_size=slots, max_len=self.max_len, adaptive=False
-                                ) if mode == "orthrus" else None
-        self.block = 1 if chosen is None else chosen.blocks[0]
-        self.tree_budget = 0 if chosen is None or self.block == 1 else chosen.tree_budget
+        # One step program per row count: a step runs the first ``rows`` slots only.
+        self.row_counts = row_counts(slots)
+        self.plans = self._choose_plans(block_size, tree_budget) if plans is None else \
+            self._check_plans(plans)
+        self.rows = self.row_counts[0]  # the row count of the latest step
         self.out_len = bucket(self.max_len + self.max_block)
         self.eos = eos_array(gen.eos_ids, eos_ids)
         self.buckets = prompt_buckets(self.max_len, gen.chunk_size)
@@ -204,14 +221,11 @@ class SlotEngine:
         self._temperature = np.zeros((slots,), np.float32)
         self._top_k = np.zeros((slots,), np.int32)
         self._top_p = np.ones((slots,), np.float32)
-        run_spec = self._spec(self.buckets[0], slots)
-        self._tree_scoring = gen.tree_scoring(run_spec)
         self._inputs = self._make_inputs()
+        self._tree_scoring: dict[int, object] = {}  # rows -> their program's tree scoring
         self.busy = [False] * slots  # host view: slot holds a request
         self._shown = [0] * slots  # tokens of each slot already reported
         self._held: list[list[int]] = [[] for _ in range(slots)]  # prompt + tokens reported
-        # One step program per row count: a step runs the first ``rows`` slots only.
-        self.row_counts = row_counts(slots)
         self.rows_stepped: collections.Counter[int] = collections.Counter()  # steps per count
         self.inserted: collections.Counter[int] = collections.Counter()  # inserts per count
         self.chunks = 0  # chunks prefilled ahead of their inserts
@@ -245,11 +259,75 @@ class SlotEngine:
                            seen_tokens=stats, seen_iterations=stats, ar_run=zeros,
                            step=jnp.int32(0))
 
-    def _spec(self, prompt_len: int, batch: int):
+    def _choose_plans(self, block_size: int | str | None, tree_budget: int | str | None
+                      ) -> dict[int, tuple[int, int]]:
+        """``{rows: (block, tree budget)}`` for each row count: a fixed block and budget
+        for all of them, or with ``"auto"`` the plan of most expected tokens/s at that
+        row count (speculation by load), from the costs of the loop's iterations at that
+        batch size over the cache's smallest attention window (the step of short
+        requests; a longer context favours drafting, whose two passes share the cache
+        reads of more tokens, so the choice errs towards plain AR steps). Each row
+        count's costs are measured once per machine (minutes on a CPU; then cached on
+        disk, :class:`infer.block_size.CostTable`): no rule carries one row count's
+        choice to another (on a 2-core CPU a block of 5 costs 3.5 AR steps at one row and
+        3.1 at eight)."""
+        if self.mode == "ar":
+            return {rows: (1, 0) for rows in self.row_counts}
+        cost_len = (attention_windows(self.max_len) or (self.max_len,))[0]
+        plans: dict[int, tuple[int, int]] = {}
+        for rows in self.row_counts:
+            chosen = self.gen.block_plan(block_size, tree_budget=tree_budget, greedy=False,
+                                         batch_size=rows, max_len=cost_len, adaptive=False)
+            block = chosen.blocks[0]
+            plans[rows] = (block, 0 if block == 1 else chosen.tree_budget)
+        return plans
+
+    def _check_plans(self, plans: Mapping[int, tuple[int, int]]) -> dict[int, tuple[int, int]]:
+        """``plans`` given by the caller, checked: one ``(block, tree budget)`` per row
+        count, blocks in ``[1, max_block]`` (1 in mode ``"ar"``), budgets only where a
+        block drafts."""
+        if set(plans) != set(self.row_counts):
+            raise ValueError(f"plans: give one (block, tree budget) for each row count "
+                             f"{list(self.row_counts)}, not for {sorted(plans)}")
+        out = {}
+        for rows, (block, budget) in sorted(plans.items()):
+            top = 1 if self.mode == "ar" else self.max_block
+            if not 1 <= block <= top:
+                raise ValueError(f"plans[{rows}]: block {block} is not in [1, {top}]")
+            if budget and (block == 1 or not 0 < budget <= MAX_TREE_BUDGET):
+                raise ValueError(f"plans[{rows}]: tree budget {budget} needs a block of at "
+                                 f"least 2 and must be in [0, {MAX_TREE_BUDGET}]")
+            out[rows] = (int(block), int(budget))
+        return out
+
+    def describe_plans(self) -> str:
+        """The plans in words: ``"block size 5, trees of 5 nodes"`` where every row count
+        has the same, else one per row count (``"1 row: ...; 8 rows: plain AR steps"``)."""
+        def words(plan: tuple[int, int]) -> str:
+            k, n = plan
+            return ("plain AR steps" if k == 1 else f"block size {k}"
+                    + (f", trees of {n} nodes" if n else ""))
+        if len(set(self.plans.values())) == 1:
+            return words(self.plans[self.slots])
+        return "; ".join(f"{rows} row{'s' * (rows > 1)}: {words(plan)}"
+                         for rows, plan in self.plans.items())
+
+    @property
+    def block(self) -> int:
+        """The block size of the latest step (1: plain AR steps)."""
+        return self.plans[self.rows][0]
+
+    @property
+    def tree_budget(self) -> int:
+        """The tree budget of the latest step (0: chains, or no drafting)."""
+        return self.plans[self.rows][1]
+
+    def _spec(self, prompt_len: int, batch: int, plan: tuple[int, int] = (1, 0)):
         """The decode spec of a program over ``batch`` rows (1: an insert's prefill) of
-        cache ``max_len``: one fixed block, sampling code for rows of any temperature."""
-        return self.gen.spec(self.mode, (self.block,), False, batch, prompt_len, self.out_len,
-                             self.eos.shape[0], self.tree_budget)
+        cache ``max_len`` decoding with ``plan`` (block, tree budget; an insert runs no
+        iteration), sampling code for rows of any temperature."""
+        return self.gen.spec(self.mode, (plan[0],), False, batch, prompt_len, self.out_len,
+                             self.eos.shape[0], plan[1])
 
     def _insert_fn(self, prompt_len: int, n: int):
         gen = self.gen
@@ -291,7 +369,7 @@ class SlotEngine:
             n <= self.prefill_rows and n * prompt_len <= self.max_len))
 
     def _run_fn(self, rows: int):
-        spec = self._spec(self.buckets[0], rows)
+        spec = self._spec(self.buckets[0], rows, self.plans[rows])
         return jax.jit(lambda w, s, i, n: run_rows(nnx.merge(self._graphdef, w), s, i, n, spec,
                                                    rows), donate_argnums=1,
                        out_shardings=self._state_shardings())
@@ -336,12 +414,49 @@ class SlotEngine:
 
     def _program(self, key: tuple, make, *args) -> jax.stages.Compiled:
         """The compiled program ``key`` (``("insert", P, n)``, ``("step", rows)``,
-        ``("free",)`` or ``("store",)``), compiled ahead of time from ``make()`` for
-        ``args`` the first time (from JAX's persistent compilation cache where the command
-        line turned it on)."""
+        ``("free",)``, ``("store",)`` or ``("chunk",)``) for ``args``: loaded from
+        :attr:`executables`, else compiled ahead of time from ``make()`` the first time
+        (from JAX's persistent compilation cache where the command line turned it on)."""
         if key not in self._programs:
-            self._programs[key] = make().lower(*args).compile()
+            compiled = self._load(key, args)
+            if compiled is None:
+                with self._compiling():
+                    compiled = make().lower(*args).compile()
+                self._save(key, args, compiled)
+            self._programs[key] = compiled
         return self._programs[key]
+
+    def _compiling(self) -> contextlib.AbstractContextManager:
+        """Around compiles: with a store, JAX's persistent cache is off
+        (:func:`infer.executables.fresh_compiles`)."""
+        return contextlib.nullcontext() if self.executables is None else fresh_compiles()
+
+    def _settings(self) -> dict:
+        """What the programs close over besides their arguments (part of the name of a
+        stored executable)."""
+        gen = self.gen
+        return {"config": gen.config.to_hf_dict(), "dtype": gen.config.dtype,
+                "param_dtype": gen.config.param_dtype, "mode": self.mode,
+                "slots": self.slots, "max_len": self.max_len, "out_len": self.out_len,
+                "max_block": self.max_block, "plans": sorted(self.plans.items()),
+                "buckets": self.buckets, "chunk_size": gen.chunk_size,
+                "prefill_progress": gen.prefill_progress is not None,
+                "block_tokens": self._block_tokens, "prefill_chunk": self.prefill_chunk,
+                "windows": attention_windows(self.max_len), "mesh": repr(gen.mesh),
+                "rules": repr(gen.rules)}
+
+    def _digest(self, key: tuple, args: tuple) -> str:
+        return self.executables.digest({"program": list(key), **self._settings()}, args)
+
+    def _load(self, key: tuple, args: tuple) -> jax.stages.Compiled | None:
+        if self.executables is None:
+            return None
+        out = self.store if key[0] in ("store", "chunk") else self.state
+        return self.executables.load(self._digest(key, args), args, jax.tree.structure(out))
+
+    def _save(self, key: tuple, args: tuple, compiled: jax.stages.Compiled) -> None:
+        if self.executables is not None:
+            self.executables.save(self._digest(key, args), compiled)
 
     def _call(self, key: tuple, make, *args):
         return self._program(key, make, *args)(*args)
@@ -349,7 +464,7 @@ class SlotEngine:
     def _make_inputs(self) -> DecodeInputs:
         return DecodeInputs(jnp.asarray(self._budget), self.eos, SamplingParams(
             jnp.asarray(self._temperature), jnp.asarray(self._top_k),
-            jnp.asarray(self._top_p)), tree_scoring=self._tree_scoring)
+            jnp.asarray(self._top_p)))
 
     def warm_up(self, workers: int = 2) -> float:
         """Compile every program ahead of time, running none: the step of each row count,
@@ -374,10 +489,18 @@ class SlotEngine:
             todo.append((("chunk",), self._chunk_fn, self._chunk_args([0] * self.max_len, [],
                                                                       [])))
         with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-            compiling = {key: pool.submit(make().lower(*args).compile)
-                         for key, make, args in todo if key not in self._programs}
-            for key, future in compiling.items():
-                self._programs[key] = future.result()
+            # stored programs need no tracing: loaded by the threads too
+            loading = {key: pool.submit(self._load, key, args)
+                       for key, _, args in todo if key not in self._programs}
+            for key, future in loading.items():
+                if (compiled := future.result()) is not None:
+                    self._programs[key] = compiled
+            with self._compiling():
+                compiling = {key: (pool.submit(make().lower(*args).compile), args)
+                             for key, make, args in todo if key not in self._programs}
+                for key, (future, args) in compiling.items():
+                    self._programs[key] = future.result()
+                    self._save(key, args, self._programs[key])
         self.compile_seconds = time.perf_counter() - t0
         return self.compile_seconds
 
@@ -557,7 +680,7 @@ class SlotEngine:
         busy = [i for i, b in enumerate(self.busy) if b]
         if not busy:
             return []
-        rows = self.rows_for(busy)
+        rows = self.rows = self.rows_for(busy)
         self.rows_stepped[rows] += 1
         self.state = self._call(("step", rows), lambda: self._run_fn(rows), self._weights(),
                                 self.state, self._row_inputs(rows), np.int32(n_iterations))
@@ -570,11 +693,17 @@ class SlotEngine:
         return next(r for r in self.row_counts if r >= need)
 
     def _row_inputs(self, rows: int) -> DecodeInputs:
-        """The per-call inputs of the first ``rows`` slots."""
+        """The per-call inputs of the first ``rows`` slots (with the tree scoring of their
+        step program's plan)."""
+        scoring = self._tree_scoring.get(rows)
+        if rows not in self._tree_scoring:
+            scoring = self._tree_scoring[rows] = self.gen.tree_scoring(
+                self._spec(self.buckets[0], rows, self.plans[rows]))
+        inputs = dataclasses.replace(self._inputs, tree_scoring=scoring)
         if rows == self.slots:
-            return self._inputs
-        return dataclasses.replace(self._inputs, max_new_tokens=self._inputs.max_new_tokens[
-            :rows], sampling=jax.tree.map(lambda a: a[:rows], self._inputs.sampling))
+            return inputs
+        return dataclasses.replace(inputs, max_new_tokens=inputs.max_new_tokens[:rows],
+                                   sampling=jax.tree.map(lambda a: a[:rows], inputs.sampling))
 
     def free(self, slot: int) -> None:
         """Stop ``slot``'s row (if still running) and make the slot free; with a prefix

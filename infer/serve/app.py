@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from infer.executables import ExecutableStore
 from infer.prefix_cache import DEFAULT_BLOCK_TOKENS, block_bytes, blocks_within
 from infer.serve.metrics import Metrics
 from infer.serve.protocol import Api, Parsed, RequestError
@@ -182,7 +183,10 @@ def create_app(api: Api, scheduler: Scheduler, metrics: Metrics):
         return JSONResponse({"status": status, "slots": api.engine.slots, "busy": s.busy,
                              "queue": s.queue_depth, "mode": api.engine.mode,
                              "block_size": api.engine.block,
-                             "tree_budget": api.engine.tree_budget, "prefix_cache": prefix},
+                             "tree_budget": api.engine.tree_budget,
+                             "speculation": {str(rows): {"block_size": k, "tree_budget": n}
+                                             for rows, (k, n) in api.engine.plans.items()},
+                             "prefix_cache": prefix},
                             status_code=503 if s.broken else 200)
 
     @app.get("/metrics")
@@ -213,14 +217,16 @@ def build_server(gen, *, slots: int, mode: str = "orthrus", block_size: int | st
                  tree_budget: int | str | None = None, prefill_rows: int = 1,
                  prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
                  prefix_block_tokens: int | None = None,
-                 prefill_chunk_tokens: int | None = None) -> Server:
+                 prefill_chunk_tokens: int | None = None,
+                 executables: ExecutableStore | None = None) -> Server:
     """Warm up a :class:`SlotEngine` on ``gen`` (a :class:`~infer.engine.Generator` whose
     ``max_len`` is the cache length), start its scheduler and make the app.
     ``prefix_cache_mb``: the prefix cache's size in MiB (0: none), in blocks of
     ``prefix_block_tokens`` tokens (default: 64, or the largest divisor of ``max_len``
     below it). ``prefill_chunk_tokens`` (with the prefix cache; 0: off; default 256, in
     whole blocks): a prompt with more uncached tokens than this is prefilled that many per
-    iteration, between the decode steps of the running requests."""
+    iteration, between the decode steps of the running requests. ``executables``: the
+    engine's compiled programs are loaded from (and saved to) this store."""
     if gen.tokenizer is None:
         raise InputError("the model folder has no tokenizer: the server needs one")
     if not prefix_cache_mb >= 0:
@@ -250,7 +256,7 @@ def build_server(gen, *, slots: int, mode: str = "orthrus", block_size: int | st
     engine = SlotEngine(gen, slots=slots, mode=mode, block_size=block_size, eos_ids=eos_ids,
                         tree_budget=tree_budget, prefill_rows=prefill_rows,
                         prefix_blocks=prefix_blocks, prefix_block_tokens=prefix_block_tokens,
-                        prefill_chunk=prefill_chunk_tokens)
+                        prefill_chunk=prefill_chunk_tokens, executables=executables)
     engine.warm_up()
     metrics = Metrics()
     scheduler = Scheduler(engine, queue_size=queue_size, metrics=metrics)

@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    enable_compile_cache_from(args)
-    return run_command(lambda: _main(args))
+    folder = enable_compile_cache_from(args)
+    return run_command(lambda: _main(args, folder))
 
 
 SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
@@ -107,12 +107,13 @@ def check_serve_extra() -> None:
                            f"{', '.join(missing)}): pip install 'orthrus-jax[serve]'")
 
 
-def _main(args: argparse.Namespace) -> int:
+def _main(args: argparse.Namespace, compile_cache: Path | None) -> int:
     check_serve_extra()
     import uvicorn
 
     from infer.default_model import default_model_dir
     from infer.engine import Generator, check_dtypes
+    from infer.executables import EXECUTABLES_FOLDER, ExecutableStore
     from infer.options import resolve_tree_budget
     from orthrus_jax.sharding import make_mesh
 
@@ -140,11 +141,11 @@ def _main(args: argparse.Namespace) -> int:
                           prefill_rows=args.prefill_rows,
                           prefix_cache_mb=args.prefix_cache_mb,
                           prefix_block_tokens=args.prefix_block_tokens,
-                          prefill_chunk_tokens=args.prefill_chunk_tokens)
-    tree = server.api.engine.tree_budget
-    trees = f", trees of {tree} nodes" if tree else ""
-    print(f"compiled in {time.perf_counter() - t0:.1f} s (block size "
-          f"{server.api.engine.block}{trees}); serving '{server.api.model_name}' on "
+                          prefill_chunk_tokens=args.prefill_chunk_tokens,
+                          executables=None if compile_cache is None else
+                          ExecutableStore(compile_cache / EXECUTABLES_FOLDER))
+    print(f"compiled in {time.perf_counter() - t0:.1f} s ("
+          f"{server.api.engine.describe_plans()}); serving '{server.api.model_name}' on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     class Uvicorn(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:  # SIGTERM / SIGINT

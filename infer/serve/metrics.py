@@ -27,6 +27,12 @@ class Metrics:
                                    registry=r)
         self.prefix_blocks = Gauge("orthrus_prefix_cache_blocks",
                                    "Blocks held by the prefix cache", registry=r)
+        self.block_size = Gauge("orthrus_block_size",
+                                "Block size of the latest decode step (1: plain AR steps)",
+                                registry=r)
+        self.tree_budget = Gauge("orthrus_tree_budget",
+                                 "Draft-tree budget of the latest decode step (0: chains)",
+                                 registry=r)
         self.tpot = Histogram("orthrus_time_per_output_token_seconds",
                               "Seconds per output token after the first", registry=r,
                               buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))

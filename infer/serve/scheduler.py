@@ -67,6 +67,12 @@ class Scheduler:
         self.broken: str | None = None
         self._prefix_seen = (0, 0)  # prefix-cache queries and hits already counted
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self._show_plan()
+
+    def _show_plan(self) -> None:
+        """The block size and tree budget of the latest step (before any: one row's)."""
+        self.metrics.block_size.set(self.engine.block)
+        self.metrics.tree_budget.set(self.engine.tree_budget)
 
     def start(self) -> None:
         self._thread.start()
@@ -154,6 +160,7 @@ class Scheduler:
                     for u in self.engine.step(1):
                         self.metrics.tokens_per_iteration.observe(len(u.new_ids))
                         self._update(self._jobs[u.slot], u.slot, u.new_ids, u.finish_reason)
+                    self._show_plan()
                 self._sweep()
                 self._count_prefix()
         except Exception as e:  # noqa: BLE001 (a failed device call: fail every request)

@@ -417,7 +417,11 @@ def test_models_health_and_metrics(server, client):
     assert [m.id for m in client.models.list()] == [NAME]
     h = _health(server)
     assert h["status"] == "ok" and h["slots"] == SLOTS and h["block_size"] == 4
+    # a fixed block size holds at every row count
+    assert h["speculation"] == {str(rows): {"block_size": 4, "tree_budget": 0}
+                                for rows in server.api.engine.row_counts}
     text = httpx.get(server.url + "/metrics").text
+    assert "orthrus_block_size 4.0" in text and "orthrus_tree_budget 0.0" in text
     for name in ("orthrus_requests_total", "orthrus_generated_tokens_total",
                  "orthrus_tokens_per_iteration_bucket", "orthrus_queue_depth",
                  "orthrus_slots_busy", "orthrus_time_to_first_token_seconds_bucket",

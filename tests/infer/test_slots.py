@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import infer.slots
+from infer.block_size import BlockPlan
 from infer.buckets import prompt_buckets
 from infer.engine import Generator
 from infer.slots import SlotEngine, SlotParams, row_counts
@@ -130,6 +131,77 @@ def test_slots_equal_offline_and_never_recompile(gen, eos, backend_compiles, mod
             reasons.add(r.finish_reason)
     assert reasons == {"eos", "length"}
     assert finish[8] is None  # freed right after its prefill
+
+
+@pytest.mark.slow
+def test_speculation_by_load_switches_plans_between_steps_and_stays_lossless(
+        gen, eos, backend_compiles, monkeypatch):
+    """Each row count steps with its own plan (a chain alone, AR steps at two rows, trees
+    at four): greedy rows equal offline AR decoding token for token whatever plans their
+    steps ran, sampled rows finish within their budgets, and nothing compiles after the
+    warm-up."""
+    monkeypatch.setattr(infer.slots, "attention_windows",
+                        lambda n: attention_windows(n, smallest=16))
+    plans = {1: (4, 0), 2: (1, 0), 4: (3, 2)}
+    engine = SlotEngine(gen, slots=4, eos_ids=eos, plans=plans)
+    assert engine.plans == plans
+    assert engine.describe_plans() == ("1 row: block size 4; 2 rows: plain AR steps; "
+                                       "4 rows: block size 3, trees of 2 nodes")
+    engine.warm_up()
+    reqs = _requests(seed=4, n=12, max_new=(4, 12))
+    n0 = backend_compiles()
+    seen = set()
+    real_step = engine.step
+
+    def step(n):
+        out = real_step(n)
+        seen.add((engine.rows, engine.block, engine.tree_budget))
+        return out
+    engine.step = step
+    out, finish = _serve(engine, reqs, {})
+    assert backend_compiles() == n0
+    assert {rows for rows, _, _ in seen} == {1, 2, 4}  # every plan ran
+    assert seen == {(rows, *plans[rows]) for rows, _, _ in seen}
+    for i, (prompt, p) in enumerate(reqs):
+        if p.temperature == 0:
+            [r] = gen.generate([prompt], mode="ar", max_new_tokens=p.max_new_tokens,
+                               eos_ids=eos)
+            assert (out[i], finish[i]) == (r.token_ids, r.finish_reason), i
+        else:
+            assert 1 <= len(out[i]) <= p.max_new_tokens and finish[i] in ("eos", "length")
+
+
+def test_plans_are_chosen_per_row_count_from_costs_at_the_smallest_window(gen, monkeypatch):
+    """``"auto"`` asks for the plan of each row count at that batch size, with costs over
+    the cache's smallest attention window; fixed settings hold at every row count."""
+    asked = []
+
+    def block_plan(block_size, *, tree_budget, greedy, batch_size, max_len, adaptive):
+        asked.append((block_size, tree_budget, greedy, batch_size, max_len, adaptive))
+        return BlockPlan((1,), 1) if batch_size > 2 else BlockPlan((5,), 5, tree_budget=3)
+    monkeypatch.setattr(gen, "block_plan", block_plan)
+    monkeypatch.setattr(infer.slots, "attention_windows",
+                        lambda n: attention_windows(n, smallest=16))
+    engine = SlotEngine(gen, slots=4, block_size="auto", tree_budget="auto")
+    assert engine.plans == {1: (5, 3), 2: (5, 3), 4: (1, 0)}
+    assert asked == [("auto", "auto", False, rows, 16, False) for rows in (1, 2, 4)]
+    assert (engine.block, engine.tree_budget) == (5, 3)  # the plan of one row, before a step
+    monkeypatch.undo()
+    fixed = SlotEngine(gen, slots=4, block_size=3, tree_budget=2)
+    assert fixed.plans == {1: (3, 2), 2: (3, 2), 4: (3, 2)}
+    assert fixed.describe_plans() == "block size 3, trees of 2 nodes"
+    assert SlotEngine(gen, slots=2, mode="ar").plans == {1: (1, 0), 2: (1, 0)}
+
+
+@pytest.mark.parametrize("plans,match", [
+    ({1: (4, 0), 2: (4, 0)}, r"each row count \[1, 2, 4\]"),
+    ({1: (4, 0), 2: (9, 0), 4: (1, 0)}, r"plans\[2\]: block 9 is not in \[1, 8\]"),
+    ({1: (1, 3), 2: (4, 0), 4: (1, 0)}, r"plans\[1\]: tree budget 3 needs a block"),
+    ({1: (4, 256), 2: (4, 0), 4: (1, 0)}, r"plans\[1\]: tree budget 256"),
+])
+def test_bad_plans_are_refused_naming_the_row_count(gen, plans, match):
+    with pytest.raises(ValueError, match=match):
+        SlotEngine(gen, slots=4, plans=plans)
 
 
 def test_row_counts_are_powers_of_two_up_to_the_slots():
