@@ -10,7 +10,7 @@ An executable is named by a SHA-256 digest of everything that could change it:
 
 - the source of the ``orthrus_jax`` and ``infer`` packages (any edit of either names
   new programs), and the versions of JAX, jaxlib, Flax and NumPy;
-- the backend, device kind and device count;
+- the backend, device kind and device count, and ``XLA_FLAGS`` (``LIBTPU_INIT_ARGS``);
 - the caller's description of the program (its name and the settings it closes over:
   for the server's engine, the model config, mode, plans, cache length, buckets, ...);
 - every argument's shape, dtype and sharding, and the arguments' tree structure.
@@ -44,6 +44,8 @@ MAX_BYTES = 2 << 30
 EXECUTABLES_FOLDER = "executables"
 SUFFIX = ".executable"
 PACKAGES = ("orthrus_jax", "infer")
+# Environment variables that change what XLA compiles (as they key JAX's own cache).
+FLAG_VARIABLES = ("XLA_FLAGS", "LIBTPU_INIT_ARGS")
 
 
 @cache
@@ -120,6 +122,7 @@ class ExecutableStore:
         key = {"code": code_digest(), "backend": jax.default_backend(),
                "device_kind": getattr(dev, "device_kind", str(dev)),
                "devices": jax.device_count(), "program": program,
+               "flags": {name: os.environ.get(name) for name in FLAG_VARIABLES},
                "args": _describe_args(args)}
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()
                               ).hexdigest()

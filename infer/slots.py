@@ -46,6 +46,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +118,24 @@ class SlotUpdate:
     new_ids: list[int]
     finish_reason: str | None
     iterations: int
+
+
+@dataclasses.dataclass
+class SlotRecord:
+    """What one slot holds, the one record of it: ``owner``, the caller's handle of the
+    request it decodes or is kept for (None: free); ``decoding``, whether that request
+    was inserted (else the slot is kept while its long prompt prefills in chunks);
+    ``shown``, its tokens already reported; ``held``, its prompt and reported tokens
+    (the ids whose K/V fill its cache rows, stored as prefixes when it is freed)."""
+
+    owner: Any = None
+    decoding: bool = False
+    shown: int = 0
+    held: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def free(self) -> bool:
+        return self.owner is None
 
 
 def row_counts(slots: int) -> tuple[int, ...]:
@@ -223,9 +242,7 @@ class SlotEngine:
         self._top_p = np.ones((slots,), np.float32)
         self._inputs = self._make_inputs()
         self._tree_scoring: dict[int, object] = {}  # rows -> their program's tree scoring
-        self.busy = [False] * slots  # host view: slot holds a request
-        self._shown = [0] * slots  # tokens of each slot already reported
-        self._held: list[list[int]] = [[] for _ in range(slots)]  # prompt + tokens reported
+        self.records = [SlotRecord() for _ in range(slots)]  # what each slot holds
         self.rows_stepped: collections.Counter[int] = collections.Counter()  # steps per count
         self.inserted: collections.Counter[int] = collections.Counter()  # inserts per count
         self.chunks = 0  # chunks prefilled ahead of their inserts
@@ -505,29 +522,63 @@ class SlotEngine:
         return self.compile_seconds
 
     # ------------------------------------------------------------------ API
-    def free_slots(self) -> list[int]:
-        return [i for i, b in enumerate(self.busy) if not b]
+    @property
+    def busy(self) -> list[bool]:
+        """Per slot: whether it decodes a request (inserted, not yet freed)."""
+        return [r.decoding for r in self.records]
 
-    def insert(self, slot: int, prompt_ids: Sequence[int], params: SlotParams) -> SlotUpdate:
+    def free_slots(self) -> list[int]:
+        """The slots that hold nothing (neither decoding nor kept)."""
+        return [i for i, r in enumerate(self.records) if r.free]
+
+    def owners(self) -> dict[int, Any]:
+        """``{slot: owner}`` of the slots decoding a request."""
+        return {i: r.owner for i, r in enumerate(self.records) if r.decoding}
+
+    def keep(self, slot: int, owner: Any) -> None:
+        """Keep free ``slot`` for ``owner`` (a request whose long prompt is prefilled in
+        chunks first): no other request takes it, and its insert must name the same
+        owner."""
+        if not 0 <= slot < self.slots or not self.records[slot].free:
+            raise ValueError(f"slot {slot} is not a free slot")
+        if owner is None:
+            raise ValueError("keep(slot, None): give the request's handle")
+        self.records[slot] = SlotRecord(owner)
+
+    def release(self, slot: int) -> None:
+        """Give up a slot kept by :meth:`keep` whose request will not be inserted."""
+        if self.records[slot].decoding:
+            raise ValueError(f"slot {slot} decodes a request: free it instead")
+        self.records[slot] = SlotRecord()
+
+    def insert(self, slot: int, prompt_ids: Sequence[int], params: SlotParams,
+               owner: Any = True) -> SlotUpdate:
         """Prefill ``prompt_ids`` into free ``slot`` and pick its first token (returned).
         Raises ``ValueError`` for a bad prompt or settings."""
-        return self.insert_many([(slot, prompt_ids, params)])[0]
+        return self.insert_many([(slot, prompt_ids, params)], [owner])[0]
 
-    def insert_many(self, requests: Sequence[tuple[int, Sequence[int], SlotParams]]
-                    ) -> list[SlotUpdate]:
+    def insert_many(self, requests: Sequence[tuple[int, Sequence[int], SlotParams]],
+                    owners: Sequence[Any] | None = None) -> list[SlotUpdate]:
         """Prefill several ``(slot, prompt_ids, params)`` at once and pick their first
         tokens (returned in the same order): prompts of one length bucket go through one
-        program together, in groups of :meth:`insert_counts` (largest first). Every
-        request is checked before any is inserted: ``ValueError`` names the first bad one,
-        and then nothing changed."""
+        program together, in groups of :meth:`insert_counts` (largest first). ``owners``:
+        each request's handle, kept in its slot's record (default ``True``; a slot kept
+        by :meth:`keep` takes its own owner only). Every request is checked before any
+        is inserted: ``ValueError`` names the first bad one, and then nothing changed."""
         slots = [slot for slot, _, _ in requests]
+        owners = [True] * len(requests) if owners is None else list(owners)
+        if len(owners) != len(requests) or any(o is None for o in owners):
+            raise ValueError("owners: one handle (not None) per request")
         if len(set(slots)) != len(slots):
             raise ValueError(f"slots {slots}: a slot is given twice")
-        for slot, prompt_ids, params in requests:
+        for (slot, prompt_ids, params), owner in zip(requests, owners, strict=True):
             if not 0 <= slot < self.slots:
                 raise ValueError(f"slot {slot} is not in [0, {self.slots})")
-            if self.busy[slot]:
+            record = self.records[slot]
+            if record.decoding:
                 raise ValueError(f"slot {slot} is busy")
+            if not record.free and record.owner is not owner:
+                raise ValueError(f"slot {slot} is kept for another request")
             self.gen.check_ids(prompt_ids)
             params.check()
         # store slots of each prompt's cached prefix; the rest of the prompt is prefilled
@@ -553,10 +604,8 @@ class SlotEngine:
                 self.state = self._call(("insert", P, n), lambda P=P, n=n: self._insert_fn(P, n),
                                         *self._insert_args(part, P, hits))
                 self.inserted[n] += 1
-        for slot, ids, _ in requests:
-            self.busy[slot] = True
-            self._shown[slot] = 0
-            self._held[slot] = [int(t) for t in ids]
+        for (slot, ids, _), owner in zip(requests, owners, strict=True):
+            self.records[slot] = SlotRecord(owner, True, 0, [int(t) for t in ids])
             self._store_blocks(slot, ids)
         return self._updates(slots)
 
@@ -709,10 +758,10 @@ class SlotEngine:
         """Stop ``slot``'s row (if still running) and make the slot free; with a prefix
         cache, the whole blocks of its prompt and answer are stored first (every token
         but the newest has its K/V in the cache)."""
-        if self.busy[slot]:
-            self._store_blocks(slot, self._held[slot][:-1])
+        if self.records[slot].decoding:
+            self._store_blocks(slot, self.records[slot].held[:-1])
         self.state = self._call(("free",), self._free_fn, self.state, np.int32(slot))
-        self.busy[slot] = False
+        self.records[slot] = SlotRecord()
 
     def _updates(self, slots: list[int]) -> list[SlotUpdate]:
         tokens = np.asarray(self.state.tokens)
@@ -721,9 +770,10 @@ class SlotEngine:
         iterations = np.asarray(self.state.iterations)
         out = []
         for s in slots:
-            new = tokens[s, self._shown[s]:counts[s]].tolist()
-            self._shown[s] = int(counts[s])
-            self._held[s] += new
+            record = self.records[s]
+            new = tokens[s, record.shown:counts[s]].tolist()
+            record.shown = int(counts[s])
+            record.held += new
             reason = None if finish[s] == RUNNING else FINISH_REASONS[int(finish[s])]
             out.append(SlotUpdate(s, new, reason, int(iterations[s])))
         return out

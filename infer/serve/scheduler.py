@@ -59,9 +59,9 @@ class Scheduler:
         self.engine, self.queue_size, self.metrics = engine, queue_size, metrics
         self._pending: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
-        self._jobs: dict[int, Job] = {}  # slot -> job
-        # long prompts prefilling chunk by chunk, each with the slot kept for it
-        self._staging: collections.deque[tuple[int, Job]] = collections.deque()
+        # slots kept for long prompts prefilling chunk by chunk, first come first; what
+        # each slot holds (its job) is the engine's record (SlotEngine.records)
+        self._staging: collections.deque[int] = collections.deque()
         self._closing = False
         self._closing_requested = False  # draining: no new requests
         self.broken: str | None = None
@@ -84,7 +84,7 @@ class Scheduler:
     @property
     def busy(self) -> int:
         """Requests holding a slot (decoding, or prefilling a long prompt in chunks)."""
-        return len(self._jobs) + len(self._staging)
+        return sum(not r.free for r in self.engine.records)
 
     def submit(self, job: Job) -> None:
         with self._cv:
@@ -132,34 +132,37 @@ class Scheduler:
         self._forget_all()
 
     def _all_jobs(self) -> list[Job]:
-        return [*self._pending, *(job for _, job in self._staging), *self._jobs.values()]
+        return [*self._pending, *(r.owner for r in self.engine.records if not r.free)]
+
+    def _job(self, slot: int) -> Job:
+        return self.engine.records[slot].owner
 
     def _forget_all(self) -> None:
         self._pending.clear()
         self._staging.clear()
-        self._jobs.clear()
+        for slot, record in enumerate(self.engine.records):
+            if not record.free:  # the device may be gone: nothing runs on it here
+                self.engine.records[slot] = type(record)()
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
         try:
             while True:
                 with self._cv:
-                    while not (self._closing or self._pending or self._jobs
-                               or self._staging):
+                    while not (self._closing or self._pending or self.busy):
                         self._cv.wait()
                     if self._closing:
                         return
-                    kept = {slot for slot, _ in self._staging}
-                    free = [s for s in self.engine.free_slots() if s not in kept]
+                    free = self.engine.free_slots()
                     admit = [self._pending.popleft() for _ in range(min(len(free),
                                                                         len(self._pending)))]
                     self.metrics.queue.set(len(self._pending))
                 self._admit_many(list(zip(free, admit, strict=False)))
                 self._prefill_chunk()
-                if self._jobs:
+                if any(self.engine.busy):
                     for u in self.engine.step(1):
                         self.metrics.tokens_per_iteration.observe(len(u.new_ids))
-                        self._update(self._jobs[u.slot], u.slot, u.new_ids, u.finish_reason)
+                        self._update(self._job(u.slot), u.slot, u.new_ids, u.finish_reason)
                     self._show_plan()
                 self._sweep()
                 self._count_prefix()
@@ -192,7 +195,8 @@ class Scheduler:
             if not self._admissible(job):
                 continue
             if self.engine.needs_chunks(job.prompt_ids):
-                self._staging.append((slot, job))  # prefilled a chunk per iteration first
+                self.engine.keep(slot, job)  # prefilled a chunk per iteration first
+                self._staging.append(slot)
             else:
                 live.append((slot, job))
         n = self.engine.prefill_rows
@@ -204,11 +208,13 @@ class Scheduler:
         step); once the rest fits one insert, the job is admitted into its kept slot."""
         if not self._staging:
             return
-        slot, job = self._staging[0]
+        slot = self._staging[0]
+        job = self._job(slot)
         try:
             self.engine.prefill_next_chunk(job.prompt_ids)
         except ValueError as e:  # checked by Api.parse already; never a crash
             self._staging.popleft()
+            self.engine.release(slot)
             self._fail(job, RequestError(str(e)), "bad_request")
             return
         if not self.engine.needs_chunks(job.prompt_ids):
@@ -230,27 +236,32 @@ class Scheduler:
         admitted alone, so only that one fails."""
         try:
             updates = self.engine.insert_many([(slot, job.prompt_ids, job.params)
-                                               for slot, job in group])
+                                               for slot, job in group],
+                                              [job for _, job in group])
         except ValueError as e:  # checked by Api.parse already; never a crash
             if len(group) > 1:
                 for one in group:
                     self._admit([one])
             else:
-                self._fail(group[0][1], RequestError(str(e)), "bad_request")
+                slot, job = group[0]
+                if not self.engine.records[slot].free:  # kept for its chunks
+                    self.engine.release(slot)
+                self._fail(job, RequestError(str(e)), "bad_request")
             return
         for (slot, job), u in zip(group, updates, strict=True):
-            self._jobs[slot] = job
-            self.metrics.busy.set(len(self._jobs))
+            self.metrics.busy.set(sum(self.engine.busy))
             self._update(job, slot, u.new_ids, u.finish_reason)
 
     def _sweep(self) -> None:
         now = time.monotonic()
-        for slot, job in list(self._staging):
+        for slot in list(self._staging):
+            job = self._job(slot)
             if job.cancelled or now > job.deadline:
-                self._staging.remove((slot, job))
+                self._staging.remove(slot)
+                self.engine.release(slot)
                 self.engine.forget_chunks(job.prompt_ids)
                 self._admissible(job)  # counts and answers it
-        for slot, job in list(self._jobs.items()):
+        for slot, job in self.engine.owners().items():
             if job.finished:
                 self._end(slot, job, now)
             elif job.cancelled:
@@ -262,8 +273,7 @@ class Scheduler:
 
     def _release(self, slot: int) -> None:
         self.engine.free(slot)
-        del self._jobs[slot]
-        self.metrics.busy.set(len(self._jobs))
+        self.metrics.busy.set(sum(self.engine.busy))
 
     def _fail(self, job: Job, err: RequestError, outcome: str) -> None:
         self.metrics.requests.labels(outcome).inc()

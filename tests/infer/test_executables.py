@@ -59,7 +59,7 @@ def test_a_second_engine_loads_every_program_and_decodes_the_same(gen, tmp_path,
 
 
 def test_other_settings_name_other_programs_and_bad_files_compile_again(gen, tmp_path,
-                                                                        capsys):
+                                                                        capsys, monkeypatch):
     store = ExecutableStore(tmp_path)
     a = _engine(gen, store)
     key = ("free",)
@@ -68,6 +68,12 @@ def test_other_settings_name_other_programs_and_bad_files_compile_again(gen, tmp
     other = _engine(gen, store, plans={1: (2, 0), 2: (1, 0)})
     assert other._digest(key, args) != a._digest(key, args)  # plans are part of the name
     assert a._digest(("step", 1), args) != a._digest(key, args)
+    before = a._digest(key, args)
+    flags = __import__("os").environ.get("XLA_FLAGS", "")
+    monkeypatch.setenv("XLA_FLAGS", flags + " --xla_cpu_enable_fast_math=false")
+    assert a._digest(key, args) != before  # XLA's flags too
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    assert a._digest(key, args) == before
     a.warm_up()
     path = tmp_path / f"{a._digest(key, (a.state, __import__('numpy').int32(0)))}{SUFFIX}"
     assert path.is_file()

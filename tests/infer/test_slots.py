@@ -241,6 +241,32 @@ def test_insert_many_checks_every_request_before_inserting_any(gen):
     assert engine.free_slots() == [1, 3]
 
 
+def test_each_slot_has_one_record_of_what_it_holds(gen):
+    """A slot is free, kept for a request (its long prompt prefilling in chunks) or
+    decoding one; the record names the request's owner, and only that owner's insert
+    takes a kept slot."""
+    engine = SlotEngine(gen, slots=4, mode="ar")
+    a, b = object(), object()
+    engine.keep(1, a)
+    assert engine.free_slots() == [0, 2, 3] and engine.busy == [False] * 4
+    with pytest.raises(ValueError, match="slot 1 is not a free slot"):
+        engine.keep(1, b)
+    with pytest.raises(ValueError, match="slot 1 is kept for another request"):
+        engine.insert_many([(1, [1, 2], SlotParams(3))], [b])
+    engine.insert_many([(1, [1, 2], SlotParams(3)), (2, [3], SlotParams(3))], [a, b])
+    assert engine.owners() == {1: a, 2: b} and engine.busy == [False, True, True, False]
+    assert engine.records[1].held[:2] == [1, 2] and engine.records[1].shown == 1
+    with pytest.raises(ValueError, match="slot 2 decodes a request"):
+        engine.release(2)
+    engine.free(1)
+    assert engine.owners() == {2: b} and engine.free_slots() == [0, 1, 3]
+    engine.keep(3, a)
+    engine.release(3)
+    assert engine.free_slots() == [0, 1, 3]
+    with pytest.raises(ValueError, match="owners: one handle"):
+        engine.insert_many([(0, [1], SlotParams(1))], [None])
+
+
 def test_insert_refuses_bad_input(gen):
     engine = SlotEngine(gen, slots=1)
     with pytest.raises(ValueError, match="does not fit the context of 64"):
