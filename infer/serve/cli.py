@@ -36,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the name clients pass as 'model' (default: the folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=non_negative_int, default=8000)
-    p.add_argument("--slots", type=positive_int, default=8,
-                   help="requests decoding at once (rows of the compiled loop)")
+    p.add_argument("--slots", type=positive_int, default=16,
+                   help="requests decoding at once (rows of the compiled loop; a step "
+                        "computes only up to the highest busy slot, so an idle slot costs "
+                        "its cache memory, not time)")
     p.add_argument("--max-len", type=positive_int, default=2048,
                    help="KV cache length per slot: prompt + output tokens")
     p.add_argument("--prefill-rows", type=positive_int, default=1,
