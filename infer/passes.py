@@ -506,7 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=positive_int, default=None,
                    help="cache positions per row (default: the context plus the largest "
                         "block); the passes read the smallest of its static attention "
-                        "windows that holds the context, as decoding does")
+                        "windows that holds the context, as decoding does; the decode "
+                        "loop's iterations run near the end of this cache, so with a "
+                        "MAX_LEN well above the context they read more of it than the "
+                        "passes (iteration_to_passes then compares two contexts)")
     p.add_argument("--blocks", type=_sizes, default=None,
                    help="block sizes to time, comma-separated (default: the head's)")
     p.add_argument("--tree-budgets", type=tree_budgets_arg, default=[],
