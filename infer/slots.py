@@ -545,6 +545,11 @@ class SlotEngine:
             raise ValueError("keep(slot, None): give the request's handle")
         self.records[slot] = SlotRecord(owner)
 
+    def forget_all(self) -> None:
+        """Every slot free again in the records, with no device call (after a failed
+        device call, or at shut-down: the state is not used again)."""
+        self.records = [SlotRecord() for _ in range(self.slots)]
+
     def release(self, slot: int) -> None:
         """Give up a slot kept by :meth:`keep` whose request will not be inserted."""
         if self.records[slot].decoding:
@@ -744,11 +749,10 @@ class SlotEngine:
     def _row_inputs(self, rows: int) -> DecodeInputs:
         """The per-call inputs of the first ``rows`` slots (with the tree scoring of their
         step program's plan)."""
-        scoring = self._tree_scoring.get(rows)
         if rows not in self._tree_scoring:
-            scoring = self._tree_scoring[rows] = self.gen.tree_scoring(
+            self._tree_scoring[rows] = self.gen.tree_scoring(
                 self._spec(self.buckets[0], rows, self.plans[rows]))
-        inputs = dataclasses.replace(self._inputs, tree_scoring=scoring)
+        inputs = dataclasses.replace(self._inputs, tree_scoring=self._tree_scoring[rows])
         if rows == self.slots:
             return inputs
         return dataclasses.replace(inputs, max_new_tokens=inputs.max_new_tokens[:rows],

@@ -140,9 +140,7 @@ class Scheduler:
     def _forget_all(self) -> None:
         self._pending.clear()
         self._staging.clear()
-        for slot, record in enumerate(self.engine.records):
-            if not record.free:  # the device may be gone: nothing runs on it here
-                self.engine.records[slot] = type(record)()
+        self.engine.forget_all()  # the device may be gone: nothing runs on it here
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
