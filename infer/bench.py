@@ -62,6 +62,7 @@ from infer.options import (
     add_progress_args,
     block_size_arg,
     prefill_progress,
+    projections_arg,
     sampling_arg,
     sampling_flags,
     tree_budget_arg,
@@ -132,7 +133,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         check_dtypes(args.dtype, args.compute_dtype)
     items = read_prompts_file(args.prompts_file)[:args.limit]  # never empty: --limit >= 1
     gen = Generator.load(args.model, dtype=args.dtype, compute_dtype=args.compute_dtype,
-                         max_len=args.max_len)
+                         max_len=args.max_len,
+                         weights_out_in=projections_arg(args))
     gen.prefill_progress = prefill_progress(args)
     tokenizer = gen.tokenizer
     use_chat = args.chat == "on" or (

@@ -198,9 +198,11 @@ class CostTable:
     :func:`cache_root` ``/costs/``."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
-                 root: str | Path | None = None):
+                 root: str | Path | None = None, weights_out_in: bool = False):
         self.key = {"format": COST_FORMAT, "machine": machine_key(), "model": model_key(config),
                     "batch_size": batch_size, "max_len": max_len}
+        if weights_out_in:  # the decoder's weight form changes what a pass costs
+            self.key["weights"] = "out_in"
         digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
         self.path = Path(root or cache_root()) / "costs" / f"{digest}.json"
         self.seconds: dict[int, float] = {}

@@ -49,7 +49,7 @@ from orthrus_jax.checkpoint import load_model
 from orthrus_jax.cli import InputError
 from orthrus_jax.config import DTYPE_NAMES, ModelConfig
 from orthrus_jax.memory import peak_memory, tree_bytes
-from orthrus_jax.model import OrthrusLM, copy_diffusion, unstack_layers
+from orthrus_jax.model import OrthrusLM, copy_diffusion, decoding_form
 from orthrus_jax.sharding import Rules
 
 # A prompt of at least this many prefill chunks reports its progress (prefill_progress).
@@ -156,16 +156,19 @@ class Generator:
     its pass-cost tables are kept under ``cost_root`` (default: the user cache folder).
     ``generation`` holds the model folder's ``generation_config.json`` (default: none):
     its end-of-sequence ids join the config's in :attr:`eos_ids`, and its sampling
-    defaults are ``generation.sampling``.
+    defaults are ``generation.sampling``. ``weights_out_in``: hold the projections
+    ``[out, in]`` for decoding (default: where the weights live on CPU; see
+    :func:`orthrus_jax.model.decoding_form`); a per-layer model given is changed in place.
     """
 
     def __init__(self, model: OrthrusLM, tokenizer: Any = None, *, chunk_size: int = 512,
                  max_len: int | None = None, mesh: Mesh | None = None,
                  rules: Rules | None = None, profile: AcceptanceProfile | None = None,
                  cost_root: str | Path | None = None, unstack: bool = True,
-                 generation: GenerationConfig | None = None):
+                 generation: GenerationConfig | None = None, weights_out_in: bool | None = None):
         self._model = model
         self._unstack = unstack
+        self._out_in = weights_out_in
         self.config = model.config
         self.tokenizer = tokenizer
         self.chunk_size = chunk_size
@@ -210,13 +213,14 @@ class Generator:
 
     @property
     def model(self) -> OrthrusLM:
-        """The model in its decoding form: per-layer weights (:func:`unstack_layers`, made
-        on first use from a stacked model, which is then let go), or, with
-        ``unstack=False``, the model as given (a stacked one runs its layers as one
+        """The model in its decoding form (:func:`orthrus_jax.model.decoding_form`, made on
+        first use; a stacked model given is then let go): per-layer weights, their
+        projections held ``[out..., in...]`` where ``weights_out_in`` (default: on CPU).
+        With ``unstack=False``, the model as given (a stacked one runs its layers as one
         ``lax.scan``: slower decoding, but no second copy of weights a caller still
         holds)."""
         if self._unstack:
-            self._model = unstack_layers(self._model)
+            self._model = decoding_form(self._model, self._out_in)
         return self._model
 
     def describe_dtypes(self) -> str:
@@ -570,7 +574,8 @@ class Generator:
         max_len = max_len or self.max_len
         key = (greedy and adaptive, batch_size, max_len, tree_budget)
         if key not in self.plans:
-            table = CostTable(self.config, batch_size, max_len, self.cost_root)
+            table = CostTable(self.config, batch_size, max_len, self.cost_root,
+                              weights_out_in=self.model.out_in)
             trees = [(self.profile.tree_block(n), n) for n in budgets
                      if self.profile.block_size <= K]
             table.ensure(self.model, [k for k in CANDIDATE_BLOCKS if k <= K], trees)

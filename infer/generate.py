@@ -29,6 +29,7 @@ from infer.options import (
     add_progress_args,
     block_size_arg,
     prefill_progress,
+    projections_arg,
     sampling_arg,
     sampling_flags,
     tree_budget_arg,
@@ -92,7 +93,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.model is None:
         args.model = default_model_dir()
     gen = Generator.load(args.model, dtype=args.dtype, compute_dtype=args.compute_dtype,
-                         mesh=mesh, max_len=args.max_len)
+                         mesh=mesh, max_len=args.max_len,
+                         weights_out_in=projections_arg(args))
     gen.prefill_progress = prefill_progress(args)
     chat = args.chat == "on" or (
         args.chat == "auto" and bool(getattr(gen.tokenizer, "chat_template", None)))

@@ -52,13 +52,13 @@ from infer import tree as trees
 from infer.buckets import DecodeSpec
 from infer.compile_cache import add_compile_cache_args, enable_compile_cache_from
 from infer.decode import RUNNING, DecodeInputs, DecodeState, run
-from infer.options import tree_budgets_arg
+from infer.options import add_projections_arg, projections_arg, tree_budgets_arg
 from infer.sampling import SamplingParams
 from orthrus_jax.cache import KVCache, attention_windows, init_cache
 from orthrus_jax.checkpoint import load_model
 from orthrus_jax.cli import non_negative_int, positive_int, run_command
 from orthrus_jax.config import DTYPE_NAMES, ModelConfig
-from orthrus_jax.model import AR_VIEW, DIFFUSION_VIEW, OrthrusLM, unstack_layers
+from orthrus_jax.model import AR_VIEW, DIFFUSION_VIEW, OrthrusLM, decoding_form, unstack_layers
 from orthrus_jax.random_weights import random_model
 
 # Iterations of the decode loop per timed call (the loop's cost per iteration is the call's
@@ -363,7 +363,8 @@ def random_tree(model: OrthrusLM, batch_size: int, block: int, budget: int, seed
 def measure(model: OrthrusLM, *, batch_size: int = 1, context: int | Sequence[int] = 2048,
             blocks: Sequence[int] | None = None, repeats: int = 10, copy_mib: int = 1024,
             seed: int = 0, loop_steps: int = LOOP_STEPS,
-            tree_budgets: Sequence[int] = (), max_len: int | None = None) -> dict:
+            tree_budgets: Sequence[int] = (), max_len: int | None = None,
+            weights_out_in: bool | None = None) -> dict:
     """Time the passes and the decode loop over a cache filled to ``context`` (one
     context, or several timed in the same rounds) at each block size of ``blocks``
     (default: the head's); see the module doc.
@@ -378,9 +379,12 @@ def measure(model: OrthrusLM, *, batch_size: int = 1, context: int | Sequence[in
     ``relative_to_first_context``. ``tree_budgets`` adds ``tree_verify_pass@N`` (with
     ``to_ar_step``) and the loop at the largest block verifying trees (``K/treeN``).
     ``max_len``: the cache's positions per row (default: the context plus the largest
-    block), reported as ``"max_len"``.
+    block), reported as ``"max_len"``. ``weights_out_in``: the projections' form
+    (:func:`orthrus_jax.model.decoding_form`; default: ``[out, in]`` on CPU), reported
+    as ``"projections"``.
     """
     c = model.config
+    model = decoding_form(model, weights_out_in)
     blocks = sorted({int(k) for k in (blocks or [c.block_size])})
     if any(k < 2 for k in blocks):
         raise ValueError(f"blocks {blocks}: block sizes are >= 2 (1 is the AR step)")
@@ -397,7 +401,8 @@ def measure(model: OrthrusLM, *, batch_size: int = 1, context: int | Sequence[in
            "hidden_size": c.hidden_size, "block_size": c.block_size, "blocks": blocks,
            "dtype": c.dtype, "batch_size": batch_size, "backend": jax.default_backend(),
            "device": str(jax.devices()[0]), "copy_bandwidth_gb_s": bandwidth / 1e9,
-           "loop_steps": loop_steps, "tree_budgets": tree_budgets, "max_len": max_len}
+           "loop_steps": loop_steps, "tree_budgets": tree_budgets, "max_len": max_len,
+           "projections": "out-in" if model.out_in else "in-out"}
     by_context, loops = {}, {}
     for ctx in contexts:
         t = seconds[ctx]
@@ -448,7 +453,7 @@ def format_report(r: dict) -> str:
              f"{r['block_size']}, {r['dtype']}, batch {r['batch_size']}, context "
              f"{', '.join(map(str, contexts))}"
              + (f" in a {r['max_len']}-position cache" if r.get("max_len") else "")
-             + f", {r['backend']} ({r['device']})",
+             + f", {r['backend']} ({r['device']}), projections {r['projections']}",
              f"copy bandwidth {r['copy_bandwidth_gb_s']:.1f} GB/s"]
     several = "contexts" in r
     for ctx in contexts:
@@ -522,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copy-mib", type=positive_int, default=1024,
                    help="size of the bandwidth probe")
     p.add_argument("--json", action="store_true")
+    add_projections_arg(p)
     add_compile_cache_args(p)
     return p
 
@@ -545,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         r = measure(_model(args), batch_size=args.batch_size, context=context,
                     blocks=args.blocks, repeats=args.repeats, copy_mib=args.copy_mib,
                     loop_steps=args.loop_steps, tree_budgets=args.tree_budgets,
-                    max_len=args.max_len)
+                    max_len=args.max_len, weights_out_in=projections_arg(args))
         print(json.dumps(r) if args.json else format_report(r))
 
     return run_command(body)

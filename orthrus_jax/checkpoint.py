@@ -35,7 +35,14 @@ from jax.sharding import Mesh, Sharding, SingleDeviceSharding
 from orthrus_jax.checksum import array_checksum
 from orthrus_jax.cli import InputError, first_line
 from orthrus_jax.config import ModelConfig
-from orthrus_jax.model import OrthrusLM, is_unstacked, layer_sharding, unstack_layers
+from orthrus_jax.layers import PROJECTIONS
+from orthrus_jax.model import (
+    OrthrusLM,
+    in_out_layer,
+    is_unstacked,
+    layer_sharding,
+    unstack_layers,
+)
 from orthrus_jax.sharding import Rules, param_shardings
 
 PARAMS_DIR = "params"
@@ -133,8 +140,12 @@ def param_groups(model: OrthrusLM) -> Iterator[dict]:
     layers = params.pop(LAYERS)
     yield params
     for i in range(model.config.num_hidden_layers):
-        yield {LAYERS: {str(i): jax.tree.map(lambda a: a[i], layers,  # noqa: B023
-                                             is_leaf=is_unstacked)}}
+        layer = jax.tree.map(lambda a: a[i], layers, is_leaf=is_unstacked)  # noqa: B023
+        if model.out_in:  # stored in the training form
+            layer = {kind: ({name: in_out_layer(a, name) if name in PROJECTIONS else a
+                             for name, a in part.items()} if isinstance(part, dict) else part)
+                     for kind, part in layer.items()}
+        yield {LAYERS: {str(i): layer}}
 
 
 def save_model(model: OrthrusLM, directory: str | Path) -> Path:

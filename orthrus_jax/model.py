@@ -21,6 +21,7 @@ from orthrus_jax.cache import KVCache, layer_kv, stack_cache, unstack_cache, wri
 from orthrus_jax.config import ModelConfig
 from orthrus_jax.layers import (
     MLP,
+    PROJECTIONS,
     AttentionProjections,
     DiffusionParam,
     _init,
@@ -47,6 +48,9 @@ class DecoderLayers(nnx.Module):
         self.attn = AttentionProjections(config, nnx.Param, rngs=rngs)
         self.diff_attn = AttentionProjections(config, DiffusionParam, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
+        # Whether the projections are held per layer as ``[out..., in...]`` (static; see
+        # :func:`set_out_in`).
+        self.out_in = False
         # The diffusion view starts as a copy of the AR view, as in the published recipe.
         for name, var in vars(self.attn).items():
             if isinstance(var, nnx.Variable):
@@ -95,6 +99,12 @@ class OrthrusLM(nnx.Module):
         """Whether the layer weights are per-layer arrays (:func:`unstack_layers`), the
         decoding form; a cache for it is best made with ``init_cache(..., per_layer=True)``."""
         return is_unstacked(self.layers.input_norm.get_value())
+
+    @property
+    def out_in(self) -> bool:
+        """Whether the per-layer projections are held ``[out..., in...]``
+        (:func:`set_out_in`), the decoder's form on CPU."""
+        return self.layers.out_in
 
     # ---------------------------------------------------------------- views
     def ar_hidden(self, tokens: jax.Array, cache: KVCache, num_valid: jax.Array | None = None,
@@ -219,15 +229,16 @@ class OrthrusLM(nnx.Module):
         """
         c = self.config
         params = self._layer_params(view)
+        wo = self.out_in
         rope_at = rope_tables(positions, c.head_dim, c.rope_theta, c.rope_scaling)  # all layers
 
         def body(carry, layer, p):
             x, state = carry
             h = rms_norm(x, p["input_norm"], c.rms_norm_eps)
-            q, k, v = project_qkv(p["attn"], h, rope_at, c)
+            q, k, v = project_qkv(p["attn"], h, rope_at, c, wo)
             o, state = attention(q, k, v, layer, state)
-            x = x + project_out(p["attn"], o, c)
-            x = x + mlp(p["mlp"], rms_norm(x, p["post_attn_norm"], c.rms_norm_eps))
+            x = x + project_out(p["attn"], o, c, wo)
+            x = x + mlp(p["mlp"], rms_norm(x, p["post_attn_norm"], c.rms_norm_eps), wo)
             return x, state
 
         if is_unstacked(params["input_norm"]):
@@ -284,6 +295,25 @@ def unstack_layers(model: OrthrusLM) -> OrthrusLM:
     return nnx.merge(graphdef, state)
 
 
+def decoding_form(model: OrthrusLM, out_in: bool | None = None) -> OrthrusLM:
+    """``model`` in the decoder's form: per-layer weights (:func:`unstack_layers`), their
+    projections ``[out..., in...]`` where ``out_in`` (default: where the weights live on
+    CPU, whose matrix products of a few rows run faster that way; see
+    :func:`set_out_in`)."""
+    model = unstack_layers(model)
+    if out_in is None:
+        out_in = weights_platform(model) == "cpu"
+    return set_out_in(model, out_in)
+
+
+def weights_platform(model: OrthrusLM) -> str:
+    """The platform (``"cpu"``, ``"gpu"``, ``"tpu"``) of the devices holding ``model``."""
+    sharding = model.embed_tokens.get_value().sharding
+    if sharding is None:  # abstract, unplaced
+        return jax.default_backend()
+    return next(iter(sharding.device_set)).platform
+
+
 def set_layer_form(model: OrthrusLM, per_layer: bool) -> OrthrusLM:
     """Change ``model``'s layer weights to per-layer arrays (the decoder's form) or to
     ``[L, ...]`` stacks (training's), in place, one weight kind at a time: the other form
@@ -291,6 +321,8 @@ def set_layer_form(model: OrthrusLM, per_layer: bool) -> OrthrusLM:
     kind's copy (where no caller keeps the old arrays). Returns ``model``."""
     if model.per_layer == per_layer:
         return model
+    if not per_layer:
+        set_out_in(model, False)
     for _, var in nnx.iter_graph(model.layers):
         if not isinstance(var, nnx.Variable):
             continue
@@ -306,6 +338,51 @@ def set_layer_form(model: OrthrusLM, per_layer: bool) -> OrthrusLM:
             var.set_value(stacked)
         del value
     return model
+
+
+def set_out_in(model: OrthrusLM, out_in: bool) -> OrthrusLM:
+    """Hold ``model``'s per-layer projections ``[out..., in...]`` (``out_in``) or in the
+    training form ``[in..., out...]``, in place, one weight at a time (each layer's old
+    array is let go as its new one is made). A matrix product of a few rows is faster on
+    CPU with the weight as its left operand (:func:`orthrus_jax.layers.project`); other
+    backends take either form at the same speed. Needs the per-layer form
+    (:func:`unstack_layers`); a sharded weight keeps its sharding, its axes moved with
+    the weight's. Returns ``model``."""
+    if model.out_in == out_in:
+        return model
+    if not model.per_layer:
+        raise ValueError("set_out_in needs per-layer weights (unstack_layers)")
+    change = out_in_layer if out_in else in_out_layer
+    for kind in (model.layers.attn, model.layers.diff_attn, model.layers.mlp):
+        for name, var in vars(kind).items():
+            if isinstance(var, nnx.Variable) and name in PROJECTIONS:
+                var.set_value(tuple(change(a, name) for a in var.get_value()))
+    model.layers.out_in = out_in
+    return model
+
+
+def out_in_layer(a: jax.Array, name: str) -> jax.Array:
+    """One layer's projection ``name`` in the ``[out..., in...]`` form, placed like ``a``
+    with its axes moved (an abstract ``jax.ShapeDtypeStruct`` stays abstract)."""
+    n_in = PROJECTIONS[name]
+    return _transposed(a, (*range(n_in, a.ndim), *range(n_in)))
+
+
+def in_out_layer(a: jax.Array, name: str) -> jax.Array:
+    """The inverse of :func:`out_in_layer`."""
+    n_out = a.ndim - PROJECTIONS[name]
+    return _transposed(a, (*range(n_out, a.ndim), *range(n_out)))
+
+
+def _transposed(a, perm: tuple[int, ...]):
+    sharding = a.sharding
+    if isinstance(sharding, NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (a.ndim - len(sharding.spec))
+        sharding = NamedSharding(sharding.mesh, PartitionSpec(*(spec[i] for i in perm)))
+    if isinstance(a, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(tuple(a.shape[i] for i in perm), a.dtype, sharding=sharding)
+    moved = jnp.transpose(a, perm)
+    return jax.device_put(moved, sharding) if isinstance(sharding, NamedSharding) else moved
 
 
 def layer_sharding(sharding):
@@ -327,7 +404,8 @@ def _per_layer(a: jax.Array) -> tuple[jax.Array, ...]:
 
 def copy_diffusion(source: OrthrusLM, target: OrthrusLM) -> None:
     """Set ``target``'s diffusion tensors to ``source``'s, in place, in ``target``'s form
-    (stacked or per layer) and dtype; every other tensor of ``target`` stays.
+    (stacked or per layer, projections either way round: :func:`set_out_in`) and dtype;
+    every other tensor of ``target`` stays.
 
     Shapes must match (same config); a compiled program that takes ``target`` runs on the
     new values without recompiling.
@@ -339,10 +417,14 @@ def copy_diffusion(source: OrthrusLM, target: OrthrusLM) -> None:
         if not isinstance(src, nnx.Variable):
             raise ValueError(f"diffusion tensor {name} missing from the source model")
         value, old = src.get_value(), var.get_value()
+        if source.out_in and name in PROJECTIONS:  # to the training form first
+            value = tuple(in_out_layer(a, name) for a in value)
         if is_unstacked(value) and not is_unstacked(old):
             value = jnp.stack(value)
         elif is_unstacked(old) and not is_unstacked(value):
             value = _per_layer(value)
+        if target.out_in and name in PROJECTIONS:
+            value = tuple(out_in_layer(a, name) for a in value)
         new_parts = value if is_unstacked(value) else (value,)
         old_parts = old if is_unstacked(old) else (old,)
         if len(new_parts) != len(old_parts) or any(

@@ -27,6 +27,9 @@ CASES = [  # (command module, flag, bad value, what the message says)
     ("train.distill", "--batch-size", "0", "0 must be >= 1"),
     ("convert.from_hf", "--block-size", "0", "0 must be >= 1"),
     ("convert.from_gguf", "--mask-token-id", "-1", "-1 must be >= 0"),
+    ("infer.generate", "--projections", "sideways", "invalid choice: 'sideways'"),
+    ("infer.serve.cli", "--projections", "out_in", "invalid choice: 'out_in'"),
+    ("infer.passes", "--projections", "no", "invalid choice: 'no'"),
 ]
 
 

@@ -25,7 +25,7 @@ from orthrus_jax.cli import (
 def build_parser() -> argparse.ArgumentParser:
     import infer.serve
     from infer.buckets import MODES
-    from infer.options import parse_block_size, parse_tree_budget
+    from infer.options import add_projections_arg, parse_block_size, parse_tree_budget
     from orthrus_jax.config import DTYPE_NAMES
 
     p = argparse.ArgumentParser(prog="python -m infer.serve", description=infer.serve.__doc__,
@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activations, KV cache and accumulation (default: the parameter "
                         "dtype); --dtype bfloat16 --compute-dtype float32: bfloat16 weights, "
                         "float32 compute, greedy Orthrus output equal to AR's")
+    add_projections_arg(p)
     p.add_argument("--mesh", default=None, help="shard the model, e.g. tensor=2")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--queue-size", type=positive_int, default=64,
@@ -116,7 +117,7 @@ def _main(args: argparse.Namespace, compile_cache: Path | None) -> int:
     from infer.default_model import default_model_dir
     from infer.engine import Generator, check_dtypes
     from infer.executables import EXECUTABLES_FOLDER, ExecutableStore
-    from infer.options import resolve_tree_budget
+    from infer.options import projections_arg, resolve_tree_budget
     from orthrus_jax.sharding import make_mesh
 
     if not args.deadline > 0:
@@ -126,7 +127,8 @@ def _main(args: argparse.Namespace, compile_cache: Path | None) -> int:
     mesh = make_mesh(args.mesh) if args.mesh else None
     model_dir = args.model or default_model_dir()
     gen = Generator.load(model_dir, dtype=args.dtype, compute_dtype=args.compute_dtype,
-                         mesh=mesh, max_len=args.max_len)
+                         mesh=mesh, max_len=args.max_len,
+                         weights_out_in=projections_arg(args))
     block = args.block_size if args.block_size is not None else (
         "auto" if gen.profile is not None and args.mode == "orthrus" else None)
     t0 = time.perf_counter()

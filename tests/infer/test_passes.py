@@ -40,6 +40,7 @@ def test_model_folder_and_random_config_give_every_pass(model_dir, tmp_path):
     assert status == 0, err
     r = json.loads(out)
     assert r["context"] == 40 and r["block_size"] == 4 and r["copy_bandwidth_gb_s"] > 0
+    assert r["projections"] == "out-in"  # the decoder's form on CPU
     assert set(r["passes"]) == {"ar_step", "diffusion_pass@4", "verify_pass@4"}
     for p in r["passes"].values():
         assert p["seconds"] > 0 and p["floor_seconds"] > 0
@@ -48,9 +49,12 @@ def test_model_folder_and_random_config_give_every_pass(model_dir, tmp_path):
     config = tmp_path / "config.json"
     config.write_text((model_dir / "config.json").read_text())
     status, out, err = run("--config", config, "--block-size", 8, "--dtype", "bfloat16",
-                           "--context", 16, "--repeats", 1, "--copy-mib", 8)
+                           "--context", 16, "--repeats", 1, "--copy-mib", 8,
+                           "--projections", "in-out", "--json")
     assert status == 0, err
-    assert "block 8, bfloat16" in out and "diffusion_pass" in out and "x floor" in out
+    r = json.loads(out)
+    assert r["block_size"] == 8 and r["dtype"] == "bfloat16" and r["projections"] == "in-out"
+    assert "diffusion_pass@8" in r["passes"]
 
 
 def test_several_contexts_are_timed_in_one_run(model_dir):
