@@ -160,9 +160,9 @@ def add_projections_arg(p: argparse.ArgumentParser) -> None:
     """``--projections`` (``generate``, ``bench``, ``serve``, ``passes``)."""
     p.add_argument("--projections", choices=PROJECTION_FORMS, default="auto",
                    help="how the decoder holds each layer's projection weights: out-in "
-                        "([out, in], applied as W @ x^T to passes of 3-8 rows: about 20%% "
-                        "less time in their matrix products on CPU) or in-out (the training "
-                        "form); auto: out-in where the weights live on CPU")
+                        "([out, in], applied as W @ x^T to passes of 2-8 rows: 15-20%% less "
+                        "time in their matrix products at 4-8 rows on CPU) or in-out (the "
+                        "training form); auto (default): out-in where the weights live on CPU")
 
 
 def projections_arg(args: argparse.Namespace) -> bool | None:

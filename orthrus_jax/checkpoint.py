@@ -14,11 +14,8 @@ The folder's format version is ``config.json``'s ``orthrus_format`` field:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import math
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +32,7 @@ from jax.sharding import Mesh, Sharding, SingleDeviceSharding
 from orthrus_jax.checksum import array_checksum
 from orthrus_jax.cli import InputError, first_line
 from orthrus_jax.config import ModelConfig
+from orthrus_jax.heap import release_memory
 from orthrus_jax.layers import PROJECTIONS
 from orthrus_jax.model import (
     OrthrusLM,
@@ -56,9 +54,6 @@ FORMAT_VERSION = 2  # per-layer parameter groups (format 1: stacked, no field)
 LAYERS = "layers"
 # Bytes read from a checkpoint in one go: the memory a load needs beyond the weights.
 READ_BYTES = 64 * 2**20
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
-if _LIBC is not None and not hasattr(_LIBC, "malloc_trim"):  # not glibc (e.g. musl)
-    _LIBC = None
 
 
 def _is_var(x: Any) -> bool:
@@ -375,13 +370,6 @@ def _batched(groups: list[dict]) -> Iterator[dict]:
             size += n
     if read:
         yield read
-
-
-def release_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so the read buffers of
-    one group do not stay resident while the next is read."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 def _check_stored(params_path: Path, top: dict, layers: list[dict]) -> None:

@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from orthrus_jax.attention import block_attention, causal_cache_attention, over_window
 from orthrus_jax.cache import KVCache, layer_kv, stack_cache, unstack_cache, write_block
 from orthrus_jax.config import ModelConfig
+from orthrus_jax.heap import release_memory
 from orthrus_jax.layers import (
     MLP,
     PROJECTIONS,
@@ -342,8 +343,9 @@ def set_layer_form(model: OrthrusLM, per_layer: bool) -> OrthrusLM:
 
 def set_out_in(model: OrthrusLM, out_in: bool) -> OrthrusLM:
     """Hold ``model``'s per-layer projections ``[out..., in...]`` (``out_in``) or in the
-    training form ``[in..., out...]``, in place, one weight at a time (each layer's old
-    array is let go as its new one is made). A matrix product of a few rows is faster on
+    training form ``[in..., out...]``, in place, one layer's weight at a time (its old
+    array is let go as soon as the new one is made: at most one layer's weight is held
+    twice). A matrix product of a few rows is faster on
     CPU with the weight as its left operand (:func:`orthrus_jax.layers.project`); other
     backends take either form at the same speed. Needs the per-layer form
     (:func:`unstack_layers`); a sharded weight keeps its sharding, its axes moved with
@@ -355,8 +357,14 @@ def set_out_in(model: OrthrusLM, out_in: bool) -> OrthrusLM:
     change = out_in_layer if out_in else in_out_layer
     for kind in (model.layers.attn, model.layers.diff_attn, model.layers.mlp):
         for name, var in vars(kind).items():
-            if isinstance(var, nnx.Variable) and name in PROJECTIONS:
-                var.set_value(tuple(change(a, name) for a in var.get_value()))
+            if not (isinstance(var, nnx.Variable) and name in PROJECTIONS):
+                continue
+            for i in range(model.config.num_hidden_layers):  # one layer's copy at a time
+                parts = list(var.get_value())
+                parts[i] = change(parts[i], name)
+                var.set_value(tuple(parts))
+                del parts
+                release_memory()
     model.layers.out_in = out_in
     return model
 
@@ -417,20 +425,25 @@ def copy_diffusion(source: OrthrusLM, target: OrthrusLM) -> None:
         if not isinstance(src, nnx.Variable):
             raise ValueError(f"diffusion tensor {name} missing from the source model")
         value, old = src.get_value(), var.get_value()
-        if source.out_in and name in PROJECTIONS:  # to the training form first
+        projection = name in PROJECTIONS
+        if source.out_in and projection:  # compared and converted in the training form
             value = tuple(in_out_layer(a, name) for a in value)
         if is_unstacked(value) and not is_unstacked(old):
             value = jnp.stack(value)
         elif is_unstacked(old) and not is_unstacked(value):
             value = _per_layer(value)
-        if target.out_in and name in PROJECTIONS:
-            value = tuple(out_in_layer(a, name) for a in value)
         new_parts = value if is_unstacked(value) else (value,)
         old_parts = old if is_unstacked(old) else (old,)
+        old_shapes = [in_out_layer(jax.ShapeDtypeStruct(o.shape, o.dtype), name).shape
+                      if target.out_in and projection else o.shape for o in old_parts]
         if len(new_parts) != len(old_parts) or any(
-                n.shape != o.shape for n, o in zip(new_parts, old_parts, strict=True)):
+                n.shape != o for n, o in zip(new_parts, old_shapes, strict=True)):
+            old_shape = (f"{len(old_shapes)} x {tuple(old_shapes[0])}" if is_unstacked(old)
+                         else str(tuple(old_shapes[0])))
             raise ValueError(f"diffusion tensor {name}: shape {_shape(value)} does not match "
-                             f"the model's {_shape(old)}")
+                             f"the model's {old_shape}")
+        if target.out_in and projection:
+            new_parts = tuple(out_in_layer(a, name) for a in new_parts)
         cast = tuple(n.astype(o.dtype) for n, o in zip(new_parts, old_parts, strict=True))
         var.set_value(cast if is_unstacked(old) else cast[0])
 
