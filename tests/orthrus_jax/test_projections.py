@@ -32,10 +32,6 @@ def model():
     return to_orthrus(hf_model("qwen3", seed=5, tied=False), block_size=4)
 
 
-def _out_in(model):
-    return set_out_in(unstack_layers(model), True)
-
-
 @pytest.mark.parametrize("lead", [(1, 1), (2, 1), (1, 3), (2, 4), (3, 3), (4, 10)])
 @pytest.mark.parametrize("n_in", [1, 2])
 def test_a_projection_is_the_same_product_either_way_round(lead, n_in):
@@ -57,7 +53,7 @@ def test_a_projection_is_the_same_product_either_way_round(lead, n_in):
 def test_the_out_in_form_computes_what_the_training_form_computes(model):
     """Prefill in chunks of 4 rows (weight first) and 12 (plain), the cache it writes,
     and the diffusion pass, against the stacked model."""
-    held = _out_in(model)
+    held = decoding_form(model, out_in=True)
     q = held.layers.attn.q_proj.get_value()[1]
     np.testing.assert_array_equal(  # [D, Hq, hd] held as [Hq, hd, D]
         np.asarray(q), np.transpose(np.asarray(model.layers.attn.q_proj[1]), (1, 2, 0)))
@@ -95,7 +91,7 @@ def test_the_form_round_trips_and_needs_per_layer_weights(model):
     with pytest.raises(ValueError, match="needs per-layer weights"):
         set_out_in(model, True)
     # back to training's stacks: the projections return to [in, out] first
-    stacked = set_layer_form(_out_in(model), per_layer=False)
+    stacked = set_layer_form(decoding_form(model, out_in=True), per_layer=False)
     assert not stacked.out_in and not stacked.per_layer
     np.testing.assert_array_equal(np.asarray(stacked.layers.attn.k_proj[...]),
                                   np.asarray(model.layers.attn.k_proj[...]))
@@ -103,7 +99,8 @@ def test_the_form_round_trips_and_needs_per_layer_weights(model):
 
 def test_diffusion_tensors_move_between_forms(model):
     """Training's stacked head into an out-in decoder, and back out of it."""
-    target = _out_in(to_orthrus(hf_model("qwen3", seed=6, tied=False), block_size=4))
+    other = to_orthrus(hf_model("qwen3", seed=6, tied=False), block_size=4)
+    target = decoding_form(other, out_in=True)
     copy_diffusion(model, target)
     for name, n_in in PROJECTIONS.items():
         if name not in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -119,7 +116,7 @@ def test_diffusion_tensors_move_between_forms(model):
 
 
 def test_an_out_in_model_saves_in_the_training_form(model, tmp_path):
-    save_model(_out_in(model), tmp_path)
+    save_model(decoding_form(model, out_in=True), tmp_path)
     loaded = load_model(tmp_path)
     for kind in ("attn", "diff_attn", "mlp"):
         for name in PROJECTIONS:
