@@ -189,7 +189,8 @@ def _auto_generator(name, profile, seconds, root):
     gen = _gen(name)
     gen.profile, gen.cost_root = profile, root
     for batch in (1, 2, 4):
-        t = CostTable(gen.config, batch, cache_len(16, 64, gen.max_len), root)
+        t = CostTable(gen.config, batch, cache_len(16, 64, gen.max_len), root,
+                      weights_out_in=gen.model.out_in)
         t.seconds = dict(seconds)
         t.save()
     return gen
@@ -205,7 +206,7 @@ def test_block_plan_considers_only_the_trees_asked_for(tmp_path):
     seconds = {k: 1.0 + 0.5 * k for k in range(2, K + 1)} | {1: 1.0}
     gen = _auto_generator("qwen3-untied-K8", profile, seconds, tmp_path)
     max_len = cache_len(16, 64, gen.max_len)
-    t = CostTable(gen.config, 1, max_len, tmp_path)
+    t = CostTable(gen.config, 1, max_len, tmp_path, weights_out_in=gen.model.out_in)
     t.tree_seconds = {(profile.tree_block(3), 3): 1.2, (profile.tree_block(7), 7): 1.3}
     t.save()
     try:
