@@ -192,10 +192,22 @@ def model_key(config: ModelConfig) -> dict:
             "param_dtype": config.param_dtype}
 
 
+def table_len(max_len: int, cap: int) -> int:
+    """The cache length the cost table for a cache of ``max_len`` positions is measured at:
+    the smallest power of two, or three halves of one, at least ``max_len`` (16, 24, 32,
+    48, .., 256, 384, 512, 768, ..), at most ``cap`` (the longest cache the engine
+    allocates). Caches come in eight lengths per octave (:func:`infer.buckets.cache_len`)
+    and a table takes minutes to measure, so nearby lengths share one, measured at the
+    longest of them (a pass costs a little more over a longer cache, never less)."""
+    n = max(int(max_len), 16)
+    power = 1 << (n - 1).bit_length()
+    return min(power * 3 // 4 if power * 3 // 4 >= n else power, max(int(cap), int(max_len)))
+
+
 class CostTable:
     """Seconds per decode-loop iteration by block size, for one machine, model shape,
-    batch size and cache length; measured on first need and kept in a JSON file under
-    :func:`cache_root` ``/costs/``."""
+    batch size and cache length (the engine asks for :func:`table_len` of its caches);
+    measured on first need and kept in a JSON file under :func:`cache_root` ``/costs/``."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
                  root: str | Path | None = None, weights_out_in: bool = False):

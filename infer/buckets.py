@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from orthrus_jax.cache import cache_bucket
+
 MODES = ("orthrus", "ar")
 MIN_PROMPT_BUCKET = 16
 # Default rows per batch: the prompts rounded up to 2^n, at most this many (each row holds
@@ -49,19 +51,21 @@ def prompt_buckets(max_len: int, chunk_size: int) -> list[int]:
     return sorted({prompt_bucket(n, chunk_size) for n in range(1, max_len)})
 
 
-def cache_len(prompt_len: int, out_len: int, max_len: int) -> int:
-    """Cache positions for a batch of padded prompt length ``prompt_len`` and output room
-    ``out_len`` (both already bucketed): their sum, at most ``max_len``.
+def cache_len(longest: int, max_new_tokens: int, max_len: int) -> int:
+    """Cache positions for a batch whose longest prompt has ``longest`` tokens, each row
+    generating up to ``max_new_tokens``: the positions a row can fill, ``longest +
+    max_new_tokens - 1`` (its newest token is not cached), rounded up by
+    :func:`orthrus_jax.cache.cache_bucket` (at most 11 % of the cache unused), at most
+    ``max_len``.
 
-    The sum is not rounded again: it adds no compiled shape (the buckets fix it), and
-    attention reads the whole cache, so every position kept beyond what a row can hold
-    costs time in every pass (a 1024-position prompt with 128 new tokens decodes over
-    1152 positions, not 2048). A row holds at most ``prompt + max_new_tokens - 1``
-    positions (its newest token is not cached), so no room is kept for a verify block
-    either: K/V written past the end are dropped and never committed
-    (:func:`infer.decode.commit`).
+    It is not the padded prompt length plus the output room: those are powers of two
+    (or whole prefill chunks), and their sum can leave half the cache unused (a 520-token
+    prompt with 128 new tokens would get 1,024 + 128 positions for the 647 it fills; it
+    gets 704). Padding positions past the cache are dropped by the prefill's writes, and
+    no room is kept for a verify block either: K/V written past the end are dropped and
+    never committed (:func:`infer.decode.commit`).
     """
-    return min(prompt_len + out_len, max_len)
+    return min(cache_bucket(longest + max_new_tokens - 1), max_len)
 
 
 def max_block(mode: str, trained_block: int) -> int:

@@ -21,7 +21,14 @@ import jinja2
 import numpy as np
 from jax.sharding import Mesh
 
-from infer.block_size import CANDIDATE_BLOCKS, AcceptanceProfile, BlockPlan, CostTable, plan
+from infer.block_size import (
+    CANDIDATE_BLOCKS,
+    AcceptanceProfile,
+    BlockPlan,
+    CostTable,
+    plan,
+    table_len,
+)
 from infer.buckets import (
     MAX_TREE_BUDGET,
     MODES,
@@ -309,13 +316,26 @@ class Generator:
         """The padded prompt length of a batch of ``rows`` (:func:`infer.buckets.prompt_bucket`)."""
         return prompt_bucket(max(len(r) for r in rows), self.chunk_size)
 
+    def batch_shape(self, rows: Sequence[Sequence[int]], max_new_tokens: int) -> tuple[int, int]:
+        """``(prompt_len, max_len)`` of a batch of ``rows`` that generate up to
+        ``max_new_tokens`` each: the padded prompt length its prefill runs
+        (:meth:`prompt_bucket`) and the cache length it decodes over
+        (:func:`infer.buckets.cache_len`). Batches of one shape share their programs."""
+        longest = max(len(r) for r in rows)
+        return (prompt_bucket(longest, self.chunk_size),
+                cache_len(longest, max_new_tokens, self.max_len))
+
     def spec(self, mode: str, blocks: tuple[int, ...], greedy: bool, batch: int,
-             prompt_len: int, out_len: int, n_eos: int, tree_budget: int = 0) -> DecodeSpec:
-        """The :class:`~infer.buckets.DecodeSpec` of a batch of bucketed shape."""
+             prompt_len: int, out_len: int, n_eos: int, tree_budget: int = 0,
+             max_len: int | None = None) -> DecodeSpec:
+        """The :class:`~infer.buckets.DecodeSpec` of a batch of bucketed shape, over a cache
+        of ``max_len`` positions (default: ``prompt_len + out_len``, at most the
+        engine's)."""
+        max_len = min(prompt_len + out_len, self.max_len) if max_len is None else max_len
         return DecodeSpec(mode=mode, blocks=tuple(blocks), greedy=greedy, batch=batch,
                           tree_budget=tree_budget,
                           prompt_len=prompt_len, out_len=out_len,
-                          max_len=cache_len(prompt_len, out_len, self.max_len), n_eos=n_eos,
+                          max_len=max_len, n_eos=n_eos,
                           max_block=max_block(mode, self.config.block_size),
                           prefill_chunk=self.chunk_size if prompt_len > self.chunk_size
                           else None,
@@ -367,8 +387,8 @@ class Generator:
                      block_size: int | None = None, tree_budget: int | None = None
                      ) -> list[DecodeSpec]:
         """The specs of the programs ``generate(prompts, ...)`` with these arguments runs
-        (one per prompt-length bucket), in order of first use; a fixed block size only
-        (``"auto"`` measures costs first)."""
+        (one per batch shape, :meth:`batch_shape`), in order of first use; a fixed block
+        size only (``"auto"`` measures costs first)."""
         if block_size == "auto":
             raise ValueError("program_keys takes a fixed block size, not 'auto'")
         self._check_block_size(block_size)
@@ -381,9 +401,9 @@ class Generator:
             block_size, tree_budget=tree_budget)
         specs: list[DecodeSpec] = []
         for lo in range(0, len(prompts), batch_size):
-            spec = self.spec(mode, chosen.blocks, greedy, batch_size,
-                             self.prompt_bucket(prompts[lo:lo + batch_size]), out_len, n_eos,
-                             chosen.tree_budget)
+            prompt_len, max_len = self.batch_shape(prompts[lo:lo + batch_size], max_new_tokens)
+            spec = self.spec(mode, chosen.blocks, greedy, batch_size, prompt_len, out_len,
+                             n_eos, chosen.tree_budget, max_len)
             if spec not in specs:
                 specs.append(spec)
         return specs
@@ -480,32 +500,33 @@ class Generator:
         results: list[GenerationResult] = []
         for lo in range(0, len(prompts), batch_size):
             rows = list(prompts[lo:lo + batch_size])
-            prompt_len = self.prompt_bucket(rows)
+            shape = self.batch_shape(rows, max_new_tokens)
             block_plan = BlockPlan((1,), 1) if mode == "ar" else self.block_plan(
                 block_size, tree_budget=tree_budget, greedy=greedy, batch_size=batch_size,
-                max_len=cache_len(prompt_len, out_len, self.max_len), adaptive=adaptive)
-            results += self._batch(rows, first_row + lo, batch_size, out_len, mode, block_plan,
-                                   greedy, sampling, max_new_tokens, eos_arr, key, stream,
-                                   stream_every)
+                max_len=shape[1], adaptive=adaptive)
+            results += self._batch(rows, first_row + lo, batch_size, shape, out_len, mode,
+                                   block_plan, greedy, sampling, max_new_tokens, eos_arr, key,
+                                   stream, stream_every)
         for r, label in zip(results, labels or [None] * len(results), strict=True):
             r.prompt = label if labels is not None else r.prompt_ids
         return results
 
     def warm_up(self, prompts: Sequence[Sequence[int]], *, batch_size: int | None = None,
-                **kwargs) -> dict[int, GenerationResult]:
+                max_new_tokens: int = 256, **kwargs) -> dict[int, GenerationResult]:
         """Compile and run once every program that ``generate(prompts, ...)`` with the same
-        arguments needs, by generating one batch per distinct prompt-length bucket only.
+        arguments needs, by generating one batch per distinct batch shape
+        (:meth:`batch_shape`) only.
 
         Returns the results of the prompts it ran, by index into ``prompts``.
         """
         batch_size = batch_size or default_batch_size(len(prompts))
-        first: dict[int, int] = {}  # prompt bucket -> offset of its first batch
+        first: dict[tuple[int, int], int] = {}  # batch shape -> offset of its first batch
         for lo in range(0, len(prompts), batch_size):
-            first.setdefault(self.prompt_bucket(prompts[lo:lo + batch_size]), lo)
+            first.setdefault(self.batch_shape(prompts[lo:lo + batch_size], max_new_tokens), lo)
         done: dict[int, GenerationResult] = {}
         for lo in first.values():
             results = self.generate(prompts[lo:lo + batch_size], batch_size=batch_size,
-                                    first_row=lo, **kwargs)
+                                    first_row=lo, max_new_tokens=max_new_tokens, **kwargs)
             done.update({lo + i: r for i, r in enumerate(results)})
         return done
 
@@ -544,7 +565,8 @@ class Generator:
         block size) to the candidates; a fixed budget with block size ``"auto"`` chooses
         between those trees and plain AR steps.
         The costs are those of the decode loop itself over a cache of ``max_len``
-        positions (default: the engine's), the length the batch will decode over."""
+        positions (default: the engine's), the length the batch will decode over, measured
+        at :func:`infer.block_size.table_len` of it."""
         self._check_block_size(block_size)
         self._check_tree_budget(tree_budget)
         K = self.config.block_size
@@ -571,7 +593,7 @@ class Generator:
                 f"{' of that size' if self.profile.tree_budgets else ''} (measured: "
                 f"{list(self.profile.tree_budgets)}); measure them with python -m "
                 "infer.calibrate --model DIR --tree-budgets N,..., or give the block size")
-        max_len = max_len or self.max_len
+        max_len = table_len(max_len or self.max_len, self.max_len)  # the cost table's
         key = (greedy and adaptive, batch_size, max_len, tree_budget)
         if key not in self.plans:
             table = CostTable(self.config, batch_size, max_len, self.cost_root,
@@ -586,15 +608,15 @@ class Generator:
                                    chains=not isinstance(tree_budget, int))
         return self.plans[key]
 
-    def _batch(self, rows, offset, batch_size, out_len, mode, block_plan, greedy, sampling,
-               max_new, eos, key, stream, stream_every) -> list[GenerationResult]:
+    def _batch(self, rows, offset, batch_size, shape, out_len, mode, block_plan, greedy,
+               sampling, max_new, eos, key, stream, stream_every) -> list[GenerationResult]:
         n = len(rows)
-        prompt_len = self.prompt_bucket(rows)
+        prompt_len, max_len = shape
         # A plan of plain AR steps runs the AR program itself (compiled once for both).
         program_mode = "ar" if block_plan.blocks == (1,) else mode
         spec = self.spec(program_mode, block_plan.blocks, greedy, batch_size, prompt_len,
                          out_len, eos.shape[0],
-                         block_plan.tree_budget if program_mode == "orthrus" else 0)
+                         block_plan.tree_budget if program_mode == "orthrus" else 0, max_len)
         start_c, run_c = self.compile(spec)
         padded = np.zeros((batch_size, prompt_len), np.int32)
         lengths = np.ones((batch_size,), np.int32)

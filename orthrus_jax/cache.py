@@ -110,6 +110,24 @@ def init_cache(
     return KVCache(layers(), layers(), lengths, windows)
 
 
+# Cache lengths per octave of :func:`cache_bucket`, and the least length it gives: below
+# it a cache's K/V are small next to the weights and attention reads them whole anyway
+# (``MIN_WINDOW``), and one length for every short request means one program for them.
+CACHE_STEPS = 8
+MIN_CACHE_LEN = 256
+
+
+def cache_bucket(n: int, minimum: int = MIN_CACHE_LEN) -> int:
+    """The cache length that holds ``n`` positions: the smallest ``m * 2^e >= n`` with
+    ``CACHE_STEPS <= m < 2 * CACHE_STEPS`` (eight lengths per octave: 256, 288, 320, ..,
+    480, 512, 576, ..), at least ``minimum``. Past ``minimum`` at most ``1 / 9`` (11 %)
+    of the positions it gives are unused, against up to half for a power of two, while
+    the lengths a cache can have stay few (a compiled program per length)."""
+    n = max(int(n), int(minimum), 1)
+    e = max(n.bit_length() - CACHE_STEPS.bit_length(), 0)
+    return -(-n // (1 << e)) << e  # m = ceil(n / 2^e) lies in [CACHE_STEPS, 2 CACHE_STEPS]
+
+
 # The shortest window worth a branch: below it the whole-cache read costs less than a branch.
 MIN_WINDOW = 256
 

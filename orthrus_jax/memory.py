@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
 
-from orthrus_jax.cache import CACHE_AXES, LENGTHS_AXES, init_cache
+from orthrus_jax.cache import CACHE_AXES, LENGTHS_AXES, cache_bucket, init_cache
 from orthrus_jax.checkpoint import abstract_model
 from orthrus_jax.config import ModelConfig
 from orthrus_jax.layers import DiffusionParam
@@ -385,25 +385,21 @@ def _train_activation_bytes(c: ModelConfig, sh: _Sharder, batch: int, seq_len: i
 
 # ---------------------------------------------------------------------- planners
 def decode_cache_len(config: ModelConfig, context: int, *, max_new_tokens: int | None = None,
-                     max_len: int | None = None,
-                     chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
+                     max_len: int | None = None) -> int:
     """Cache positions per row that :class:`infer.engine.Generator` allocates, at most
     ``max_len`` (default: ``max_position_embeddings``), with ``K = config.block_size``.
 
     Without ``max_new_tokens``, ``context`` is the tokens a row holds (prompt + output)
-    and the cache is the smallest bucket holding them: ``2^ceil(log2(context + K))``.
-    With it, ``context`` is the prompt length and the cache is exactly the engine's: the
-    prompt bucket (a power of two >= 16, or whole prefill chunks) plus the output bucket
-    ``2^ceil(log2(max_new_tokens))``.
+    and the cache is the smallest cache length (:func:`orthrus_jax.cache.cache_bucket`)
+    holding them and a verify block: ``context + K``. With it, ``context`` is the prompt
+    length and the cache is exactly the engine's: the cache length holding the prompt and
+    ``max_new_tokens - 1`` generated tokens (the newest is not cached).
     """
     K = config.block_size
     cap = max_len or config.max_position_embeddings
     if max_new_tokens is None:
-        return min(_bucket(context + K), cap)
-    prompt = _bucket(context, MIN_PROMPT_BUCKET)
-    if prompt > chunk_size:
-        prompt = -(-context // chunk_size) * chunk_size
-    return min(prompt + _bucket(max_new_tokens), cap)
+        return min(cache_bucket(context + K), cap)
+    return min(cache_bucket(context + max_new_tokens - 1), cap)
 
 
 def plan_decode(config: ModelConfig, *, dtype: str, batch: int, context: int,
@@ -424,8 +420,7 @@ def plan_decode(config: ModelConfig, *, dtype: str, batch: int, context: int,
     """
     c = _planning_config(config, dtype, block_size, compute_dtype)
     sh = _Sharder(mesh_shape(mesh), rules)
-    cache_len = decode_cache_len(c, context, max_new_tokens=max_new_tokens, max_len=max_len,
-                                 chunk_size=chunk_size)
+    cache_len = decode_cache_len(c, context, max_new_tokens=max_new_tokens, max_len=max_len)
     if context >= cache_len:
         raise ValueError(f"context {context} leaves no room in a cache of {cache_len} "
                          f"positions (max_len {max_len or c.max_position_embeddings})")

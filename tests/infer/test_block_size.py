@@ -20,9 +20,10 @@ import pytest
 from infer import block_size as bs
 from infer import calibrate as calibrate_cli
 from infer import generate as generate_cli
-from infer.block_size import AcceptanceProfile, CostTable, plan
+from infer.block_size import AcceptanceProfile, CostTable, plan, table_len
 from infer.buckets import cache_len
 from infer.tree import SCORE_BINS
+from orthrus_jax.cache import cache_bucket
 from tests.infer.test_decode import SPECS, _gen, _prompts, _run, _summary
 
 K = SPECS["agree"][2]  # 8
@@ -184,16 +185,34 @@ def test_profile_with_trees_round_trips_and_bad_ones_are_refused(tmp_path):
 
 def _auto_generator(name, profile, seconds, root):
     """A Generator for ``name`` with ``profile`` whose cost tables (every batch size and
-    cache length these tests use: 16-token prompt buckets and 64-token outputs) hold
+    cache length these tests use: prompts of up to 16 tokens, up to 64 new ones) hold
     ``seconds``: nothing is measured."""
     gen = _gen(name)
     gen.profile, gen.cost_root = profile, root
     for batch in (1, 2, 4):
-        t = CostTable(gen.config, batch, cache_len(16, 64, gen.max_len), root,
+        t = CostTable(gen.config, batch, _table_len(gen), root,
                       weights_out_in=gen.model.out_in)
         t.seconds = dict(seconds)
         t.save()
     return gen
+
+
+def test_cost_tables_are_measured_at_few_cache_lengths():
+    # powers of two and three halves of them, at least the cache, at most the cap
+    assert [table_len(n, 8192) for n in (1, 16, 17, 25, 240, 256, 288, 384, 385, 704)] == [
+        16, 16, 24, 32, 256, 256, 384, 384, 512, 768]
+    assert table_len(4608, 8192) == 6144 and table_len(6000, 6000) == 6000
+    assert table_len(40_960, 40_960) == 40_960  # never past the engine's longest cache
+    assert len({table_len(cache_bucket(n), 1 << 20) for n in range(256, 4097)}) == 9
+
+
+def _table_len(gen) -> int:
+    """The cost table's length of a batch of these tests: every one (prompts of 1-16
+    tokens, 1-64 new ones) gets the least cache and so one table."""
+    lengths = {table_len(cache_len(n, new, gen.max_len), gen.max_len)
+               for n in (1, 16) for new in (1, 64)}
+    assert len(lengths) == 1, lengths
+    return lengths.pop()
 
 
 def test_block_plan_considers_only_the_trees_asked_for(tmp_path):
@@ -205,7 +224,7 @@ def test_block_plan_considers_only_the_trees_asked_for(tmp_path):
                                        (7, (2, 18, 30, 30, 20, 0, 0, 0))))
     seconds = {k: 1.0 + 0.5 * k for k in range(2, K + 1)} | {1: 1.0}
     gen = _auto_generator("qwen3-untied-K8", profile, seconds, tmp_path)
-    max_len = cache_len(16, 64, gen.max_len)
+    max_len = _table_len(gen)
     t = CostTable(gen.config, 1, max_len, tmp_path, weights_out_in=gen.model.out_in)
     t.tree_seconds = {(profile.tree_block(3), 3): 1.2, (profile.tree_block(7), 7): 1.3}
     t.save()
@@ -232,7 +251,7 @@ def test_adaptive_loop_switches_and_stays_lossless(tmp_path):
         prompts = _prompts(seed=23, n=4)
         ar = _run(gen, prompts, "ar", 2, max_new_tokens=40)
         res = _run(gen, prompts, "orthrus", 2, max_new_tokens=40, block_size="auto")
-        chosen = gen.block_plan("auto", batch_size=2, max_len=cache_len(16, 64, gen.max_len))
+        chosen = gen.block_plan("auto", batch_size=2, max_len=_table_len(gen))
         assert chosen.adaptive and chosen.best == K
         assert _summary(res) == _summary(ar)
         hist = np.sum([r.block_hist for r in res], axis=0)

@@ -311,6 +311,28 @@ def test_one_compile_per_bucket_and_sampling_values_do_not_recompile(backend_com
     assert len({tuple(o) for o in outputs}) > 1  # the values reach the program
 
 
+def test_requests_within_a_cache_length_share_one_program(backend_compiles):
+    """Past the least cache (256 positions) a batch's cache follows its longest prompt and
+    its budget in eight lengths per octave: requests that fall in one length (and one
+    prompt and output bucket) compile nothing new, the next length its own program."""
+    gen = Generator(_gen("qwen3-untied-K8").model, max_len=1024)
+    rng = np.random.default_rng(8)
+    prompt = rng.integers(0, 512, 300).tolist()
+    n0 = backend_compiles()
+    first = _run(gen, [prompt[:270]], "ar", 1, max_new_tokens=10)  # 279 positions -> 288
+    assert backend_compiles() > n0
+    assert [s.max_len for s in gen._compiled] == [288]
+    n1 = backend_compiles()
+    for length, new in ((279, 9), (262, 16), (275, 14)):  # outputs in one bucket (16)
+        _run(gen, [prompt[:length]], "ar", 1, max_new_tokens=new)
+    assert backend_compiles() == n1  # 287, 277, 288 positions: the same program
+    _run(gen, [prompt], "ar", 1, max_new_tokens=10)  # 309 positions -> 320
+    assert sorted(s.max_len for s in gen._compiled) == [288, 320]
+    # the same row in a batch with the longer prompt, over a 320-position cache
+    pair = _run(gen, [prompt[:270], prompt], "ar", 2, max_new_tokens=10)
+    assert first[0].token_ids == pair[0].token_ids
+
+
 @pytest.mark.slow
 def test_warm_up_compiles_what_generate_needs_running_one_batch_per_bucket(backend_compiles):
     gen = _gen("llama-untied-K4")
@@ -395,20 +417,39 @@ def test_bad_input_is_a_clear_error():
 # --------------------------------------------------------------------------- 8
 
 
-def test_a_full_prompt_bucket_and_a_power_of_two_budget_fit_their_cache():
-    """The engine's cache is the prompt bucket plus the output bucket, with no room for a
-    verify block: 16-token prompts with 16 new tokens decode in a 32-position cache, every
-    row to its budget (never ``cache_full``), Orthrus's last blocks running past the end
-    of the cache, and the same tokens as AR."""
-    gen = _gen("agree")
-    assert gen.spec("orthrus", (8,), True, 3, gen.prompt_bucket([[0] * 16]), 16, 8).max_len == 32
+def test_a_cache_exactly_as_long_as_the_rows_fill():
+    """The engine's cache holds what a row can fill and no verify block: 16-token prompts
+    with 17 new tokens fill all 32 positions of a cache capped at 32, every row to its
+    budget (never ``cache_full``), Orthrus's last blocks running past the end of the
+    cache, and the same tokens as AR in a cache with room to spare."""
+    roomy = _gen("agree")
+    gen = Generator(roomy.model, max_len=32)
+    assert gen.batch_shape([[0] * 16], 17) == (16, 32)
+    assert roomy.batch_shape([[0] * 16], 17) == (16, 256)
     rng = np.random.default_rng(29)
     prompts = [rng.integers(0, 512, 16).tolist() for _ in range(3)]
-    out = {m: _run(gen, prompts, m, 3, max_new_tokens=16) for m in ("orthrus", "ar")}
-    for a, o in zip(out["ar"], out["orthrus"], strict=True):
+    out = {m: _run(gen, prompts, m, 3, max_new_tokens=17) for m in ("orthrus", "ar")}
+    ref = _run(roomy, prompts, "ar", 3, max_new_tokens=17)
+    for a, o, r in zip(out["ar"], out["orthrus"], ref, strict=True):
         assert a.finish_reason == o.finish_reason == "length"
-        assert len(o.token_ids) == 16 and o.token_ids == a.token_ids
+        assert len(o.token_ids) == 17 and o.token_ids == a.token_ids == r.token_ids
     assert sum(r.iterations for r in out["orthrus"]) < sum(r.iterations for r in out["ar"])
+
+
+def test_a_cache_shorter_than_the_padded_prompt():
+    """Prompts of 33 tokens pad to two prefill chunks of 32 (64 positions) but fill only
+    47 with 15 new tokens: the cache has 48, the prefill's writes past it are dropped,
+    and both modes give the tokens of a cache that holds the whole padded prompt."""
+    roomy = _gen("agree")
+    gen = Generator(roomy.model, max_len=48, chunk_size=32)
+    assert gen.batch_shape([[0] * 33], 15) == (64, 48)
+    rng = np.random.default_rng(31)
+    prompts = [rng.integers(0, 512, n).tolist() for n in (33, 20)]
+    ref = _run(roomy, prompts, "ar", 2, max_new_tokens=15)
+    for mode in ("orthrus", "ar"):
+        out = _run(gen, prompts, mode, 2, max_new_tokens=15)
+        assert [r.token_ids for r in out] == [r.token_ids for r in ref]
+        assert [r.finish_reason for r in out] == ["length", "length"]
 
 
 @pytest.mark.slow

@@ -105,10 +105,10 @@ def test_json_output_reports_memory_on_stderr(ids_dir):
     [memory] = [json.loads(line)["memory"] for line in err.splitlines() if "memory" in line]
     config = load_model(ids_dir).config
     assert memory["weight_bytes"] == tree_bytes(load_model(ids_dir))
-    # one program: 2 rows of 20 positions (the prompt bucket 16 + the output bucket 4)
+    # one program: 2 rows of 256 positions (the least cache length)
     per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * \
         config.head_dim * 4
-    assert memory["cache_bytes"] == 2 * 20 * per_position + 2 * 4  # and the rows' lengths
+    assert memory["cache_bytes"] == 2 * 256 * per_position + 2 * 4  # and the rows' lengths
     assert memory["host_peak_rss_bytes"] > memory["weight_bytes"]
 
 

@@ -45,7 +45,7 @@ def test_table_for_a_model_folder(tmp_path):
     TINY.save(tmp_path)
     status, out, err = run("--config", tmp_path, "--context", 100)
     assert status == 0, err
-    assert "decode batch 1, context 100 (cache 128 positions), block 8" in out
+    assert "decode batch 1, context 100 (cache 256 positions), block 8" in out
     for row in ("weights", "cache", "activations", "total"):
         assert f"\n  {row} " in out
     assert "fits" not in out
@@ -55,7 +55,7 @@ def test_hf_config_fits_or_not_in_a_32gb_device(hf_config):
     status, out, err = run("--config", hf_config, "--dtype", "bfloat16", "--context", 8192,
                            "--device-memory", "32GB")
     assert status == 0, err
-    assert "cache 16384 positions), block 32" in out and "  fits in 32.00 GB" in out
+    assert "cache 9216 positions), block 32" in out and "  fits in 32.00 GB" in out
     status, out, _ = run("--config", hf_config, "--dtype", "bfloat16", "--context", 8192,
                          "--batch", 8, "--device-memory", "32GB")
     assert status == 0 and "does NOT fit in 32.00 GB" in out
@@ -71,7 +71,7 @@ def test_json_is_the_planners_plan(hf_config):
     expected = plan_decode(config, dtype="bfloat16", batch=2, context=4000,
                            max_new_tokens=500, mesh={"data": 2, "tensor": 4})
     assert r["per_device"] == expected.per_device and r["devices"] == 8
-    assert r["details"]["cache_len"] == 4096 + 512 and r["fits"] is True  # prompt + output buckets
+    assert r["details"]["cache_len"] == 4608 and r["fits"] is True  # 4,499 positions, 9 * 2^9
     assert r["device_memory"] == 80 * 2**30
 
 

@@ -68,7 +68,7 @@ def test_tree_bytes_of_states_modules_and_shape_structs():
 def test_decode_plan_weights_and_cache_equal_the_real_arrays(dtype, tied):
     config = tiny(tie_word_embeddings=tied)
     plan = plan_decode(config, dtype=dtype, batch=3, context=50)
-    assert plan.details["cache_len"] == 64  # 50 + K=8 -> next power of two
+    assert plan.details["cache_len"] == 256  # 50 + K=8 -> the least cache length
     model = unstack_layers(build(tiny(dtype, tie_word_embeddings=tied)))
     assert plan.per_device["weights"] == tree_bytes(model)
     cache = init_cache(model.config, 3, plan.details["cache_len"])
@@ -145,12 +145,16 @@ def test_uneven_sharding_is_refused_as_placing_would_be():
 def test_cache_length_is_the_engines():
     config = tiny()
     gen = Generator(build(config), max_len=1024, chunk_size=32)
-    for prompt, new in ((5, 3), (20, 100), (100, 30), (300, 600)):
-        prompt_len = gen.prompt_bucket([[0] * prompt])
-        out_len = 1 << (new - 1).bit_length()
-        assert decode_cache_len(config, prompt, max_new_tokens=new, max_len=1024,
-                                chunk_size=32) == cache_len(prompt_len, out_len, 1024)
-    assert decode_cache_len(config, 120) == 128 and decode_cache_len(config, 121) == 256
+    for prompt, new in ((5, 3), (20, 100), (33, 8), (100, 300), (300, 600), (900, 200)):
+        assert decode_cache_len(config, prompt, max_new_tokens=new, max_len=1024) \
+            == gen.batch_shape([[0] * prompt], new)[1] == cache_len(prompt, new, 1024)
+    assert gen.batch_shape([[0] * 33], 8) == (64, 256)  # two prefill chunks, the least cache
+    # a prompt bucket past the cache: 300 tokens pad to 10 chunks, the cache holds 319
+    assert gen.batch_shape([[0] * 300], 20) == (320, 320)
+    assert gen.batch_shape([[0] * 290], 20) == (320, 320)
+    assert gen.batch_shape([[0] * 270], 10) == (288, 288)
+    assert gen.batch_shape([[0] * 600], 500) == (608, 1024)  # capped at the engine's
+    assert decode_cache_len(config, 248) == 256 and decode_cache_len(config, 249) == 288
 
 
 # ---------------------------------------------------------------------- XLA's view
