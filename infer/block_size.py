@@ -210,11 +210,14 @@ class CostTable:
     measured on first need and kept in a JSON file under :func:`cache_root` ``/costs/``."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
-                 root: str | Path | None = None, weights_out_in: bool = False):
+                 root: str | Path | None = None, weights_out_in: bool = False,
+                 attention_kernel: bool = False):
         self.key = {"format": COST_FORMAT, "machine": machine_key(), "model": model_key(config),
                     "batch_size": batch_size, "max_len": max_len}
         if weights_out_in:  # the decoder's weight form changes what a pass costs
             self.key["weights"] = "out_in"
+        if attention_kernel:  # and so does the CPU attention kernel
+            self.key["attention"] = "kernel"
         digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
         self.path = Path(root or cache_root()) / "costs" / f"{digest}.json"
         self.seconds: dict[int, float] = {}

@@ -41,6 +41,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from orthrus_jax.cli import run_command
+from orthrus_jax.folders import CACHE_ENV, cache_root  # noqa: F401 (CACHE_ENV: the public name)
 
 __all__ = ["CacheError", "DefaultModelError", "FetchError", "cache_root", "default_head_path",
            "default_model_dir", "main"]
@@ -58,7 +59,6 @@ HEAD_PATH = Path(__file__).parent / "heads" / f"{MODEL_NAME}.safetensors"
 FORMAT_VERSION = 2  # 2: model folder format 2 (per-layer parameter groups)
 MARKER = "orthrus-default.json"
 
-CACHE_ENV = "ORTHRUS_CACHE"
 WHEEL_ENV = "ORTHRUS_SMOLLM2_WHEEL"  # a local copy of the wheel (no download)
 HEAD_ENV = "ORTHRUS_DEFAULT_HEAD"  # another head file in place of the shipped one
 
@@ -77,15 +77,6 @@ class CacheError(DefaultModelError):
 
 def _log(msg: str) -> None:
     print(f"[default model] {msg}", file=sys.stderr, flush=True)
-
-
-def cache_root() -> Path:
-    """``$ORTHRUS_CACHE``, else ``$XDG_CACHE_HOME/orthrus-jax``, else ``~/.cache/orthrus-jax``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "orthrus-jax"
-    return Path.home() / ".cache" / "orthrus-jax"
 
 
 def default_head_path() -> Path:

@@ -56,7 +56,13 @@ from orthrus_jax.checkpoint import load_model
 from orthrus_jax.cli import InputError
 from orthrus_jax.config import DTYPE_NAMES, ModelConfig
 from orthrus_jax.memory import peak_memory, tree_bytes
-from orthrus_jax.model import OrthrusLM, copy_diffusion, decoding_form
+from orthrus_jax.model import (
+    OrthrusLM,
+    copy_diffusion,
+    decoding_form,
+    default_attention_kernel,
+    set_attention_kernel,
+)
 from orthrus_jax.sharding import Rules
 
 # A prompt of at least this many prefill chunks reports its progress (prefill_progress).
@@ -166,14 +172,19 @@ class Generator:
     defaults are ``generation.sampling``. ``weights_out_in``: hold the projections
     ``[out, in]`` for decoding (default: where the weights live on CPU; see
     :func:`orthrus_jax.model.decoding_form`); a per-layer model given is changed in place.
+    ``attention_kernel``: decode passes attend through the CPU kernel
+    (:mod:`orthrus_jax.cpu_attention`; default: where the weights live on one CPU device,
+    the compute dtype is float32 and the kernel builds).
     """
 
     def __init__(self, model: OrthrusLM, tokenizer: Any = None, *, chunk_size: int = 512,
                  max_len: int | None = None, mesh: Mesh | None = None,
                  rules: Rules | None = None, profile: AcceptanceProfile | None = None,
                  cost_root: str | Path | None = None, unstack: bool = True,
-                 generation: GenerationConfig | None = None, weights_out_in: bool | None = None):
+                 generation: GenerationConfig | None = None, weights_out_in: bool | None = None,
+                 attention_kernel: bool | None = None):
         self._model = model
+        self._kernel = attention_kernel
         self._unstack = unstack
         self._out_in = weights_out_in
         self.config = model.config
@@ -228,6 +239,10 @@ class Generator:
         holds)."""
         if self._unstack:
             self._model = decoding_form(self._model, self._out_in)
+        if self._kernel is None:
+            self._kernel = self.mesh is None and default_attention_kernel(self._model)
+        if self._model.attention_kernel != self._kernel:
+            set_attention_kernel(self._model, self._kernel)
         return self._model
 
     def describe_dtypes(self) -> str:
@@ -597,7 +612,8 @@ class Generator:
         key = (greedy and adaptive, batch_size, max_len, tree_budget)
         if key not in self.plans:
             table = CostTable(self.config, batch_size, max_len, self.cost_root,
-                              weights_out_in=self.model.out_in)
+                              weights_out_in=self.model.out_in,
+                              attention_kernel=self.model.attention_kernel)
             trees = [(self.profile.tree_block(n), n) for n in budgets
                      if self.profile.block_size <= K]
             table.ensure(self.model, [k for k in CANDIDATE_BLOCKS if k <= K], trees)

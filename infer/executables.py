@@ -50,12 +50,13 @@ FLAG_VARIABLES = ("XLA_FLAGS", "LIBTPU_INIT_ARGS")
 
 @cache
 def code_digest() -> str:
-    """SHA-256 over the source files of :data:`PACKAGES` (paths and contents) and the
-    versions of the libraries that build and run the programs."""
+    """SHA-256 over the source files of :data:`PACKAGES` (paths and contents, the CPU
+    kernel's C++ too) and the versions of the libraries that build and run the
+    programs."""
     h = hashlib.sha256()
     root = Path(__file__).resolve().parent.parent
     for package in PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
+        for path in sorted([*(root / package).rglob("*.py"), *(root / package).rglob("*.cc")]):
             h.update(str(path.relative_to(root)).encode())
             h.update(path.read_bytes())
     for name in ("jax", "jaxlib", "flax", "numpy"):

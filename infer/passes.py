@@ -58,7 +58,15 @@ from orthrus_jax.cache import KVCache, attention_windows, init_cache
 from orthrus_jax.checkpoint import load_model
 from orthrus_jax.cli import non_negative_int, positive_int, run_command
 from orthrus_jax.config import DTYPE_NAMES, ModelConfig
-from orthrus_jax.model import AR_VIEW, DIFFUSION_VIEW, OrthrusLM, decoding_form, unstack_layers
+from orthrus_jax.model import (
+    AR_VIEW,
+    DIFFUSION_VIEW,
+    OrthrusLM,
+    decoding_form,
+    default_attention_kernel,
+    set_attention_kernel,
+    unstack_layers,
+)
 from orthrus_jax.random_weights import random_model
 
 # Iterations of the decode loop per timed call (the loop's cost per iteration is the call's
@@ -385,6 +393,7 @@ def measure(model: OrthrusLM, *, batch_size: int = 1, context: int | Sequence[in
     """
     c = model.config
     model = decoding_form(model, weights_out_in)
+    set_attention_kernel(model, default_attention_kernel(model))
     blocks = sorted({int(k) for k in (blocks or [c.block_size])})
     if any(k < 2 for k in blocks):
         raise ValueError(f"blocks {blocks}: block sizes are >= 2 (1 is the AR step)")
@@ -402,7 +411,8 @@ def measure(model: OrthrusLM, *, batch_size: int = 1, context: int | Sequence[in
            "dtype": c.dtype, "batch_size": batch_size, "backend": jax.default_backend(),
            "device": str(jax.devices()[0]), "copy_bandwidth_gb_s": bandwidth / 1e9,
            "loop_steps": loop_steps, "tree_budgets": tree_budgets, "max_len": max_len,
-           "projections": "out-in" if model.out_in else "in-out"}
+           "projections": "out-in" if model.out_in else "in-out",
+           "attention": "kernel" if model.attention_kernel else "xla"}
     by_context, loops = {}, {}
     for ctx in contexts:
         t = seconds[ctx]
@@ -453,7 +463,8 @@ def format_report(r: dict) -> str:
              f"{r['block_size']}, {r['dtype']}, batch {r['batch_size']}, context "
              f"{', '.join(map(str, contexts))}"
              + (f" in a {r['max_len']}-position cache" if r.get("max_len") else "")
-             + f", {r['backend']} ({r['device']}), projections {r['projections']}",
+             + f", {r['backend']} ({r['device']}), projections {r['projections']}"
+             + f", attention {r['attention']}",
              f"copy bandwidth {r['copy_bandwidth_gb_s']:.1f} GB/s"]
     several = "contexts" in r
     for ctx in contexts:

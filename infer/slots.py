@@ -460,7 +460,7 @@ class SlotEngine:
                 "prefill_progress": gen.prefill_progress is not None,
                 "block_tokens": self._block_tokens, "prefill_chunk": self.prefill_chunk,
                 "windows": attention_windows(self.max_len), "mesh": repr(gen.mesh),
-                "rules": repr(gen.rules)}
+                "rules": repr(gen.rules), "attention_kernel": gen.model.attention_kernel}
 
     def _digest(self, key: tuple, args: tuple) -> str:
         return self.executables.digest({"program": list(key), **self._settings()}, args)

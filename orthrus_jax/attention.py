@@ -16,6 +16,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from orthrus_jax.cpu_attention import prefix_partials
+
 _NEG = -1e30
 
 
@@ -69,12 +71,31 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     return _ungroup((out / denom).astype(dt), B, Hkv, T)
 
 
+def _row_limits(limits: jax.Array, hkv: int, G: int) -> jax.Array:
+    """Keys visible to each query ``[B, *lead, T]`` -> per row of :func:`_group_queries`,
+    ``[B * Hkv, *lead, G * T]``."""
+    B, *lead, T = limits.shape
+    x = jnp.broadcast_to(limits[:, None, ..., None, :], (B, hkv, *lead, G, T))
+    return x.reshape(B * hkv, *lead, G * T)
+
+
 def causal_cache_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                           q_positions: jax.Array) -> jax.Array:
+                           q_positions: jax.Array, kernel: bool = False) -> jax.Array:
     """AR view: queries at ``q_positions [B, T]`` attend to cache positions ``<=`` their own.
 
-    ``k_cache``/``v_cache`` ``[B, Hkv, S, hd]`` already hold the chunk's own K/V.
+    ``k_cache``/``v_cache`` ``[B', Hkv, S, hd]`` (``B' >= B``; rows past ``B`` are not
+    read) already hold the chunk's own K/V. ``kernel``: through
+    :func:`orthrus_jax.cpu_attention.prefix_partials`, which reads only the visible keys
+    .
     """
+    if kernel:
+        B, T, Hq, hd = q.shape
+        Hkv, S = k_cache.shape[1], k_cache.shape[2]
+        o, _, total = prefix_partials(_group_queries(q, Hkv), k_cache.reshape(-1, S, hd),
+                                      v_cache.reshape(-1, S, hd),
+                                      _row_limits(q_positions + 1, Hkv, Hq // Hkv), hd**-0.5)
+        return _ungroup((o / total[..., None]).astype(q.dtype), B, Hkv, T)
+    k_cache, v_cache = k_cache[:q.shape[0]], v_cache[:q.shape[0]]
     key_pos = jnp.arange(k_cache.shape[2])
     mask = key_pos[None, None, :] <= q_positions[:, :, None]
     return attend(q, k_cache, v_cache, mask)
@@ -82,8 +103,8 @@ def causal_cache_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
 
 def block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                     k_block: jax.Array, v_block: jax.Array,
-                    prefix_lengths: jax.Array, block_mask: jax.Array | None = None
-                    ) -> jax.Array:
+                    prefix_lengths: jax.Array, block_mask: jax.Array | None = None,
+                    kernel: bool = False) -> jax.Array:
     """Block ``b`` of row ``r`` attends to AR cache positions ``[0, prefix_lengths[r, b])``
     and to the positions of its own block that ``block_mask [B, m, K, K]`` shows (True =
     visible; default: all of them, the diffusion view), nothing else. A tree's verify pass
@@ -94,13 +115,36 @@ def block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     scored separately and normalised together (one running maximum, one sum of both
     parts' exponentials), so neither a dense ``[m K, S + m K]`` mask nor a concatenation
     of the two score arrays is built; memory is ``O(m K (S + K))`` per head. Returns
-    ``[B, m, K, Hq, hd]``.
+    ``[B, m, K, Hq, hd]``. The cache may hold more rows than ``B`` (not read);
+    ``kernel``: the prefix part through
+    :func:`orthrus_jax.cpu_attention.prefix_partials`, which reads only the visible keys.
     """
     B, m, K, Hq, hd = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     G, N = Hq // Hkv, B * Hkv
     dt = q.dtype
     qg = _group_queries(q, Hkv)  # [N, m, G*K, hd]
+    kb = k_block.transpose(0, 3, 1, 2, 4).reshape(N, m, K, hd).astype(dt)
+    vb = v_block.transpose(0, 3, 1, 2, 4).reshape(N, m, K, hd).astype(dt)
+    s_block = jnp.einsum("nmqd,nmtd->nmqt", qg, kb,
+                         preferred_element_type=jnp.float32) * hd**-0.5
+    if block_mask is not None:
+        s_block = jnp.where(_per_row(block_mask, Hkv, G), s_block, _NEG)
+    if kernel:  # the prefix's partials, normalised together with the block's scores
+        limit = _row_limits(jnp.broadcast_to(prefix_lengths[:, :, None], (B, m, K)), Hkv, G)
+        o, m_p, l_p = prefix_partials(qg.reshape(N, m * G * K, hd),
+                                      k_cache.reshape(-1, S, hd), v_cache.reshape(-1, S, hd),
+                                      limit.reshape(N, m * G * K), hd**-0.5)
+        m_p, l_p = m_p.reshape(N, m, G * K, 1), l_p.reshape(N, m, G * K, 1)
+        top = jnp.maximum(m_p, jnp.max(s_block, axis=-1, keepdims=True))
+        shift = jnp.exp(m_p - top)
+        p_block = jnp.exp(s_block - top)
+        denom = l_p * shift + jnp.sum(p_block, axis=-1, keepdims=True)
+        out = (o.reshape(N, m, G * K, hd) * shift
+               + jnp.einsum("nmqt,nmtd->nmqd", p_block.astype(dt), vb,
+                            preferred_element_type=jnp.float32))
+        return _ungroup((out / denom).astype(dt), B, Hkv, K)
+    k_cache, v_cache = k_cache[:B], v_cache[:B]
     kf = k_cache.reshape(N, S, hd).astype(dt)
     vf = v_cache.reshape(N, S, hd).astype(dt)
     s_prefix = jnp.einsum("nqd,nsd->nqs", qg.reshape(N, m * G * K, hd), kf,
@@ -108,12 +152,6 @@ def block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     visible = jnp.arange(S)[None, None, :] < prefix_lengths[:, :, None]  # [B, m, S]
     visible = _per_row(jnp.broadcast_to(visible[:, :, None], (B, m, K, S)), Hkv, G)
     s_prefix = jnp.where(visible, s_prefix * hd**-0.5, _NEG)
-    kb = k_block.transpose(0, 3, 1, 2, 4).reshape(N, m, K, hd).astype(dt)
-    vb = v_block.transpose(0, 3, 1, 2, 4).reshape(N, m, K, hd).astype(dt)
-    s_block = jnp.einsum("nmqd,nmtd->nmqt", qg, kb,
-                         preferred_element_type=jnp.float32) * hd**-0.5
-    if block_mask is not None:
-        s_block = jnp.where(_per_row(block_mask, Hkv, G), s_block, _NEG)
     top = jnp.maximum(jnp.max(s_prefix, axis=-1, keepdims=True),
                       jnp.max(s_block, axis=-1, keepdims=True))
     p_prefix = jnp.exp(s_prefix - top)
@@ -128,7 +166,7 @@ def block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
 
 def over_window(attention: Callable[[jax.Array, jax.Array], jax.Array], k_cache: jax.Array,
                 v_cache: jax.Array, windows: tuple[int, ...], need: jax.Array,
-                rows: int | None = None) -> jax.Array:
+                rows: int | None = None, slice_rows: bool = True) -> jax.Array:
     """``attention(k, v)`` over the first ``rows`` rows (default: all) and the first ``W``
     positions of ``k_cache``/``v_cache`` ``[B, Hkv, S, hd]``, ``W`` the smallest of the
     static ``windows`` with ``W >= need`` (a traced scalar: the positions any query may
@@ -138,9 +176,10 @@ def over_window(attention: Callable[[jax.Array, jax.Array], jax.Array], k_cache:
     products have static shapes): the cost follows the live length in steps of the
     windows, in one compiled program. ``attention`` must give the same result over any
     prefix that holds every position its queries see (a mask from positions does).
+    ``slice_rows=False`` hands ``attention`` all rows (it reads the first ``rows`` itself).
     """
     B, _, S, _ = k_cache.shape
-    R = B if rows is None else rows
+    R = B if rows is None or not slice_rows else rows
 
     def over(w: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
         if w == S and R == B:

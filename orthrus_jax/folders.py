@@ -13,6 +13,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+# The environment variable that moves the user cache folder (:func:`cache_root`).
+CACHE_ENV = "ORTHRUS_CACHE"
+
 # Files of an HF folder that travel with a model folder (tokenizer, chat template, ...).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
@@ -96,3 +99,14 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     for name in names:
         shutil.copyfile(Path(src) / name, Path(dst) / name)
     return names
+
+
+def cache_root() -> Path:
+    """The user cache folder (converted models, cost tables, compiled programs and
+    kernels): ``$ORTHRUS_CACHE``, else ``$XDG_CACHE_HOME/orthrus-jax``, else
+    ``~/.cache/orthrus-jax``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "orthrus-jax"
+    return Path.home() / ".cache" / "orthrus-jax"

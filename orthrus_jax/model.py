@@ -16,9 +16,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from orthrus_jax import cpu_attention
 from orthrus_jax.attention import block_attention, causal_cache_attention, over_window
 from orthrus_jax.cache import KVCache, layer_kv, stack_cache, unstack_cache, write_block
 from orthrus_jax.config import ModelConfig
+from orthrus_jax.cpu_attention import supports
 from orthrus_jax.heap import release_memory
 from orthrus_jax.layers import (
     MLP,
@@ -75,6 +77,14 @@ class OrthrusLM(nnx.Module):
         self.norm = nnx.Param(jnp.ones((D,), dt), logical_axes=("norm",))
         self.lm_head = (None if config.tie_word_embeddings else
                         nnx.Param(_init(rngs, (D, V), dt, D), logical_axes=("embed", "vocab")))
+        # Whether decode passes attend through the CPU kernel (static; see
+        # :func:`set_attention_kernel`).
+        self.attention_kernel = False
+
+    def _kernel(self, rows: int) -> bool:
+        """Whether a pass of ``rows`` query rows per KV head attends through the kernel."""
+        c = self.config
+        return self.attention_kernel and supports(c.jnp_dtype, c.head_dim, rows)
 
     # ---------------------------------------------------------------- pieces
     def embed(self, tokens: jax.Array) -> jax.Array:
@@ -127,11 +137,17 @@ class OrthrusLM(nnx.Module):
 
         need = jnp.max(cache.lengths) + T  # every key a query of the chunk may see
 
+        kernel = self._kernel(c.num_attention_heads // c.num_key_value_heads * T)
+
         def attention(q, k, v, layer, kv):
             kv = (write_block(kv[0], layer, k, positions), write_block(kv[1], layer, v, positions))
-            o = over_window(lambda kc, vc: causal_cache_attention(q, kc, vc, positions),
-                            layer_kv(kv[0], layer), layer_kv(kv[1], layer), cache.windows, need,
-                            tokens.shape[0])
+            if kernel:  # it reads each row's live keys itself: no window
+                o = causal_cache_attention(q, layer_kv(kv[0], layer), layer_kv(kv[1], layer),
+                                           positions, kernel=True)
+            else:
+                o = over_window(lambda kc, vc: causal_cache_attention(q, kc, vc, positions),
+                                layer_kv(kv[0], layer), layer_kv(kv[1], layer), cache.windows,
+                                need, tokens.shape[0])
             return o, kv
 
         x, (k, v) = self._run_layers(AR_VIEW, self.embed(tokens), positions, attention,
@@ -164,11 +180,14 @@ class OrthrusLM(nnx.Module):
 
         need = jnp.max(cache.lengths)
 
+        kernel = self._kernel(c.num_attention_heads // c.num_key_value_heads * T)
+
         def attention(q, k, v, layer, kv):
             o = over_window(lambda kc, vc: block_attention(
                 q[:, None], kc, vc, k[:, None], v[:, None], cache.lengths[:, None],
-                visible[:, None]), layer_kv(cache.k, layer), layer_kv(cache.v, layer),
-                cache.windows, need, B)
+                visible[:, None], kernel=kernel), layer_kv(cache.k, layer),
+                layer_kv(cache.v, layer), () if kernel else cache.windows, need, B,
+                slice_rows=not kernel)
             kv = tuple(jax.lax.dynamic_update_index_in_dim(buf, new.astype(buf.dtype), layer, 0)
                        for buf, new in zip(kv, (k, v), strict=True))
             return o[:, 0], kv
@@ -200,12 +219,14 @@ class OrthrusLM(nnx.Module):
 
         need = jnp.max(anchors)
 
+        kernel = self._kernel(c.num_attention_heads // c.num_key_value_heads * m * K)
+
         def attention(q, k, v, layer, state):
             split = lambda t: t.reshape(B, m, K, *t.shape[2:])  # noqa: E731
             o = over_window(lambda kc, vc: block_attention(split(q), kc, vc, split(k), split(v),
-                                                           anchors),
-                            layer_kv(cache.k, layer), layer_kv(cache.v, layer), cache.windows,
-                            need, B)
+                                                           anchors, kernel=kernel),
+                            layer_kv(cache.k, layer), layer_kv(cache.v, layer),
+                            () if kernel else cache.windows, need, B, slice_rows=not kernel)
             return o.reshape(B, m * K, *o.shape[3:]), state
 
         x, _ = self._run_layers(DIFFUSION_VIEW, self.embed(blocks.reshape(B, m * K)), positions,
@@ -493,3 +514,21 @@ def prefill(model: OrthrusLM, tokens: jax.Array, cache: KVCache, prompt_lengths:
     (cache, last), _ = jax.lax.scan(body, (cache, last), (chunks, jnp.arange(n_chunks)))
     return model.logits(last), cache
 
+
+
+def set_attention_kernel(model: OrthrusLM, on: bool) -> OrthrusLM:
+    """Route ``model``'s decode passes (a few query rows per KV head: AR steps, draft,
+    verify and tree passes; not prefill chunks) through the CPU attention kernel
+    (:mod:`orthrus_jax.cpu_attention`, which must be available), in place; returns it.
+    Float32 only: other dtypes keep XLA's attention either way."""
+    model.attention_kernel = bool(on)
+    return model
+
+
+def default_attention_kernel(model: OrthrusLM) -> bool:
+    """Whether ``model``'s decode passes should attend through the CPU kernel: its weights
+    live on one CPU device, its compute dtype is float32, and the kernel builds here."""
+    sharding = model.embed_tokens.get_value().sharding
+    one_device = sharding is None or len(sharding.device_set) == 1
+    return (weights_platform(model) == "cpu" and one_device
+            and model.config.jnp_dtype == jnp.float32 and cpu_attention.available())

@@ -191,7 +191,8 @@ def _auto_generator(name, profile, seconds, root):
     gen.profile, gen.cost_root = profile, root
     for batch in (1, 2, 4):
         t = CostTable(gen.config, batch, _table_len(gen), root,
-                      weights_out_in=gen.model.out_in)
+                      weights_out_in=gen.model.out_in,
+                      attention_kernel=gen.model.attention_kernel)
         t.seconds = dict(seconds)
         t.save()
     return gen
@@ -225,7 +226,8 @@ def test_block_plan_considers_only_the_trees_asked_for(tmp_path):
     seconds = {k: 1.0 + 0.5 * k for k in range(2, K + 1)} | {1: 1.0}
     gen = _auto_generator("qwen3-untied-K8", profile, seconds, tmp_path)
     max_len = _table_len(gen)
-    t = CostTable(gen.config, 1, max_len, tmp_path, weights_out_in=gen.model.out_in)
+    t = CostTable(gen.config, 1, max_len, tmp_path, weights_out_in=gen.model.out_in,
+                  attention_kernel=gen.model.attention_kernel)
     t.tree_seconds = {(profile.tree_block(3), 3): 1.2, (profile.tree_block(7), 7): 1.3}
     t.save()
     try:
