@@ -11,8 +11,9 @@ together with a block's own keys).
 
 It is built on first use with the C++ compiler (``$CXX``, default ``g++``, for this
 machine's instruction set, AVX-512 required) into ``kernels/`` under the user cache
-folder, and registered with JAX once per process. Where it cannot be built,
-:func:`available` is False (the reason is printed once) and attention stays XLA's.
+folder (or ``$ORTHRUS_KERNELS``), and registered with JAX once per process. Where it
+cannot be built, :func:`available` is False (the reason is printed once) and attention
+stays XLA's.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ TARGET = "orthrus_prefix_attention"
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math",
          "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w")
 HEAD_SIZES = (32, 64, 128, 256)
+# Where built kernels go instead of ``kernels/`` under the user cache folder.
+KERNELS_ENV = "ORTHRUS_KERNELS"
 # Query rows per KV head above which XLA's matrix products beat the kernel (a prefill).
 MAX_ROWS = 64
 
@@ -54,15 +57,18 @@ def _machine() -> str:
 
 
 def library_path() -> Path:
-    """Where the built kernel lives: named by a digest of the source, the flags, the
-    compiler, jaxlib's version and the machine."""
+    """Where the built kernel lives (``$ORTHRUS_KERNELS``, else ``kernels/`` under the
+    user cache folder): named by a digest of the source, the flags, the compiler,
+    jaxlib's version and the machine."""
     import jaxlib
 
     cxx = os.environ.get("CXX", "g++")
     key = "\n".join([SOURCE.read_text(), " ".join(FLAGS), cxx, jaxlib.__version__,
                      _machine()])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_root() / "kernels" / f"prefix_attention-{digest}.so"
+    folder = os.environ.get(KERNELS_ENV)
+    folder = Path(folder).expanduser() if folder else cache_root() / "kernels"
+    return folder / f"prefix_attention-{digest}.so"
 
 
 def _build(out: Path) -> None:

@@ -17,6 +17,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # (infer.compile_cache): off for the suite, in this process and every child it starts, so
 # that no test writes there. Tests of the cache set a folder of their own.
 os.environ["ORTHRUS_COMPILE_CACHE"] = "off"
+# The CPU attention kernel is built once for the whole suite (in the test session's own
+# folder, kept for later runs): children given a user cache folder of their own would
+# otherwise each build it again.
+os.environ.setdefault("ORTHRUS_KERNELS", os.path.join(
+    os.path.expanduser("~"), ".cache", "orthrus-jax-tests", "kernels"))
 
 
 import gc  # noqa: E402

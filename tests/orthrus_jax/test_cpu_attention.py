@@ -96,7 +96,7 @@ def test_the_engine_decodes_the_same_tokens_with_and_without_it():
 
 
 def test_without_a_compiler_attention_stays_xlas(tmp_path):
-    env = dict(os.environ, CXX="false", ORTHRUS_CACHE=str(tmp_path))
+    env = dict(os.environ, CXX="false", ORTHRUS_KERNELS=str(tmp_path / "kernels"))
     code = ("from orthrus_jax import cpu_attention as c; print(c.available())")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, check=True)
