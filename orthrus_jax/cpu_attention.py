@@ -36,7 +36,7 @@ from orthrus_jax.folders import cache_root
 SOURCE = Path(__file__).with_name("prefix_attention.cc")
 TARGET = "orthrus_prefix_attention"
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math",
-         "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w")
+         "-fopenmp-simd", "-std=c++17", "-fPIC", "-w")
 HEAD_SIZES = (32, 64, 128, 256)
 # Where built kernels go instead of ``kernels/`` under the user cache folder.
 KERNELS_ENV = "ORTHRUS_KERNELS"
@@ -76,12 +76,18 @@ def _build(out: Path) -> None:
     cxx = os.environ.get("CXX", "g++")
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
     os.close(fd)
+    obj = tmp + ".o"
     try:
-        subprocess.run([cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp],
-                       check=True, capture_output=True, text=True)
+        # Compiled with -ffast-math, linked without it: linked with it, the library would
+        # set the process's floating-point state (subnormals flushed to zero) when loaded.
+        subprocess.run([cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", "-c", str(SOURCE),
+                        "-o", obj], check=True, capture_output=True, text=True)
+        subprocess.run([cxx, "-shared", obj, "-o", tmp], check=True, capture_output=True,
+                       text=True)
         os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
+        Path(obj).unlink(missing_ok=True)
 
 
 def available() -> bool:
@@ -118,6 +124,9 @@ def prefix_partials(q: jax.Array, k: jax.Array, v: jax.Array, limit: jax.Array,
     seeing keys ``[0, limit[n, r])``: ``o [N, R, D]`` (the exponentials' weighted sum of
     V), ``m [N, R]`` (their shift, the largest score; -1e30 where no key is visible) and
     ``l [N, R]`` (their sum), scores ``scale * q . k``. Needs :func:`available`."""
+    if not available():
+        raise RuntimeError("the CPU attention kernel is unavailable here (see the warning "
+                           "above): use XLA's attention (kernel=False)")
     N, R, D = q.shape
     shapes = (jax.ShapeDtypeStruct((N, R, D), jnp.float32),
               jax.ShapeDtypeStruct((N, R), jnp.float32),

@@ -34,9 +34,12 @@ def _ref_partials(q, k, v, limit, scale):
     return jnp.einsum("nrs,nsd->nrd", p, v[:N]), jnp.where(visible.any(-1), m, -1e30), p.sum(-1)
 
 
-def test_the_kernel_builds_here():
+def test_the_kernel_builds_here_and_leaves_floating_point_as_it_was():
     assert cpu_attention.available()
     assert cpu_attention.library_path().is_file()
+    # loading it must not flush subnormals to zero in this process (a library linked with
+    # -ffast-math would)
+    assert (np.array([5e-324]) * 1.0)[0] > 0 and np.float32(1e-40) * np.float32(1.0) > 0
 
 
 @pytest.mark.parametrize(("D", "S", "R", "M"), [(64, 700, 3, 6), (32, 300, 18, 4),
