@@ -73,10 +73,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
 
 def _row_limits(limits: jax.Array, hkv: int, G: int) -> jax.Array:
     """Keys visible to each query ``[B, *lead, T]`` -> per row of :func:`_group_queries`,
-    ``[B * Hkv, *lead, G * T]``."""
-    B, *lead, T = limits.shape
-    x = jnp.broadcast_to(limits[:, None, ..., None, :], (B, hkv, *lead, G, T))
-    return x.reshape(B * hkv, *lead, G * T)
+    ``[B * Hkv, *lead, G * T]`` (:func:`_per_row` of a one-key mask)."""
+    return _per_row(limits[..., None], hkv, G)[..., 0]
 
 
 def causal_cache_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
@@ -85,8 +83,7 @@ def causal_cache_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
 
     ``k_cache``/``v_cache`` ``[B', Hkv, S, hd]`` (``B' >= B``; rows past ``B`` are not
     read) already hold the chunk's own K/V. ``kernel``: through
-    :func:`orthrus_jax.cpu_attention.prefix_partials`, which reads only the visible keys
-    .
+    :func:`orthrus_jax.cpu_attention.prefix_partials`, which reads only the visible keys.
     """
     if kernel:
         B, T, Hq, hd = q.shape

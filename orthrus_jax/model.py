@@ -141,13 +141,12 @@ class OrthrusLM(nnx.Module):
 
         def attention(q, k, v, layer, kv):
             kv = (write_block(kv[0], layer, k, positions), write_block(kv[1], layer, v, positions))
-            if kernel:  # it reads each row's live keys itself: no window
-                o = causal_cache_attention(q, layer_kv(kv[0], layer), layer_kv(kv[1], layer),
-                                           positions, kernel=True)
-            else:
-                o = over_window(lambda kc, vc: causal_cache_attention(q, kc, vc, positions),
-                                layer_kv(kv[0], layer), layer_kv(kv[1], layer), cache.windows,
-                                need, tokens.shape[0])
+            # the kernel reads each row's live keys itself: no window, no row slice
+            o = over_window(lambda kc, vc: causal_cache_attention(q, kc, vc, positions,
+                                                                  kernel=kernel),
+                            layer_kv(kv[0], layer), layer_kv(kv[1], layer),
+                            () if kernel else cache.windows, need, tokens.shape[0],
+                            slice_rows=not kernel)
             return o, kv
 
         x, (k, v) = self._run_layers(AR_VIEW, self.embed(tokens), positions, attention,
