@@ -42,15 +42,18 @@ def test_the_kernel_builds_here_and_leaves_floating_point_as_it_was():
     assert (np.array([5e-324]) * 1.0)[0] > 0 and np.float32(1e-40) * np.float32(1.0) > 0
 
 
+# Fewer than 8 rows: scores key by key; 8 or more: as a product with keys transposed 16 at a
+# time (the last 16 copied where the cache ends inside them).
 @pytest.mark.parametrize(("D", "S", "R", "M"), [(64, 700, 3, 6), (32, 300, 18, 4),
-                                                  (128, 513, 5, 2)])
+                                                  (128, 513, 5, 2), (64, 2050, 21, 2),
+                                                  (256, 40, 8, 2), (64, 256, 7, 2)])
 def test_partials_equal_xlas_at_limits_straddling_the_chunks(D, S, R, M):
     rng = np.random.default_rng(D + S)
     N = M // 2 if M > 2 else M  # fewer query groups than the cache holds: the rest unread
     q = jnp.asarray(rng.standard_normal((N, R, D)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((M, S, D)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((M, S, D)), jnp.float32)
-    edges = [0, 1, 255, 256, 257, 511, 512, S]
+    edges = [e for e in (0, 1, 15, 255, 256, 257, 511, 512, S - 1, S) if e <= S]
     limit = jnp.asarray(rng.choice(edges, (N, R)), jnp.int32)
     got = jax.jit(lambda *a: cpu_attention.prefix_partials(*a, D**-0.5))(q, k, v, limit)
     want = _ref_partials(q, k, v, limit, D**-0.5)
