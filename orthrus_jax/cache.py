@@ -117,15 +117,26 @@ CACHE_STEPS = 8
 MIN_CACHE_LEN = 256
 
 
-def cache_bucket(n: int, minimum: int = MIN_CACHE_LEN) -> int:
-    """The cache length that holds ``n`` positions: the smallest ``m * 2^e >= n`` with
-    ``CACHE_STEPS <= m < 2 * CACHE_STEPS`` (eight lengths per octave: 256, 288, 320, ..,
-    480, 512, 576, ..), at least ``minimum``. Past ``minimum`` at most ``1 / 9`` (11 %)
-    of the positions it gives are unused, against up to half for a power of two, while
-    the lengths a cache can have stay few (a compiled program per length)."""
+def length_bucket(n: int, steps: int, minimum: int = 1) -> int:
+    """The smallest ``m * 2^e >= max(n, minimum)`` with ``steps <= m < 2 * steps``:
+    ``steps`` lengths per octave (``steps`` a power of two), so at most ``1 / (steps +
+    1)`` of the length past ``minimum`` goes unused."""
     n = max(int(n), int(minimum), 1)
-    e = max(n.bit_length() - CACHE_STEPS.bit_length(), 0)
-    return -(-n // (1 << e)) << e  # m = ceil(n / 2^e) lies in [CACHE_STEPS, 2 CACHE_STEPS]
+    e = max(n.bit_length() - steps.bit_length(), 0)
+    return -(-n // (1 << e)) << e  # m = ceil(n / 2^e) lies in [steps, 2 steps]
+
+
+def cache_bucket(n: int, minimum: int = MIN_CACHE_LEN) -> int:
+    """The cache length that holds ``n`` positions: :func:`length_bucket` with
+    ``CACHE_STEPS`` (eight lengths per octave: 256, 288, 320, .., 480, 512, 576, ..), at
+    least ``minimum``. Past ``minimum`` at most ``1 / 9`` (11 %) of the positions it gives
+    are unused, against up to half for a power of two, while the lengths a cache can have
+    stay few (a compiled program per length)."""
+    return length_bucket(n, CACHE_STEPS, minimum)
+
+
+# Padded prompt lengths per octave (16, 24, 32, 48, 64, 96, ...): a prefill program each.
+PROMPT_STEPS = 2
 
 
 # The shortest window worth a branch: below it the whole-cache read costs less than a branch.

@@ -27,7 +27,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
 
-from orthrus_jax.cache import CACHE_AXES, LENGTHS_AXES, cache_bucket, init_cache
+from orthrus_jax.cache import (
+    CACHE_AXES,
+    LENGTHS_AXES,
+    PROMPT_STEPS,
+    cache_bucket,
+    init_cache,
+    length_bucket,
+)
 from orthrus_jax.checkpoint import abstract_model
 from orthrus_jax.config import ModelConfig
 from orthrus_jax.layers import DiffusionParam
@@ -272,11 +279,6 @@ def _cache_bytes(sharder: _Sharder, config: ModelConfig, batch: int, length: int
                                     "kv_cache.lengths")
 
 
-def _bucket(n: int, minimum: int = 1) -> int:
-    """Next power of two >= max(n, minimum) (the engine's shape buckets)."""
-    return 1 << (max(n, minimum) - 1).bit_length()
-
-
 def _planning_config(config: ModelConfig, dtype: str, block_size: int | None,
                      compute_dtype: str | None = None) -> ModelConfig:
     changes: dict[str, Any] = {"dtype": compute_dtype or dtype, "param_dtype": dtype}
@@ -424,7 +426,7 @@ def plan_decode(config: ModelConfig, *, dtype: str, batch: int, context: int,
     if context >= cache_len:
         raise ValueError(f"context {context} leaves no room in a cache of {cache_len} "
                          f"positions (max_len {max_len or c.max_position_embeddings})")
-    prefill_tokens = min(_bucket(context, MIN_PROMPT_BUCKET), chunk_size)
+    prefill_tokens = min(length_bucket(context, PROMPT_STEPS, MIN_PROMPT_BUCKET), chunk_size)
     state = nnx.state(abstract_model(c))
     cache = _cache_bytes(sh, c, batch, cache_len)
     acts = _decode_activation_bytes(c, sh, batch, cache_len, prefill_tokens)

@@ -197,6 +197,10 @@ class Scheduler:
                 self._staging.append(slot)
             else:
                 live.append((slot, job))
+        # Shortest prefill first: every job of the round is prefilled before the next
+        # step, and this order gives the round's first tokens soonest (the least mean
+        # wait) and groups prompts of one bucket together.
+        live.sort(key=lambda pair: self.engine.uncached(pair[1].prompt_ids))
         n = self.engine.prefill_rows
         for i in range(0, len(live), n):
             self._admit(live[i:i + n])
