@@ -4,9 +4,9 @@ description of one compiled program (and its compile key).
 
 Every length a program sees is bucketed, so prompts of different lengths inside one
 bucket reuse one compiled program: batch rows and output room are powers of two, prompts
-a power of two or three quarters of one, at least :data:`MIN_PROMPT_BUCKET` tokens (or
-whole prefill chunks past the chunk size), end-of-sequence id lists a power of two of at
-least 8.
+a power of two or three quarters of one, at least 16 tokens
+(:func:`orthrus_jax.cache.prompt_len_bucket`; or whole prefill chunks past the chunk
+size), end-of-sequence id lists a power of two of at least 8.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from orthrus_jax.cache import PROMPT_STEPS, cache_bucket, length_bucket
+from orthrus_jax.cache import cache_bucket, prompt_len_bucket
 
 MODES = ("orthrus", "ar")
-MIN_PROMPT_BUCKET = 16
 # Default rows per batch: the prompts rounded up to 2^n, at most this many (each row holds
 # a whole KV cache: 1000 rows of an 8B model would need ~77 GB).
 DEFAULT_MAX_BATCH = 8
@@ -39,12 +38,11 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 def prompt_bucket(longest: int, chunk_size: int) -> int:
     """The padded prompt length of a batch whose longest prompt has ``longest`` tokens: a
-    power of two or three quarters of one (:func:`orthrus_jax.cache.length_bucket` with
-    ``PROMPT_STEPS``: 16, 24, 32, 48, 64, 96, ...; at least :data:`MIN_PROMPT_BUCKET`),
-    or whole prefill chunks of ``chunk_size`` tokens past that size. At most a third of
-    the padded length is padding (an 87-token chat prompt prefills 96 positions, not
-    128), against up to half for powers of two."""
-    prompt_len = length_bucket(longest, PROMPT_STEPS, MIN_PROMPT_BUCKET)
+    power of two or three quarters of one (:func:`orthrus_jax.cache.prompt_len_bucket`:
+    16, 24, 32, 48, 64, 96, ...), or whole prefill chunks of ``chunk_size`` tokens past
+    that size. At most a third of the padded length is padding (an 87-token chat prompt
+    prefills 96 positions, not 128), against up to half for powers of two."""
+    prompt_len = prompt_len_bucket(longest)
     if prompt_len > chunk_size:
         prompt_len = -(-longest // chunk_size) * chunk_size
     return prompt_len

@@ -137,6 +137,15 @@ def cache_bucket(n: int, minimum: int = MIN_CACHE_LEN) -> int:
 
 # Padded prompt lengths per octave (16, 24, 32, 48, 64, 96, ...): a prefill program each.
 PROMPT_STEPS = 2
+# The shortest padded prompt.
+MIN_PROMPT_BUCKET = 16
+
+
+def prompt_len_bucket(n: int) -> int:
+    """The padded length of an ``n``-token prompt: :func:`length_bucket` with
+    ``PROMPT_STEPS``, at least ``MIN_PROMPT_BUCKET`` (16, 24, 32, 48, 64, 96, ...; at
+    most a third of it padding)."""
+    return length_bucket(n, PROMPT_STEPS, MIN_PROMPT_BUCKET)
 
 
 # The shortest window worth a branch: below it the whole-cache read costs less than a branch.

@@ -30,10 +30,9 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from orthrus_jax.cache import (
     CACHE_AXES,
     LENGTHS_AXES,
-    PROMPT_STEPS,
     cache_bucket,
     init_cache,
-    length_bucket,
+    prompt_len_bucket,
 )
 from orthrus_jax.checkpoint import abstract_model
 from orthrus_jax.config import ModelConfig
@@ -50,9 +49,8 @@ from orthrus_jax.sharding import (
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-# The engine's defaults (infer.engine.Generator): prefill chunk and smallest prompt bucket.
+# The engine's default prefill chunk (infer.engine.Generator).
 DEFAULT_CHUNK_SIZE = 512
-MIN_PROMPT_BUCKET = 16
 # Logits arrays ``[b, K, V/tp]`` float32 one decode iteration holds at once (draft and
 # verify logits plus their filtered log-probabilities when sampling).
 DECODE_LOGIT_ARRAYS = 4
@@ -426,7 +424,7 @@ def plan_decode(config: ModelConfig, *, dtype: str, batch: int, context: int,
     if context >= cache_len:
         raise ValueError(f"context {context} leaves no room in a cache of {cache_len} "
                          f"positions (max_len {max_len or c.max_position_embeddings})")
-    prefill_tokens = min(length_bucket(context, PROMPT_STEPS, MIN_PROMPT_BUCKET), chunk_size)
+    prefill_tokens = min(prompt_len_bucket(context), chunk_size)
     state = nnx.state(abstract_model(c))
     cache = _cache_bytes(sh, c, batch, cache_len)
     acts = _decode_activation_bytes(c, sh, batch, cache_len, prefill_tokens)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from infer.buckets import MIN_PROMPT_BUCKET, prompt_bucket, prompt_buckets
+from infer.buckets import prompt_bucket, prompt_buckets
+from orthrus_jax.cache import MIN_PROMPT_BUCKET
 
 
 def test_prompts_pad_to_two_lengths_per_octave():
