@@ -397,7 +397,8 @@ def choose_block(state: DecodeState, inputs: DecodeInputs,
 def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array,
           inputs: DecodeInputs, keys: jax.Array, spec: DecodeSpec, *, mesh: Mesh | None = None,
           rules: Rules | None = None, cache: KVCache | None = None,
-          progress: Callable[[jax.Array, jax.Array], None] | None = None) -> DecodeState:
+          progress: Callable[[jax.Array, jax.Array], None] | None = None,
+          rows: jax.Array | None = None) -> DecodeState:
     """Prefill right-padded ``prompts [B, P]`` and pick each row's first token; ``keys [B]``
     are the rows' PRNG keys (:func:`row_keys`).
 
@@ -406,6 +407,8 @@ def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array,
     ``cache``: rows of ``spec.max_len`` positions that already hold each row's first
     ``cache.lengths[b]`` tokens (a cached prefix); ``prompts`` are then what follows
     (default: an empty cache). ``progress``: see :func:`orthrus_jax.model.prefill`.
+    ``rows [B]``: the rows of ``cache`` (of any batch) the prompts go to, in place, its
+    ``lengths`` (``[B]``) being theirs; the state's other fields have ``B`` rows.
     """
     c = model.config
     B = prompts.shape[0]
@@ -415,7 +418,7 @@ def start(model: OrthrusLM, prompts: jax.Array, prompt_lengths: jax.Array,
         cache = init_cache(c, B, spec.max_len, mesh=mesh, rules=rules,
                            per_layer=model.per_layer, windows=attention_windows(spec.max_len))
     logits, cache = prefill(model, prompts, cache, prompt_lengths, spec.prefill_chunk,
-                            progress)
+                            progress, rows)
     first = pick(jax.vmap(jax.random.fold_in)(keys, jnp.zeros((B,), jnp.int32)), logits,
                  inputs.sampling, spec.greedy)
     zeros = jnp.zeros((B,), jnp.int32)

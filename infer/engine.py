@@ -9,6 +9,7 @@ are traced values, never recompiled.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -217,11 +218,14 @@ class Generator:
         generation = read_generation_config(model_dir, config.vocab_size)
         dtype = dtype or decode_dtype(config.param_dtype)
         compute_dtype = check_dtypes(dtype, compute_dtype)
-        return cls(load_model(model_dir, param_dtype=dtype, dtype=compute_dtype, mesh=mesh,
-                              per_layer=True),
-                   load_tokenizer(model_dir), mesh=mesh,
-                   profile=AcceptanceProfile.load(model_dir), generation=generation,
-                   **kwargs)
+        # the tokenizer (transformers' imports, mostly) is read while the weights load
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            tokenizer = pool.submit(load_tokenizer, model_dir)
+            model = load_model(model_dir, param_dtype=dtype, dtype=compute_dtype, mesh=mesh,
+                               per_layer=True)
+            return cls(model, tokenizer.result(), mesh=mesh,
+                       profile=AcceptanceProfile.load(model_dir), generation=generation,
+                       **kwargs)
 
     @property
     def eos_ids(self) -> tuple[int, ...]:

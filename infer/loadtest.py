@@ -43,6 +43,8 @@ class Outcome:
     tokens: int = 0
     ttft: float | None = None  # seconds to the first text
     tpot: float | None = None  # seconds per token after the first
+    start: float = 0.0  # seconds from the start of the run to the request's sending
+    seconds: float | None = None  # seconds from sending to the last event
     error: str | None = None
 
 
@@ -61,8 +63,8 @@ def _request(item: dict, endpoint: str, model: str, max_tokens: int,
 
 
 async def _one(client, index: int, path: str, body: dict, turn: int = 0) -> Outcome:
-    out = Outcome(index, turn)
     t0 = time.perf_counter()
+    out = Outcome(index, turn, start=t0)
     parts: list[str] = []
     try:
         async with client.stream("POST", path, json=body) as r:
@@ -89,7 +91,7 @@ async def _one(client, index: int, path: str, body: dict, turn: int = 0) -> Outc
     except Exception as e:  # noqa: BLE001 (any transport failure is one error of the run)
         out.error = f"{type(e).__name__}: {e}"
         return out
-    end = time.perf_counter() - t0
+    end = out.seconds = time.perf_counter() - t0
     out.text = "".join(parts)
     if out.ttft is not None and out.tokens > 1:
         out.tpot = (end - out.ttft) / (out.tokens - 1)
@@ -133,6 +135,8 @@ async def run_load(url: str, items: Sequence[dict], *, concurrency: int, max_tok
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - t0
+    for out in results:
+        out.start -= t0
     return sorted(results, key=lambda o: (o.index, o.turn)), seconds
 
 
@@ -179,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None)
     p.add_argument("--mode-label", default=None, help="a label copied into the report")
     p.add_argument("--outputs", default=None,
-                   help="also write each answer as JSONL (index, text, finish_reason, tokens)")
+                   help="also write each answer as JSONL (index, turn, text, error, "
+                        "finish_reason, tokens, and its timings in seconds: start, "
+                        "ttft, tpot, seconds)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     return p
 
@@ -215,7 +221,9 @@ def _main(args: argparse.Namespace) -> int:
             for o in outcomes:
                 f.write(json.dumps({"index": o.index, "turn": o.turn, "text": o.text,
                                     "error": o.error,
-                                    "finish_reason": o.finish_reason, "tokens": o.tokens})
+                                    "finish_reason": o.finish_reason, "tokens": o.tokens,
+                                    "start": round(o.start, 4), "ttft": o.ttft,
+                                    "tpot": o.tpot, "seconds": o.seconds})
                         + "\n")
     if args.json:
         print(json.dumps(report))

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from orthrus_jax.cache import KVCache
+from orthrus_jax.cache import KVCache, write_block
 from orthrus_jax.config import ModelConfig
 
 # The default tokens per block: small enough that a chat's history is mostly reused,
@@ -202,6 +202,31 @@ def gather_prefix(store: PrefixStore, blocks: jax.Array, lengths: jax.Array, max
         return g.transpose(0, 2, 1, 3, 4).reshape(n, layer.shape[1], max_len, layer.shape[3])
     return KVCache(tuple(rows(a) for a in store.k), tuple(rows(a) for a in store.v),
                    lengths.astype(jnp.int32), windows)
+
+
+def place_prefix(store: PrefixStore, cache: KVCache, blocks: jax.Array, lengths: jax.Array,
+                 rows: jax.Array) -> KVCache:
+    """``cache`` (of any batch, either form) with store blocks ``blocks[b, j]`` written
+    into row ``rows[b]`` at positions ``j * block_tokens, ...`` for each ``j`` below
+    ``ceil(lengths[b] / block_tokens)``; its lengths are left as they are. Only those
+    blocks move (a loop over the longest row's blocks), the cache is updated in place.
+    ``blocks [n, m]``, ``lengths [n]``, ``rows [n]``."""
+    B = store.block_tokens
+    S = cache.max_len
+    counts = (lengths.astype(jnp.int32) + B - 1) // B
+
+    def body(j: jax.Array, kv: tuple) -> tuple:
+        at = blocks[:, j]  # [n] store slots
+        # a row with fewer blocks writes past the cache: dropped
+        positions = jnp.where((j < counts)[:, None], j * B + jnp.arange(B)[None, :], S)
+        ks, vs = kv
+        for layer, (sk, sv) in enumerate(zip(store.k, store.v, strict=True)):
+            ks = write_block(ks, layer, sk[at].transpose(0, 2, 1, 3), positions, rows)
+            vs = write_block(vs, layer, sv[at].transpose(0, 2, 1, 3), positions, rows)
+        return ks, vs
+
+    k, v = jax.lax.fori_loop(0, jnp.max(counts), body, (cache.k, cache.v))
+    return dataclasses.replace(cache, k=k, v=v)
 
 
 def store_row(store: PrefixStore, cache: KVCache, row: jax.Array, src: jax.Array,

@@ -79,6 +79,7 @@ from infer.prefix_cache import (
     PrefixIndex,
     gather_prefix,
     init_store,
+    place_prefix,
     store_row,
 )
 from infer.sampling import SamplingParams
@@ -235,7 +236,11 @@ class SlotEngine:
         self.rows = self.row_counts[0]  # the row count of the latest step
         self.out_len = bucket(self.max_len + self.max_block)
         self.eos = eos_array(gen.eos_ids, eos_ids)
-        self.buckets = prompt_buckets(self.max_len, gen.chunk_size)
+        # an insert prefills what follows the chunks (at most prefill_chunk tokens)
+        largest = prompt_bucket(prefill_chunk, gen.chunk_size) if prefill_chunk else \
+            self.max_len
+        self.buckets = [P for P in prompt_buckets(self.max_len, gen.chunk_size)
+                        if largest >= P]
         self._budget = np.ones((slots,), np.int32)
         self._temperature = np.zeros((slots,), np.float32)
         self._top_k = np.zeros((slots,), np.int32)
@@ -251,6 +256,8 @@ class SlotEngine:
         self._graphdef = nnx.graphdef(gen.model)
         self.state = jax.jit(self._empty)()
         self.compile_seconds = 0.0
+        self.exercise_seconds = 0.0  # spent in exercise_one()
+        self._exercised: set[tuple] = set()  # programs it ran
         self.prefix = (PrefixIndex(prefix_blocks, prefix_block_tokens) if prefix_blocks
                        else None)
         self.store = None if self.prefix is None else init_store(
@@ -356,20 +363,22 @@ class SlotEngine:
             # each row's key is that of row 0 of a generate call with its own seed
             keys = jax.vmap(lambda seed: row_keys(jax.random.key(seed),
                                                   jnp.zeros((1,), jnp.int32))[0])(seeds)
-            cache = None if store is None else gather_prefix(
-                store, blocks, prefix_lengths, self.max_len, attention_windows(self.max_len))
+            # The prompts go straight into their slots' rows of the state's cache (after
+            # their cached prefix, copied from the store): no other row is read or
+            # written, and no cache of max_len positions is made for them.
+            n = prompts.shape[0]
+            cache = dataclasses.replace(state.cache, lengths=jnp.zeros((n,), jnp.int32))
+            if store is not None:
+                cache = dataclasses.replace(
+                    place_prefix(store, cache, blocks, prefix_lengths, slots),
+                    lengths=prefix_lengths.astype(jnp.int32))
             rows = start(model, prompts, lengths, inputs, keys, spec, mesh=gen.mesh,
-                         rules=gen.rules, cache=cache)
+                         rules=gen.rules, cache=cache, rows=slots)
 
-            def put(big, new, axis=0):
-                at = (slice(None),) * axis + (slots,)
-                return big.at[at].set(new.astype(big.dtype))
-            axis = state.cache.batch_axis
-            cache = dataclasses.replace(
-                state.cache,
-                k=jax.tree.map(lambda big, new: put(big, new, axis), state.cache.k, rows.cache.k),
-                v=jax.tree.map(lambda big, new: put(big, new, axis), state.cache.v, rows.cache.v),
-                lengths=put(state.cache.lengths, rows.cache.lengths))
+            def put(big, new):
+                return big.at[slots].set(new.astype(big.dtype))
+            cache = dataclasses.replace(rows.cache,
+                                        lengths=put(state.cache.lengths, rows.cache.lengths))
             fields = ("anchor", "tokens", "num_generated", "finish", "key", "iterations",
                       "accepted_hist", "block_hist", "seen_tokens", "seen_iterations", "ar_run")
             return dataclasses.replace(
@@ -520,6 +529,68 @@ class SlotEngine:
                     self._save(key, args, self._programs[key])
         self.compile_seconds = time.perf_counter() - t0
         return self.compile_seconds
+
+    def warm_runs(self) -> list[tuple]:
+        """The programs :meth:`exercise_one` has not yet run, in the order it runs them:
+        the step of each row count (``("step", rows)``), then each prompt bucket's inserts
+        (``("insert", P, n)``), smallest first, then ``("store",)``. (``chunk`` is left
+        to its first long prompt.)"""
+        todo = [("step", rows) for rows in self.row_counts]
+        todo += [("insert", P, n) for P in self.buckets for n in self.insert_counts(P)]
+        if self.prefix is not None:
+            todo.append(("store",))
+        return [key for key in todo if key not in self._exercised]
+
+    def exercise_one(self) -> bool:
+        """Run the next program of :meth:`warm_runs` once on a throwaway one-token prompt
+        (every slot must be free, and is again afterwards); returns whether any is left.
+
+        XLA:CPU prepares a program's library calls (its matrix products) on its first
+        run, loaded or compiled alike: about 0.5-1 s for each program of the default
+        model, which the first request of each prompt bucket and row count would otherwise
+        wait for. A step runs slot 0 (holding the throwaway prompt) for one iteration,
+        so its loop body runs; an insert prefills slots ``0..n-1``; ``free`` runs after
+        each. The prefix store gets none of the throwaway prompt's blocks (a store run
+        writes padding only, dropped)."""
+        todo = self.warm_runs()
+        if not todo:
+            return False
+        if any(not r.free for r in self.records):
+            raise RuntimeError("exercise_one() needs every slot free")
+        t0 = time.perf_counter()
+        key = todo[0]
+        budget = self._budget.copy()
+        self._budget[:] = self.out_len  # slot 0 keeps decoding through its step
+        self._inputs = self._make_inputs()
+        try:
+            if key[0] == "store":
+                self.store = self._call(key, self._store_fn, *self._store_args(0, []))
+            else:
+                P, n = (key[1], key[2]) if key[0] == "insert" else (self.buckets[0], 1)
+                self.state = self._call(("insert", P, n), lambda: self._insert_fn(P, n),
+                                        *self._insert_args([(i, [0], SlotParams(1))
+                                                            for i in range(n)], P))
+                if key[0] == "step":
+                    rows = key[1]
+                    self.state = self._call(key, lambda: self._run_fn(rows), self._weights(),
+                                            self.state, self._row_inputs(rows), np.int32(1))
+                for slot in range(n):
+                    self.state = self._call(("free",), self._free_fn, self.state,
+                                            np.int32(slot))
+            jax.block_until_ready((self.state, self.store))
+        finally:
+            self._budget[:] = budget
+            self._inputs = self._make_inputs()
+        self._exercised.add(key)
+        self.exercise_seconds += time.perf_counter() - t0
+        return len(todo) > 1
+
+    def exercise(self) -> float:
+        """Every program of :meth:`warm_runs`, one after another (:meth:`exercise_one`);
+        returns the seconds they took in all."""
+        while self.exercise_one():
+            pass
+        return self.exercise_seconds
 
     # ------------------------------------------------------------------ API
     @property

@@ -163,28 +163,38 @@ def block_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
 
 def over_window(attention: Callable[[jax.Array, jax.Array], jax.Array], k_cache: jax.Array,
                 v_cache: jax.Array, windows: tuple[int, ...], need: jax.Array,
-                rows: int | None = None, slice_rows: bool = True) -> jax.Array:
-    """``attention(k, v)`` over the first ``rows`` rows (default: all) and the first ``W``
-    positions of ``k_cache``/``v_cache`` ``[B, Hkv, S, hd]``, ``W`` the smallest of the
-    static ``windows`` with ``W >= need`` (a traced scalar: the positions any query may
-    see), else all ``S``.
+                rows: int | jax.Array | None = None, slice_rows: bool = True) -> jax.Array:
+    """``attention(k, v)`` over the first ``rows`` rows (default: all; an int32 array
+    ``[R]``: those rows, in that order) and the first ``W`` positions of
+    ``k_cache``/``v_cache`` ``[B, Hkv, S, hd]``, ``W`` the smallest of the static
+    ``windows`` with ``W >= need`` (a traced scalar: the positions any query may see),
+    else all ``S``.
 
     One ``lax.switch`` with a branch per window (each a static slice, so each branch's
     products have static shapes): the cost follows the live length in steps of the
     windows, in one compiled program. ``attention`` must give the same result over any
     prefix that holds every position its queries see (a mask from positions does).
     ``slice_rows=False`` hands ``attention`` all rows (it reads the first ``rows`` itself).
+    Rows given as an array are read as one gather of their windows (nothing else moves).
     """
-    B, _, S, _ = k_cache.shape
-    R = B if rows is None or not slice_rows else rows
+    B, H, S, hd = k_cache.shape
+    if rows is not None and not isinstance(rows, int):
+        def gathered(w: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
+            def take(a: jax.Array) -> jax.Array:
+                return jax.vmap(lambda r: jax.lax.dynamic_slice(
+                    a, (r, 0, 0, 0), (1, H, w, hd))[0])(rows)
+            return lambda k, v: attention(take(k), take(v))
+        branches = [gathered(w) for w in (*(w for w in windows if w < S), S)]
+    else:
+        R = B if rows is None or not slice_rows else rows
 
-    def over(w: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
-        if w == S and R == B:
-            return attention
-        return lambda k, v: attention(k[:R, :, :w], v[:R, :, :w])
-
-    ws = tuple(w for w in windows if w < S)
-    if not ws:
-        return over(S)(k_cache, v_cache)
-    index = jnp.sum((jnp.asarray(ws) < need).astype(jnp.int32))
-    return jax.lax.switch(index, [over(w) for w in (*ws, S)], k_cache, v_cache)
+        def over(w: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
+            if w == S and R == B:
+                return attention
+            return lambda k, v: attention(k[:R, :, :w], v[:R, :, :w])
+        branches = [over(w) for w in (*(w for w in windows if w < S), S)]
+    if len(branches) == 1:
+        return branches[0](k_cache, v_cache)
+    ws = jnp.asarray([w for w in windows if w < S])
+    index = jnp.sum((ws < need).astype(jnp.int32))
+    return jax.lax.switch(index, branches, k_cache, v_cache)

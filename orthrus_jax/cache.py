@@ -196,20 +196,24 @@ def layer_kv(cache_kv: KV, layer) -> jax.Array:
     return jax.lax.dynamic_index_in_dim(cache_kv, layer, keepdims=False)
 
 
-def write_block(cache_kv: KV, layer, new: jax.Array, positions: jax.Array) -> KV:
+def write_block(cache_kv: KV, layer, new: jax.Array, positions: jax.Array,
+                rows: jax.Array | None = None) -> KV:
     """Write ``new[b, t]`` (``[R, T, kv_heads, head_dim]``) at ``positions[b, t]`` of
-    layer ``layer`` of ``cache_kv`` (either form; returned in the same form), into its
-    first ``R`` rows; positions past ``max_len`` are dropped. In the per-layer form only
-    that layer's array is updated."""
+    layer ``layer`` of ``cache_kv`` (either form; returned in the same form), into cache
+    row ``rows[b]`` (``[R]`` int32; default: the first ``R`` rows); positions past
+    ``max_len`` are dropped. In the per-layer form only that layer's array is updated."""
+    if rows is None:
+        rows = jnp.arange(new.shape[0], dtype=jnp.int32)
     if isinstance(cache_kv, tuple):
-        one = _write_layer(cache_kv[layer], new, positions)
+        one = _write_layer(cache_kv[layer], new, positions, rows)
         return cache_kv[:layer] + (one,) + cache_kv[layer + 1:]
-    rows = jnp.arange(new.shape[0])[:, None]
     # [l, b, :, s] with the advanced indices apart: the update is [B, T, kv_heads, hd].
-    return cache_kv.at[layer, rows, :, positions].set(new.astype(cache_kv.dtype), mode="drop")
+    return cache_kv.at[layer, rows[:, None], :, positions].set(new.astype(cache_kv.dtype),
+                                                               mode="drop")
 
 
-def _write_layer(one: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+def _write_layer(one: jax.Array, new: jax.Array, positions: jax.Array,
+                 rows: jax.Array) -> jax.Array:
     """:func:`write_block` into one layer's array ``[B, Hkv, S, hd]``.
 
     The write goes through the ``[B * Hkv, S, hd]`` view the attention products read (one
@@ -219,8 +223,8 @@ def _write_layer(one: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Ar
     the whole layer several times per pass.)
     """
     B, H, S, hd = one.shape
-    R, T = positions.shape  # the first R rows are written (R <= B)
-    heads = (jnp.arange(R)[:, None, None] * H + jnp.arange(H)[None, None, :])  # [R, 1, H]
+    R, T = positions.shape
+    heads = rows[:, None, None] * H + jnp.arange(H)[None, None, :]  # [R, 1, H]
     flat = one.reshape(B * H, S, hd).at[
         jnp.broadcast_to(heads, (R, T, H)), jnp.broadcast_to(positions[:, :, None], (R, T, H))
     ].set(new.astype(one.dtype), mode="drop")

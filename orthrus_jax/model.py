@@ -119,14 +119,18 @@ class OrthrusLM(nnx.Module):
 
     # ---------------------------------------------------------------- views
     def ar_hidden(self, tokens: jax.Array, cache: KVCache, num_valid: jax.Array | None = None,
-                remat: bool = False) -> tuple[jax.Array, KVCache]:
+                  remat: bool = False, rows: jax.Array | None = None
+                  ) -> tuple[jax.Array, KVCache]:
         """AR view over a chunk ``tokens [B, T]`` placed at each row's ``cache.lengths``.
 
         Writes the chunk's K/V into the cache, attends causally, and advances each row's
         length by ``num_valid[b]`` (default ``T``; tokens past it are padding whose K/V
         land in the stale region). Returns the final-normed hidden ``[B, T, D]`` and the
         cache in the form it came in (stacked or per layer). ``remat`` recomputes each
-        layer in the backward pass.
+        layer in the backward pass. ``rows [B]`` (int32): the cache rows the chunk's rows
+        read and write (default: the first ``B``), ``cache.lengths`` being theirs
+        (``[B]``); the other rows are neither read nor changed (a prefill into some
+        slots of a larger cache, in place).
         """
         c = self.config
         T = tokens.shape[1]
@@ -137,15 +141,19 @@ class OrthrusLM(nnx.Module):
 
         need = jnp.max(cache.lengths) + T  # every key a query of the chunk may see
 
-        kernel = self._kernel(c.num_attention_heads // c.num_key_value_heads * T)
+        # the kernel reads the first rows only: rows elsewhere go through XLA's products
+        kernel = rows is None and self._kernel(c.num_attention_heads
+                                               // c.num_key_value_heads * T)
 
         def attention(q, k, v, layer, kv):
-            kv = (write_block(kv[0], layer, k, positions), write_block(kv[1], layer, v, positions))
+            kv = (write_block(kv[0], layer, k, positions, rows),
+                  write_block(kv[1], layer, v, positions, rows))
             # the kernel reads each row's live keys itself: no window, no row slice
             o = over_window(lambda kc, vc: causal_cache_attention(q, kc, vc, positions,
                                                                   kernel=kernel),
                             layer_kv(kv[0], layer), layer_kv(kv[1], layer),
-                            () if kernel else cache.windows, need, tokens.shape[0],
+                            () if kernel else cache.windows, need,
+                            tokens.shape[0] if rows is None else rows,
                             slice_rows=not kernel)
             return o, kv
 
@@ -476,8 +484,8 @@ def _shape(value) -> str:
 
 def prefill(model: OrthrusLM, tokens: jax.Array, cache: KVCache, prompt_lengths: jax.Array,
             chunk_size: int | None = None,
-            progress: Callable[[jax.Array, jax.Array], None] | None = None
-            ) -> tuple[jax.Array, KVCache]:
+            progress: Callable[[jax.Array, jax.Array], None] | None = None,
+            rows: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Run the AR view over right-padded prompts ``tokens [B, P]`` in chunks.
 
     Row ``b`` has ``prompt_lengths[b]`` valid tokens, appended at its current cache length.
@@ -486,6 +494,8 @@ def prefill(model: OrthrusLM, tokens: jax.Array, cache: KVCache, prompt_lengths:
     the float32 logits ``[B, V]`` of each row's last prompt token and the updated cache.
     ``progress(done, total)``: called on the host after each chunk with the prompt tokens
     prefilled so far and in all (of the longest row), through ``jax.debug.callback``.
+    ``rows [B]``: the cache rows the prompts go to, ``cache.lengths`` being theirs (see
+    :meth:`OrthrusLM.ar_hidden`; default: the first ``B``).
     """
     B, P = tokens.shape
     C = P if chunk_size is None else chunk_size
@@ -500,7 +510,7 @@ def prefill(model: OrthrusLM, tokens: jax.Array, cache: KVCache, prompt_lengths:
         chunk, i = xs
         remaining = prompt_lengths - i * C
         num_valid = jnp.clip(remaining, 0, C)
-        hidden, cache = model.ar_hidden(chunk, cache, num_valid)
+        hidden, cache = model.ar_hidden(chunk, cache, num_valid, rows=rows)
         idx = jnp.clip(num_valid - 1, 0, C - 1)
         here = jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
         ends_here = (remaining > 0) & (remaining <= C)

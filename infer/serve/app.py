@@ -24,6 +24,9 @@ from orthrus_jax.cli import InputError
 
 DEFAULT_PREFIX_CACHE_MB = 256.0
 DEFAULT_PREFILL_CHUNK = 256
+# When the server runs each program once (SlotEngine.exercise_one): while idle after it
+# answers, before it answers, or never.
+WARM_RUNS = ("background", "before", "off")
 
 
 class Disconnected(Exception):
@@ -186,7 +189,8 @@ def create_app(api: Api, scheduler: Scheduler, metrics: Metrics):
                              "tree_budget": api.engine.tree_budget,
                              "speculation": {str(rows): {"block_size": k, "tree_budget": n}
                                              for rows, (k, n) in api.engine.plans.items()},
-                             "prefix_cache": prefix},
+                             "prefix_cache": prefix,
+                             "warm_runs_left": s.warm_runs_left},
                             status_code=503 if s.broken else 200)
 
     @app.get("/metrics")
@@ -218,7 +222,8 @@ def build_server(gen, *, slots: int, mode: str = "orthrus", block_size: int | st
                  prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
                  prefix_block_tokens: int | None = None,
                  prefill_chunk_tokens: int | None = None,
-                 executables: ExecutableStore | None = None) -> Server:
+                 executables: ExecutableStore | None = None,
+                 warm_runs: str = "background") -> Server:
     """Warm up a :class:`SlotEngine` on ``gen`` (a :class:`~infer.engine.Generator` whose
     ``max_len`` is the cache length), start its scheduler and make the app.
     ``prefix_cache_mb``: the prefix cache's size in MiB (0: none), in blocks of
@@ -226,9 +231,15 @@ def build_server(gen, *, slots: int, mode: str = "orthrus", block_size: int | st
     below it). ``prefill_chunk_tokens`` (with the prefix cache; 0: off; default 256, in
     whole blocks): a prompt with more uncached tokens than this is prefilled that many per
     iteration, between the decode steps of the running requests. ``executables``: the
-    engine's compiled programs are loaded from (and saved to) this store."""
+    engine's compiled programs are loaded from (and saved to) this store. ``warm_runs``
+    (:data:`WARM_RUNS`): every program is run once on a throwaway prompt
+    (:meth:`SlotEngine.exercise_one`), so that no request waits for a program's first run:
+    ``"background"`` by the scheduler while it has nothing else to do, ``"before"``
+    serving, or ``"off"``."""
     if gen.tokenizer is None:
         raise InputError("the model folder has no tokenizer: the server needs one")
+    if warm_runs not in WARM_RUNS:
+        raise InputError(f"--warm-runs {warm_runs!r}: choose one of {', '.join(WARM_RUNS)}")
     if not prefix_cache_mb >= 0:
         raise InputError(f"--prefix-cache-mb {prefix_cache_mb} must be >= 0 (0: off)")
     prefix_blocks = 0
@@ -258,8 +269,11 @@ def build_server(gen, *, slots: int, mode: str = "orthrus", block_size: int | st
                         prefix_blocks=prefix_blocks, prefix_block_tokens=prefix_block_tokens,
                         prefill_chunk=prefill_chunk_tokens, executables=executables)
     engine.warm_up()
+    if warm_runs == "before":
+        engine.exercise()
     metrics = Metrics()
-    scheduler = Scheduler(engine, queue_size=queue_size, metrics=metrics)
+    scheduler = Scheduler(engine, queue_size=queue_size, metrics=metrics,
+                          warm_runs=warm_runs == "background")
     scheduler.start()
     api = Api(engine, model_name=model_name, api_key=api_key, deadline=deadline,
               max_body=max_body)

@@ -6,13 +6,17 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from infer.compile_cache import add_compile_cache_args, enable_compile_cache_from
 from infer.prefix_cache import DEFAULT_BLOCK_TOKENS
-from infer.serve.app import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFIX_CACHE_MB, build_server
+from infer.serve.app import (
+    DEFAULT_PREFILL_CHUNK,
+    DEFAULT_PREFIX_CACHE_MB,
+    WARM_RUNS,
+    build_server,
+)
 from orthrus_jax.cli import (
     CommandError,
     InputError,
@@ -87,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request may take, queue included (504 past it)")
     p.add_argument("--max-body", type=positive_int, default=1 << 20,
                    help="largest request body in bytes (413 past it)")
+    p.add_argument("--warm-runs", choices=WARM_RUNS, default="background",
+                   help="run each program once on a throwaway prompt, so that no request "
+                        "waits for its first run (on a CPU about 0.5-1 s per program, paid by "
+                        "the first request of each prompt length and load): 'background' "
+                        "(default) while the server has nothing else to do, 'before' it "
+                        "answers (ready later), or 'off'; /health shows how many are left")
     add_compile_cache_args(p)
     return p
 
@@ -131,7 +141,6 @@ def _main(args: argparse.Namespace, compile_cache: Path | None) -> int:
                          weights_out_in=projections_arg(args))
     block = args.block_size if args.block_size is not None else (
         "auto" if gen.profile is not None and args.mode == "orthrus" else None)
-    t0 = time.perf_counter()
     print(f"warming up: {args.slots} slots, cache {args.max_len}, mode {args.mode}, "
           f"{gen.describe_dtypes()}",
           file=sys.stderr, flush=True)
@@ -147,9 +156,13 @@ def _main(args: argparse.Namespace, compile_cache: Path | None) -> int:
                           prefix_block_tokens=args.prefix_block_tokens,
                           prefill_chunk_tokens=args.prefill_chunk_tokens,
                           executables=None if compile_cache is None else
-                          ExecutableStore(compile_cache / EXECUTABLES_FOLDER))
-    print(f"compiled in {time.perf_counter() - t0:.1f} s ("
-          f"{server.api.engine.describe_plans()}); serving '{server.api.model_name}' on "
+                          ExecutableStore(compile_cache / EXECUTABLES_FOLDER),
+                          warm_runs=args.warm_runs)
+    engine = server.api.engine
+    warm = f", each run once in {engine.exercise_seconds:.1f} s" if args.warm_runs == \
+        "before" else ""
+    print(f"programs compiled or loaded in {engine.compile_seconds:.1f} s{warm} ("
+          f"{engine.describe_plans()}); serving '{server.api.model_name}' on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     class Uvicorn(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:  # SIGTERM / SIGINT

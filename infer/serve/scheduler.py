@@ -3,7 +3,9 @@ call. It admits queued requests into the lowest free slots (``--prefill-rows`` p
 per program; a long prompt first prefilled a chunk per iteration, its slot kept for it),
 runs the compiled decode loop one iteration at a time over the busy slots,
 and hands each request its new token ids; requests end at EOS, at their budget, at their
-deadline, when their client goes away, or when their handler met a stop string.
+deadline, when their client goes away, or when their handler met a stop string. With
+``warm_runs``, whenever nothing waits and no slot is busy it runs one program not yet
+run once (:meth:`SlotEngine.exercise_one`), so later requests find it prepared.
 """
 
 from __future__ import annotations
@@ -55,8 +57,11 @@ class Scheduler:
     """The thread that owns ``engine`` (every JAX call): queues, admission, iterations,
     token-level ends (EOS, budget, deadline, disconnect, :meth:`finish`)."""
 
-    def __init__(self, engine: SlotEngine, *, queue_size: int, metrics: Metrics):
+    def __init__(self, engine: SlotEngine, *, queue_size: int, metrics: Metrics,
+                 warm_runs: bool = False):
         self.engine, self.queue_size, self.metrics = engine, queue_size, metrics
+        # programs not yet run once (SlotEngine.warm_runs), run while nothing else waits
+        self.warm_runs_left = len(engine.warm_runs()) if warm_runs else 0
         self._pending: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         # slots kept for long prompts prefilling chunk by chunk, first come first; what
@@ -147,10 +152,17 @@ class Scheduler:
         try:
             while True:
                 with self._cv:
-                    while not (self._closing or self._pending or self.busy):
+                    while not (self._closing or self._pending or self.busy
+                               or self.warm_runs_left):
                         self._cv.wait()
                     if self._closing:
                         return
+                    idle = not (self._pending or self.busy)
+                if idle:  # nothing to serve: one program's first run, then look again
+                    self.engine.exercise_one()
+                    self.warm_runs_left = len(self.engine.warm_runs())
+                    continue
+                with self._cv:
                     free = self.engine.free_slots()
                     admit = [self._pending.popleft() for _ in range(min(len(free),
                                                                         len(self._pending)))]

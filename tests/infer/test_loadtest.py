@@ -96,6 +96,11 @@ def test_report_counts_tokens_latencies_and_errors(url, tmp_path, capsys):
     rows = [json.loads(line) for line in outputs.read_text().splitlines()]
     assert [r["text"] for r in rows] == ["one two three"] * 3 + ["", "one two three"]
     assert rows[0]["finish_reason"] == "length" and rows[3]["error"]
+    for r in rows[:3] + rows[4:]:  # each answer's own timeline, within the run's
+        assert r["start"] >= 0 and 0 < r["ttft"] <= r["seconds"] < report["seconds"]
+        # (the report's seconds are rounded to 1 ms)
+        assert r["start"] + r["seconds"] <= report["seconds"] + 1e-3 and r["tpot"] > 0
+    assert sorted(r["start"] for r in rows)[3] > 0  # the fourth waited for a free client
 
     assert main(["--url", url, "--prompts-file", str(prompts), "--limit", "2",
                  "--endpoint", "completions"]) == 0

@@ -140,6 +140,9 @@ def test_shared_prefixes_and_chat_turns_decode_as_without_the_cache(gen, backend
                         prefix_block_tokens=B)
     cached.warm_up()
     n0 = backend_compiles()
+    cached.exercise()  # the store stays empty: no block of its throwaway prompt
+    assert len(cached.prefix) == 0 and cached.prefix.queries == 0
+    assert not any(np.any(np.asarray(a)) for a in (*cached.store.k, *cached.store.v))
     got = _run(cached, jobs)
     assert backend_compiles() == n0  # lookups and stores change no shape
     plain = SlotEngine(gen, slots=2, mode=mode, tree_budget=tree_budget)

@@ -1,5 +1,6 @@
 """The server's scheduler (:class:`infer.serve.scheduler.Scheduler`) on a tiny random model
-(CPU): the order in which one admission round is prefilled."""
+(CPU): the order in which one admission round is prefilled, and the first runs of
+programs while it is idle."""
 
 from __future__ import annotations
 
@@ -67,3 +68,36 @@ def test_a_round_is_prefilled_shortest_first_and_answers_as_alone(prefill_rows):
     for job, prompt, ids in zip(jobs, prompts, outputs, strict=True):
         assert job.tokens == 3
         assert ids == gen.generate([prompt], max_new_tokens=3, eos_ids=[])[0].token_ids
+
+
+def test_an_idle_scheduler_runs_each_program_once_and_then_answers_as_alone():
+    gen = Generator(to_orthrus(hf_model("qwen3", False, seed=0), block_size=8), max_len=64)
+    engine = SlotEngine(gen, slots=4, mode="orthrus", block_size=4, eos_ids=[],
+                        prefix_blocks=8, prefix_block_tokens=16)
+    engine.warm_up()
+    todo = engine.warm_runs()
+    assert todo[:3] == [("step", 1), ("step", 2), ("step", 4)] and todo[-1] == ("store",)
+    scheduler = Scheduler(engine, queue_size=8, metrics=Metrics(), warm_runs=True)
+    assert scheduler.warm_runs_left == len(todo)
+    scheduler.start()
+    limit = time.monotonic() + 120
+    while scheduler.warm_runs_left and time.monotonic() < limit:
+        time.sleep(0.05)
+    assert scheduler.warm_runs_left == 0 and engine.warm_runs() == []
+    assert engine.exercise_seconds > 0 and engine.free_slots() == [0, 1, 2, 3]
+    assert len(engine.prefix) == 0 and not engine.inserted and not engine.rows_stepped
+    loop = asyncio.new_event_loop()
+    prompt = list(range(5, 35))
+    job = Job(prompt_ids=prompt, params=SlotParams(5), deadline=time.monotonic() + 120,
+              loop=loop, events=asyncio.Queue())
+    scheduler.submit(job)
+    while job.tokens < 5 and time.monotonic() < limit:
+        time.sleep(0.05)
+    scheduler.stop()
+    loop.run_until_complete(asyncio.sleep(0))
+    ids = []
+    while not job.events.empty():
+        kind, *rest = job.events.get_nowait()
+        ids += rest[0]
+    loop.close()
+    assert ids == gen.generate([prompt], max_new_tokens=5, eos_ids=[])[0].token_ids

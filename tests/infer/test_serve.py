@@ -217,6 +217,14 @@ def test_32_concurrent_requests_equal_offline_without_compiling(client, offline,
         assert (text, reason, usage.completion_tokens) == (ref_text, ref_reason, n)
 
 
+def test_health_counts_the_programs_still_to_run_once_while_idle(server):
+    t0 = time.monotonic()
+    while _health(server)["warm_runs_left"] and time.monotonic() < t0 + 60:
+        time.sleep(0.05)
+    assert _health(server)["warm_runs_left"] == 0
+    assert server.scheduler.engine.warm_runs() == []
+
+
 def _health(server) -> dict:
     return httpx.get(server.url + "/health").json()
 
@@ -496,6 +504,8 @@ def test_bad_prefix_cache_settings_are_refused_naming_the_flag(offline):
     for kwargs, match in [(dict(prefix_cache_mb=-1.0), "--prefix-cache-mb -1.0 must be >= 0"),
                           (dict(prefix_cache_mb=1.0, prefix_block_tokens=24),
                            "--prefix-block-tokens 24 must divide --max-len 64"),
-                          (dict(prefix_cache_mb=1e-6), "--prefix-cache-mb 1e-06 holds no block")]:
+                          (dict(prefix_cache_mb=1e-6), "--prefix-cache-mb 1e-06 holds no block"),
+                          (dict(warm_runs="soon"), "--warm-runs 'soon': choose one of "
+                                                   "background, before, off")]:
         with pytest.raises(InputError, match=match):
             build_server(offline, slots=1, **kwargs)

@@ -167,3 +167,49 @@ def test_windows_survive_the_cache_forms():
     flat, treedef = jax.tree.flatten(cache)
     assert jax.tree.unflatten(treedef, flat).windows == WINDOWS
     assert dataclasses.replace(cache, lengths=cache.lengths + 1).windows == WINDOWS
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_a_prefill_into_other_rows_of_a_larger_cache_equals_a_cache_of_its_own(model,
+                                                                               per_layer):
+    """``prefill(..., rows=)``: prompts written straight into rows 3 and 1 of a 4-row
+    windowed cache (after a prefix already there) give the logits and K/V of a 2-row
+    cache of their own; rows 0 and 2 are neither read nor changed."""
+    m = unstack_layers(model) if per_layer else model
+    rng = np.random.default_rng(1)
+    prefix = jnp.asarray(rng.integers(4, 64, (2, 20)), jnp.int32)
+    tokens = jnp.asarray(rng.integers(4, 64, (2, 16)), jnp.int32)
+    lengths = jnp.array([16, 11], jnp.int32)
+    rows = jnp.array([3, 1], jnp.int32)
+
+    @nnx.jit
+    def own(m):
+        cache = init_cache(m.config, 2, MAX_LEN, per_layer=per_layer, windows=WINDOWS)
+        _, cache = prefill(m, prefix, cache, jnp.array([20, 9], jnp.int32))
+        return prefill(m, tokens, cache, lengths)
+
+    @nnx.jit
+    def into_rows(m):
+        big = init_cache(m.config, 4, MAX_LEN, per_layer=per_layer, windows=WINDOWS)
+        noise = jax.random.normal(jax.random.key(7), big.k[0].shape if per_layer
+                                  else big.k.shape)
+        fill = (lambda kv: tuple(noise + i for i in range(len(kv)))) if per_layer else \
+            (lambda kv: noise)
+        big = dataclasses.replace(big, k=fill(big.k), v=fill(big.v))
+        sub = dataclasses.replace(big, lengths=jnp.zeros((2,), jnp.int32))
+        _, sub = prefill(m, prefix, sub, jnp.array([20, 9], jnp.int32), rows=rows)
+        logits, sub = prefill(m, tokens, sub, lengths, rows=rows)
+        return logits, sub, big
+
+    want_logits, want = own(m)
+    logits, got, before = into_rows(m)
+    np.testing.assert_allclose(logits, want_logits, atol=TOL, rtol=TOL)
+    np.testing.assert_array_equal(got.lengths, want.lengths)
+    for g, w, b in ((got.k, want.k, before.k), (got.v, want.v, before.v)):
+        g, w, b = (np.asarray(stack_cache(dataclasses.replace(got, k=x)).k)
+                   for x in (g, w, b))
+        live = [20 + 16, 9 + 11]
+        for i, r in enumerate((3, 1)):
+            np.testing.assert_allclose(g[:, r, :, :live[i]], w[:, i, :, :live[i]],
+                                       atol=TOL, rtol=TOL)
+        np.testing.assert_array_equal(g[:, [0, 2]], b[:, [0, 2]])
