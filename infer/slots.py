@@ -494,7 +494,10 @@ class SlotEngine:
 
     def warm_up(self, workers: int = 2) -> float:
         """Compile every program ahead of time, running none: the step of each row count,
-        each prompt bucket's insert, free and store. Returns the seconds it took.
+        each prompt bucket's insert (:attr:`buckets`: with ``prefill_chunk``, those up to
+        the chunk's bucket, since a longer prompt is chunked first, :meth:`needs_chunks`;
+        an insert past them compiles on its first call), free and store. Returns the
+        seconds it took.
 
         Programs are lowered here one after another (tracing holds the interpreter) and
         compiled by ``workers`` threads meanwhile (XLA compiles, or loads a program from
