@@ -178,13 +178,14 @@ def over_window(attention: Callable[[jax.Array, jax.Array], jax.Array], k_cache:
     Rows given as an array are read as one gather of their windows (nothing else moves).
     """
     B, H, S, hd = k_cache.shape
+    widths = (*(w for w in windows if w < S), S)  # one branch each, the whole cache last
     if rows is not None and not isinstance(rows, int):
         def gathered(w: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
             def take(a: jax.Array) -> jax.Array:
                 return jax.vmap(lambda r: jax.lax.dynamic_slice(
                     a, (r, 0, 0, 0), (1, H, w, hd))[0])(rows)
             return lambda k, v: attention(take(k), take(v))
-        branches = [gathered(w) for w in (*(w for w in windows if w < S), S)]
+        branches = [gathered(w) for w in widths]
     else:
         R = B if rows is None or not slice_rows else rows
 
@@ -192,9 +193,8 @@ def over_window(attention: Callable[[jax.Array, jax.Array], jax.Array], k_cache:
             if w == S and R == B:
                 return attention
             return lambda k, v: attention(k[:R, :, :w], v[:R, :, :w])
-        branches = [over(w) for w in (*(w for w in windows if w < S), S)]
+        branches = [over(w) for w in widths]
     if len(branches) == 1:
         return branches[0](k_cache, v_cache)
-    ws = jnp.asarray([w for w in windows if w < S])
-    index = jnp.sum((ws < need).astype(jnp.int32))
+    index = jnp.sum((jnp.asarray(widths[:-1]) < need).astype(jnp.int32))
     return jax.lax.switch(index, branches, k_cache, v_cache)
