@@ -6,11 +6,11 @@ KV cache of ``S`` rows of ``L`` positions (``L``: the Generator's ``max_len``; p
 three kinds of compiled programs, all built by :meth:`SlotEngine.warm_up`:
 
 - ``insert`` (one per prompt-length bucket ``P`` and count ``n`` of
-  :meth:`SlotEngine.insert_counts`): prefill ``n`` prompts ``[n, P]`` into a fresh
-  ``[n, L]`` cache, pick their first tokens (exactly :func:`infer.decode.start`, each row
-  as ``Generator.generate`` runs a single prompt), and write those rows into their slots
-  of the state; the other slots are untouched. Requests admitted together are prefilled
-  together (:meth:`SlotEngine.insert_many`);
+  :meth:`SlotEngine.insert_counts`): prefill ``n`` prompts ``[n, P]`` straight into their
+  slots' rows of the state's cache and pick their first tokens (exactly
+  :func:`infer.decode.start`, each row as ``Generator.generate`` runs a single prompt);
+  the other slots are untouched. Requests admitted together are prefilled together
+  (:meth:`SlotEngine.insert_many`);
 - ``step`` (one per row count ``R`` of :func:`row_counts`: 1, 2, 4, ..., ``S``):
   :func:`infer.decode.run` for at most ``n`` iterations over the first ``R`` slots
   (:func:`run_rows`) with the block size and tree budget of that row count
@@ -25,9 +25,9 @@ three kinds of compiled programs, all built by :meth:`SlotEngine.warm_up`:
   prefix store.
 
 With a prefix cache (``prefix_blocks > 0``, :mod:`infer.prefix_cache`), an insert first
-looks each prompt up: the longest stored prefix of whole blocks is gathered into the
-request's fresh cache rows and only the rest of the prompt is prefilled (its bucket is
-that of the rest). The prompt's blocks are stored after the prefill, and the blocks of
+looks each prompt up: the longest stored prefix of whole blocks is copied into the
+request's cache rows and only the rest of the prompt is prefilled (its bucket is that of
+the rest). The prompt's blocks are stored after the prefill, and the blocks of
 prompt and answer when the slot is freed.
 
 Passes read the smallest attention window of the cache that holds the live rows'
@@ -487,36 +487,28 @@ class SlotEngine:
     def _call(self, key: tuple, make, *args):
         return self._program(key, make, *args)(*args)
 
+    def _run(self, key: tuple):
+        """Run program ``key`` on :meth:`_builder`'s arguments."""
+        make, args = self._builder(key)
+        return self._call(key, make, *args)
+
     def _make_inputs(self) -> DecodeInputs:
         return DecodeInputs(jnp.asarray(self._budget), self.eos, SamplingParams(
             jnp.asarray(self._temperature), jnp.asarray(self._top_k),
             jnp.asarray(self._top_p)))
 
     def warm_up(self, workers: int = 2) -> float:
-        """Compile every program ahead of time, running none: the step of each row count,
-        each prompt bucket's insert (:attr:`buckets`: with ``prefill_chunk``, those up to
-        the chunk's bucket, since a longer prompt is chunked first, :meth:`needs_chunks`;
-        an insert past them compiles on its first call), free and store. Returns the
-        seconds it took.
+        """Compile every program of :meth:`programs` ahead of time, running none: the step
+        of each row count, each prompt bucket's insert (:attr:`buckets`: with
+        ``prefill_chunk``, those up to the chunk's bucket, since a longer prompt is chunked
+        first, :meth:`needs_chunks`; an insert past them compiles on its first call), free,
+        store and chunk. Returns the seconds it took.
 
         Programs are lowered here one after another (tracing holds the interpreter) and
         compiled by ``workers`` threads meanwhile (XLA compiles, or loads a program from
         the persistent compilation cache, without it), the largest first."""
         t0 = time.perf_counter()
-        todo: list[tuple[tuple, Callable, tuple]] = [
-            (("step", rows), lambda rows=rows: self._run_fn(rows),
-             (self._weights(), self.state, self._row_inputs(rows), np.int32(1)))
-            for rows in reversed(self.row_counts)]
-        for P in reversed(self.buckets):
-            for n in self.insert_counts(P):
-                todo.append((("insert", P, n), lambda P=P, n=n: self._insert_fn(P, n),
-                             self._insert_args([(i, [0], SlotParams(1)) for i in range(n)], P)))
-        todo.append((("free",), self._free_fn, (self.state, np.int32(0))))
-        if self.prefix is not None:
-            todo.append((("store",), self._store_fn, self._store_args(0, [])))
-        if self.prefill_chunk:
-            todo.append((("chunk",), self._chunk_fn, self._chunk_args([0] * self.max_len, [],
-                                                                      [])))
+        todo = [(key, *self._builder(key)) for key in reversed(self.programs())]
         with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
             # stored programs need no tracing: loaded by the threads too
             loading = {key: pool.submit(self._load, key, args)
@@ -533,16 +525,46 @@ class SlotEngine:
         self.compile_seconds = time.perf_counter() - t0
         return self.compile_seconds
 
-    def warm_runs(self) -> list[tuple]:
-        """The programs :meth:`exercise_one` has not yet run, in the order it runs them:
-        the step of each row count (``("step", rows)``), then each prompt bucket's inserts
-        (``("insert", P, n)``), smallest first, then ``("store",)``. (``chunk`` is left
-        to its first long prompt.)"""
-        todo = [("step", rows) for rows in self.row_counts]
-        todo += [("insert", P, n) for P in self.buckets for n in self.insert_counts(P)]
+    def programs(self) -> list[tuple]:
+        """Every program's key, smallest first: the step of each row count
+        (``("step", rows)``), each prompt bucket's inserts (``("insert", P, n)``), then
+        ``("free",)``, ``("store",)`` with a prefix cache and ``("chunk",)`` with chunked
+        prefill."""
+        keys = [("step", rows) for rows in self.row_counts]
+        keys += [("insert", P, n) for P in self.buckets for n in self.insert_counts(P)]
+        keys.append(("free",))
         if self.prefix is not None:
-            todo.append(("store",))
-        return [key for key in todo if key not in self._exercised]
+            keys.append(("store",))
+        if self.prefill_chunk:
+            keys.append(("chunk",))
+        return keys
+
+    def _builder(self, key: tuple) -> tuple[Callable, tuple]:
+        """The jitted function of program ``key`` (made on call) and arguments of its
+        shapes: a throwaway one-token prompt for an insert, the slot 0 for the others."""
+        kind = key[0]
+        if kind == "step":
+            rows = key[1]
+            return (lambda: self._run_fn(rows),
+                    (self._weights(), self.state, self._row_inputs(rows), np.int32(1)))
+        if kind == "insert":
+            P, n = key[1], key[2]
+            return (lambda: self._insert_fn(P, n),
+                    self._insert_args([(i, [0], SlotParams(1)) for i in range(n)], P))
+        if kind == "free":
+            return self._free_fn, (self.state, np.int32(0))
+        if kind == "store":
+            return self._store_fn, self._store_args(0, [])
+        if kind == "chunk":
+            return self._chunk_fn, self._chunk_args([0] * self.max_len, [], [])
+        raise KeyError(f"no program {key!r}")
+
+    def warm_runs(self) -> list[tuple]:
+        """The programs :meth:`exercise_one` has not yet run, in the order it runs them
+        (that of :meth:`programs`): steps, inserts, ``store``. (``free`` runs with each of
+        them; ``chunk`` is left to its first long prompt.)"""
+        return [key for key in self.programs() if key[0] in ("step", "insert", "store")
+                and key not in self._exercised]
 
     def exercise_one(self) -> bool:
         """Run the next program of :meth:`warm_runs` once on a throwaway one-token prompt
@@ -567,17 +589,13 @@ class SlotEngine:
         self._inputs = self._make_inputs()
         try:
             if key[0] == "store":
-                self.store = self._call(key, self._store_fn, *self._store_args(0, []))
+                self.store = self._run(key)
             else:
-                P, n = (key[1], key[2]) if key[0] == "insert" else (self.buckets[0], 1)
-                self.state = self._call(("insert", P, n), lambda: self._insert_fn(P, n),
-                                        *self._insert_args([(i, [0], SlotParams(1))
-                                                            for i in range(n)], P))
+                insert = key if key[0] == "insert" else ("insert", self.buckets[0], 1)
+                self.state = self._run(insert)
                 if key[0] == "step":
-                    rows = key[1]
-                    self.state = self._call(key, lambda: self._run_fn(rows), self._weights(),
-                                            self.state, self._row_inputs(rows), np.int32(1))
-                for slot in range(n):
+                    self.state = self._run(key)
+                for slot in range(insert[2]):
                     self.state = self._call(("free",), self._free_fn, self.state,
                                             np.int32(slot))
             jax.block_until_ready((self.state, self.store))
